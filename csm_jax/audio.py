@@ -1,0 +1,111 @@
+"""Audio in and out: any file soundfile reads -> mono float32 at 24 kHz, and atomic WAV/FLAC writing.
+
+Resampling uses soxr (libsoxr's "HQ" quality), never a hand-written filter.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 24_000
+
+
+def check_audio(audio: np.ndarray, what: str = "audio") -> np.ndarray:
+    """Validates a mono waveform (L,) and returns it as float32; raises ValueError on empty/NaN/inf."""
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"{what}: expected a mono waveform of shape (samples,), got shape {audio.shape}; "
+                         "use csm_jax.audio.to_mono to mix channels down first")
+    if audio.size == 0:
+        raise ValueError(f"{what}: the audio is empty (0 samples); give at least one sample")
+    if not np.issubdtype(audio.dtype, np.floating):
+        if np.issubdtype(audio.dtype, np.integer):
+            audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max)
+        else:
+            raise ValueError(f"{what}: unsupported sample dtype {audio.dtype}; give float or integer PCM")
+    audio = audio.astype(np.float32, copy=False)
+    bad = ~np.isfinite(audio)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(f"{what}: contains {int(bad.sum())} NaN or infinite samples (first at sample {first}, "
+                         f"{first / SAMPLE_RATE:.3f} s at 24 kHz); clean the signal before encoding")
+    return audio
+
+
+def to_mono(samples: np.ndarray, sample_rate: int, target_sr: int = SAMPLE_RATE, what: str = "audio") -> np.ndarray:
+    """(L,) or (L, channels) samples at `sample_rate` -> mono float32 (L',) at `target_sr`.
+
+    Channels are averaged. Integer PCM is scaled to [-1, 1].
+    """
+    samples = np.asarray(samples)
+    if samples.ndim == 2:
+        if samples.shape[1] == 0:
+            raise ValueError(f"{what}: has zero channels")
+        if np.issubdtype(samples.dtype, np.integer):
+            samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max)
+        samples = samples.astype(np.float32).mean(axis=1)
+    elif samples.ndim != 1:
+        raise ValueError(f"{what}: expected samples shaped (L,) or (L, channels), got {samples.shape}")
+    audio = check_audio(samples, what)
+    if int(sample_rate) <= 0:
+        raise ValueError(f"{what}: invalid sample rate {sample_rate}")
+    if int(sample_rate) != target_sr:
+        audio = soxr.resample(audio, int(sample_rate), target_sr, quality="HQ").astype(np.float32)
+        if audio.size == 0:
+            raise ValueError(f"{what}: too short to resample from {sample_rate} Hz to {target_sr} Hz")
+    return audio
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Reads any file soundfile supports and returns mono float32 (L,) at `sample_rate` (24 kHz by default)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected an audio file, got a directory: {path}")
+    try:
+        samples, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot read audio file {path}: {e}. Supported formats: "
+                         f"{', '.join(sorted(sf.available_formats()))}") from e
+    return to_mono(samples, sr, sample_rate, what=str(path))
+
+
+def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Writes mono audio to WAV/FLAC (16-bit PCM) or OGG (by extension) atomically.
+
+    The data goes to a temporary file in the same folder first and is renamed over `path` only when complete,
+    so a failure never leaves a half-written file behind.
+    """
+    path = Path(path)
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"write_audio expects mono audio shaped (samples,), got {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"refusing to write {path}: the audio contains NaN or infinite samples")
+    ext = path.suffix.lower().lstrip(".")
+    formats = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG"}
+    if ext not in formats:
+        raise ValueError(f"unsupported output extension '.{ext}' for {path}; use .wav, .flac or .ogg")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {parent} (create it first)")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output folder is not writable: {parent}")
+    subtype = "PCM_16" if ext in ("wav", "flac") else None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp.{ext}", dir=parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, format=formats[ext], subtype=subtype)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
