@@ -1,0 +1,61 @@
+"""This machine's roofline, measured with JAX on the default backend: read bandwidth and matmul throughput.
+
+Benchmarks report their achieved GB/s and GFLOP/s beside these two numbers, measured in the same run
+(machines are noisy; a figure measured yesterday is no bound for today).
+
+    python benchmarks/roofline.py            # prints a table and one JSON line
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def _best_time(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_bandwidth_gbs(megabytes: int = 1024, dtype=jnp.float32) -> float:
+    """Bytes of a large array read per second by a reduction (GB/s, 1e9). The array is far larger than caches."""
+    n = megabytes * 2**20 // jnp.dtype(dtype).itemsize
+    x = jnp.ones((n // 1024, 1024), dtype)
+    # A column sum reads every element once and writes almost nothing: a pure streaming read.
+    fn = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
+    t = _best_time(fn, x)
+    return x.size * x.dtype.itemsize / t / 1e9
+
+
+def matmul_gflops(n: int = 2048, dtype=jnp.float32) -> float:
+    """Throughput of an (n, n) @ (n, n) matmul (GFLOP/s, 2 n^3 flops)."""
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
+    fn = jax.jit(lambda a, b: a @ b)
+    t = _best_time(fn, a, b)
+    return 2 * n**3 / t / 1e9
+
+
+def measure(dtype=jnp.float32, megabytes: int = 1024, n: int = 2048) -> dict:
+    return {
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "dtype": jnp.dtype(dtype).name,
+        "read_gbs": read_bandwidth_gbs(megabytes, dtype),
+        "matmul_gflops": matmul_gflops(n, dtype),
+    }
+
+
+if __name__ == "__main__":
+    r = measure()
+    print(f"backend {r['backend']} ({r['device']}), {r['dtype']}: "
+          f"read {r['read_gbs']:.1f} GB/s, matmul {r['matmul_gflops']:.1f} GFLOP/s")
+    print(json.dumps(r))
