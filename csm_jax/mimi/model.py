@@ -1,0 +1,178 @@
+"""Mimi end to end: 24 kHz audio <-> 32 codebooks at 12.5 Hz, one-shot and streaming.
+
+  encode: audio (B, L) -> SEANet encoder (B, ceil(L/960), 512) -> transformer (25 Hz)
+          -> learnt stride-2 downsample, replicate-padded (B, ceil(L/1920), 512) -> split RVQ -> codes (B, n_q, T)
+  decode: codes -> RVQ decode (B, T, 512) -> depthwise stride-2 transposed-conv upsample (B, 2T, 512)
+          -> transformer (25 Hz) -> SEANet decoder -> audio (B, 1920 T)
+
+Parameters are a plain dict (see `csm_jax.mimi.checkpoint` for how files map onto it). Streaming state is a
+dict of arrays, carried through jitted steps and donated; rows are independent streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from csm_jax.mimi import rvq, seanet
+from csm_jax.mimi import transformer as tr
+from csm_jax.mimi.conv import conv1d, conv1d_step, conv_transpose1d, conv_transpose1d_step
+
+
+@dataclass(frozen=True)
+class MimiConfig:
+    """Mimi as released (kyutai/mimi; moshi 0.2.2 `loaders.get_mimi`). Only these values are supported."""
+
+    sample_rate: int = 24_000
+    frame_size: int = 1920  # samples per 12.5 Hz frame
+    num_codebooks: int = 32  # stored in the checkpoint; encode may use fewer
+    codebook_size: int = 2048
+    dimension: int = 512
+    context: int = tr.CONTEXT
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.frame_size
+
+
+def _check_audio_batch(audio):
+    if audio.ndim != 2:
+        raise ValueError(f"Mimi expects audio shaped (batch, samples), got {audio.shape}")
+    if audio.shape[1] < 1:
+        raise ValueError("Mimi cannot encode empty audio (0 samples)")
+
+
+@partial(jax.jit, static_argnames=("num_codebooks",))
+def _encode(params, audio, num_codebooks):
+    h, _ = seanet.encoder(params["encoder"], audio[:, :, None].astype(jnp.float32))
+    pos = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
+    h, _ = tr.transformer(params["encoder_transformer"], h, pos)
+    z = conv1d(params["downsample"], h, stride=2, replicate=True)
+    return rvq.encode(params["quantizer"], z, num_codebooks)
+
+
+def encode(params, audio, num_codebooks: int = 32):
+    """audio (B, L) float32 at 24 kHz, any L >= 1 -> codes (B, num_codebooks, ceil(L / 1920)) int32."""
+    if not 1 <= num_codebooks <= 32:
+        raise ValueError(f"num_codebooks must be between 1 and 32, got {num_codebooks}")
+    _check_audio_batch(audio)
+    return _encode(params, audio, num_codebooks)
+
+
+@jax.jit
+def _decode(params, codes):
+    z = rvq.decode(params["quantizer"], codes)
+    h = conv_transpose1d(params["upsample"], z, stride=2, groups=z.shape[-1])
+    pos = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
+    h, _ = tr.transformer(params["decoder_transformer"], h, pos)
+    y, _ = seanet.decoder(params["decoder"], h)
+    return y[:, :, 0]
+
+
+def decode(params, codes):
+    """codes (B, n_q, T) int -> audio (B, 1920 T) float32. Codes must lie in [0, 2048)."""
+    if codes.ndim != 3:
+        raise ValueError(f"Mimi expects codes shaped (batch, num_codebooks, frames), got {codes.shape}")
+    if not 1 <= codes.shape[1] <= 32:
+        raise ValueError(f"codes have {codes.shape[1]} codebooks; Mimi has 1 to 32")
+    return _decode(params, jnp.asarray(codes, jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+
+
+def init_encoder_state(params, batch_size: int):
+    """Fresh state for `batch_size` independent encoder streams (shapes taken from `params`)."""
+    return {
+        "seanet": seanet.init_encoder_state(params["encoder"], batch_size),
+        "transformer": tr.init_caches(params["encoder_transformer"], batch_size),
+        "down": jnp.zeros((batch_size, 2, params["downsample"]["w"].shape[1]), jnp.float32),
+        "offset": jnp.zeros((batch_size,), jnp.int32),
+        "first": jnp.ones((batch_size,), bool),
+    }
+
+
+def init_decoder_state(params, batch_size: int):
+    """Fresh state for `batch_size` independent decoder streams (shapes taken from `params`)."""
+    return {
+        "seanet": seanet.init_decoder_state(params["decoder"], batch_size),
+        "transformer": tr.init_caches(params["decoder_transformer"], batch_size),
+        "up": jnp.zeros((batch_size, 2, params["upsample"]["w"].shape[2]), jnp.float32),
+        "offset": jnp.zeros((batch_size,), jnp.int32),
+        "first": jnp.ones((batch_size,), bool),
+    }
+
+
+def _keep_rows(new, old, active):
+    """Rows where `active` is False keep their old state (a paused or finished stream)."""
+    if active is None:
+        return new
+
+    def pick(n, o):
+        mask = active.reshape((-1,) + (1,) * (n.ndim - 1))
+        return jnp.where(mask, n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
+@partial(jax.jit, static_argnames=("num_codebooks",), donate_argnums=(1,))
+def _encode_step(params, state, chunk, active, num_codebooks):
+    B = chunk.shape[0]
+    h, sean = seanet.encoder(params["encoder"], chunk[:, :, None].astype(jnp.float32), state["seanet"])
+    pos = state["offset"][:, None] + jnp.arange(h.shape[1], dtype=jnp.int32)
+    h, caches = tr.transformer(params["encoder_transformer"], h, pos, state["transformer"])
+    # The downsample is replicate-padded: a stream's first step sees its first latent twice on the left.
+    buf = jnp.where(state["first"][:, None, None], jnp.broadcast_to(h[:, :1], state["down"].shape), state["down"])
+    z, down = conv1d_step(params["downsample"], h, buf, stride=2)
+    codes = rvq.encode(params["quantizer"], z, num_codebooks)[:, :, 0]
+    new = {"seanet": sean, "transformer": caches, "down": down,
+           "offset": state["offset"] + h.shape[1], "first": jnp.zeros((B,), bool)}
+    return _keep_rows(new, state, active), codes
+
+
+def encode_step(params, state, chunk, num_codebooks: int = 32, active=None):
+    """One 1920-sample chunk per stream: chunk (B, 1920) -> (state, codes (B, num_codebooks)).
+
+    `active` (B,) bool: rows that are False keep their state unchanged (their codes are meaningless).
+    The state is donated: use the returned one.
+    """
+    if chunk.ndim != 2 or chunk.shape[1] != 1920:
+        raise ValueError(f"encode_step takes chunks of shape (batch, 1920), got {chunk.shape}; "
+                         "zero-pad the last chunk of a stream")
+    return _encode_step(params, state, chunk, active, num_codebooks)
+
+
+@partial(jax.jit, donate_argnums=(1,))
+def _decode_step(params, state, codes, active):
+    z = rvq.decode(params["quantizer"], codes[:, :, None])
+    h, up = conv_transpose1d_step(params["upsample"], z, state["up"], stride=2, groups=z.shape[-1])
+    pos = state["offset"][:, None] + jnp.arange(h.shape[1], dtype=jnp.int32)
+    h, caches = tr.transformer(params["decoder_transformer"], h, pos, state["transformer"])
+    y, sean = seanet.decoder(params["decoder"], h, state["seanet"])
+    new = {"seanet": sean, "transformer": caches, "up": up,
+           "offset": state["offset"] + h.shape[1], "first": jnp.zeros_like(state["first"])}
+    return _keep_rows(new, state, active), y[:, :, 0]
+
+
+def decode_step(params, state, codes_frame, active=None):
+    """One frame of codes per stream: codes_frame (B, n_q) -> (state, audio (B, 1920)). State is donated."""
+    if codes_frame.ndim != 2:
+        raise ValueError(f"decode_step takes codes shaped (batch, num_codebooks), got {codes_frame.shape}")
+    return _decode_step(params, state, jnp.asarray(codes_frame, jnp.int32), active)
+
+
+@jax.jit
+def reset_state_rows(state, rows):
+    """Rows where `rows` (B,) is True start a fresh stream; the others are untouched."""
+
+    def reset(path, x):
+        name = jax.tree_util.keystr(path)
+        fresh = jnp.ones_like(x) if name.endswith("['first']") else jnp.zeros_like(x)
+        if x.dtype == jnp.int32 and x.ndim == 2:  # ring positions: -1 = empty slot
+            fresh = jnp.full_like(x, -1)
+        return jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), fresh, x)
+
+    return jax.tree_util.tree_map_with_path(reset, state)

@@ -1,0 +1,92 @@
+"""Mimi's encoder/decoder transformer (moshi 0.2.2 `modules/transformer.py`, Mimi settings).
+
+8 pre-norm layers at 25 Hz, width D=512, N=8 heads of H=64, no final norm:
+  x = x + ls1 * Wo · Attn(RoPE(q), RoPE(k), v)     q, k, v = LayerNorm1(x) · Wq, Wk, Wv
+  x = x + ls2 * W2 · gelu_erf(W1 · LayerNorm2(x))
+RoPE rotates interleaved pairs (x[2i], x[2i+1]) at absolute positions (the checkpoint's native layout);
+attention is causal with a sliding window: key s is visible to query t iff 0 <= pos_t - pos_s < 250.
+
+Streaming keeps a ring of `context` keys/values per layer with the absolute position each slot holds
+(-1 = empty). New keys are attended together with the ring before they are written into it, so a step
+of several time steps sees exactly the window a one-shot pass sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+NUM_HEADS = 8
+CONTEXT = 250
+MAX_PERIOD = 10_000.0
+
+
+def layer_norm(p, x, eps=1e-5):
+    x32 = x.astype(jnp.float32)
+    mu = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mu).mean(-1, keepdims=True)
+    return ((x32 - mu) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]).astype(x.dtype)
+
+
+def rope_interleaved(x, pos):
+    """x (B, T, N, H), pos (B, T) absolute positions -> rotated pairs (x[2i], x[2i+1])."""
+    H = x.shape[-1]
+    freqs = jnp.exp(jnp.arange(H // 2, dtype=jnp.float32) * (-math.log(MAX_PERIOD) * 2 / H))
+    ang = pos.astype(jnp.float32)[:, :, None, None] * freqs  # (B, T, 1, H/2)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    xr = x.astype(jnp.float32).reshape(*x.shape[:-1], H // 2, 2)
+    re, im = xr[..., 0], xr[..., 1]
+    out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def _attend(q, k, v, pos_q, pos_k):
+    """q (B, T, N, H), k/v (B, S, N, H), pos_q (B, T), pos_k (B, S) -> (B, T, N*H)."""
+    B, T, N, H = q.shape
+    delta = pos_q[:, :, None] - pos_k[:, None, :]
+    visible = (pos_k[:, None, :] >= 0) & (delta >= 0) & (delta < CONTEXT)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(H)
+    logits = jnp.where(visible[:, None], logits.astype(jnp.float32), -jnp.inf)
+    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", w, v).reshape(B, T, N * H)
+
+
+def _layer(p, x, pos, cache=None):
+    B, T, D = x.shape
+    h = layer_norm(p["norm1"], x)
+    q = (h @ p["wq"]).reshape(B, T, NUM_HEADS, -1)
+    k = (h @ p["wk"]).reshape(B, T, NUM_HEADS, -1)
+    v = (h @ p["wv"]).reshape(B, T, NUM_HEADS, -1)
+    q, k = rope_interleaved(q, pos), rope_interleaved(k, pos)
+    if cache is None:
+        a = _attend(q, k, v, pos, pos)
+        new_cache = None
+    else:
+        ck, cv, cpos = cache
+        a = _attend(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), pos,
+                    jnp.concatenate([cpos, pos], 1))
+        slots = pos % ck.shape[1]  # (B, T)
+        rows = jnp.arange(B)[:, None]
+        new_cache = (ck.at[rows, slots].set(k), cv.at[rows, slots].set(v), cpos.at[rows, slots].set(pos))
+    x = x + p["ls1"] * (a @ p["wo"])
+    h = layer_norm(p["norm2"], x)
+    x = x + p["ls2"] * (jax.nn.gelu(h @ p["w1"], approximate=False) @ p["w2"])
+    return x, new_cache
+
+
+def transformer(layers, x, pos, caches=None):
+    """x (B, T, D) at positions pos (B, T). caches: per-layer (k, v, pos) rings, or None for one-shot."""
+    new = []
+    for i, p in enumerate(layers):
+        with jax.named_scope(f"layer{i}"):
+            x, c = _layer(p, x, pos, None if caches is None else caches[i])
+        new.append(c)
+    return x, (None if caches is None else new)
+
+
+def init_caches(layers, batch, dtype=jnp.float32):
+    H = layers[0]["wq"].shape[1] // NUM_HEADS
+    z = jnp.zeros((batch, CONTEXT, NUM_HEADS, H), dtype)
+    return [(z, z, jnp.full((batch, CONTEXT), -1, jnp.int32)) for _ in layers]

