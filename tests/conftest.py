@@ -1,9 +1,35 @@
 import os
+import sys
 
 # Tests run on the CPU in fp32; keep XLA from grabbing an accelerator's memory if one is present.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mimi_files(tmp_path_factory):
+    """A random Mimi (moshi 0.2.2 reference model) saved in Kyutai's layout and in transformers' layout."""
+    import json
+
+    from safetensors.numpy import save_file
+    from transformers import MimiConfig
+
+    from mimi_fixtures import MOSHI_FILE, build_moshi_mimi, moshi_to_hf_tensors, save_moshi_layout
+
+    root = tmp_path_factory.mktemp("mimi")
+    model = build_moshi_mimi(seed=0)
+    moshi_path = root / MOSHI_FILE
+    save_moshi_layout(model, moshi_path)
+    hf_dir = root / "hf"
+    hf_dir.mkdir()
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    save_file(moshi_to_hf_tensors(sd), str(hf_dir / "model.safetensors"))
+    (hf_dir / "config.json").write_text(json.dumps(MimiConfig().to_dict()))
+    return {"moshi_model": model, "moshi_path": moshi_path, "hf_dir": hf_dir}

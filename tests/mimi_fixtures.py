@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 MOSHI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 
 
-def test_signal(n: int, seed: int = 0) -> np.ndarray:
+def speech_like(n: int, seed: int = 0) -> np.ndarray:
     """Speech-like test audio: gliding harmonics with syllable-rate amplitude changes, plus some noise."""
     g = np.random.default_rng(seed)
     t = np.arange(n) / 24000
@@ -46,23 +46,21 @@ def build_moshi_mimi(seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("layer_scale_1.scale") or name.endswith("layer_scale_2.scale"):
                 p.copy_(torch.empty_like(p).uniform_(0.05, 0.6, generator=g))
-        # Codewords drawn around latents the encoder really produces (as k-means would place them), so the
-        # nearest-codeword search is not degenerate: codes vary across frames and codebooks.
-        x = torch.from_numpy(test_signal(24000 * 8, seed=seed + 2))[None, None]
+        # Codewords spread like the latents the encoder really produces at each stage (per-channel mean and
+        # spread of the residual left by the previous stages), so codes vary across frames and codebooks and
+        # every stage has codewords at its residual's scale, as in a trained RVQ.
+        x = torch.from_numpy(speech_like(24000 * 8, seed=seed + 2))[None, None]
         z = model._encode_to_unquantized_latent(x)
         for rvq in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
             r = rvq.input_proj(z)[0].T  # (frames, 256)
             for layer in rvq.vq.layers:
                 cb = layer._codebook
-                pick = torch.randint(0, r.shape[0], (cb.embedding_sum.shape[0],), generator=g)
-                spread = r.std(0, keepdim=True) + 1e-6
-                emb = r[pick] + 0.5 * spread * torch.randn(cb.embedding_sum.shape, generator=g)
+                emb = r.mean(0) + r.std(0) * torch.randn(cb.embedding_sum.shape, generator=g)
                 usage = torch.empty_like(cb.cluster_usage).uniform_(0.5, 2.0, generator=g)
                 cb.cluster_usage.copy_(usage)
                 cb.embedding_sum.copy_(emb * usage[:, None])
                 cb._initialized.fill_(1.0)
-                codes = torch.cdist(r, cb.embedding).argmin(-1)
-                r = r - cb.embedding[codes]
+                r = r - cb.embedding[torch.cdist(r, cb.embedding).argmin(-1)]
     model.set_num_codebooks(32)
     return model
 

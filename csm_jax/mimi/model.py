@@ -45,13 +45,22 @@ def _check_audio_batch(audio):
         raise ValueError("Mimi cannot encode empty audio (0 samples)")
 
 
-@partial(jax.jit, static_argnames=("num_codebooks",))
-def _encode(params, audio, num_codebooks):
+def _latent(params, audio):
     h, _ = seanet.encoder(params["encoder"], audio[:, :, None].astype(jnp.float32))
     pos = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
     h, _ = tr.transformer(params["encoder_transformer"], h, pos)
-    z = conv1d(params["downsample"], h, stride=2, replicate=True)
-    return rvq.encode(params["quantizer"], z, num_codebooks)
+    return conv1d(params["downsample"], h, stride=2, replicate=True)
+
+
+@jax.jit
+def encode_latent(params, audio):
+    """audio (B, L) -> the unquantized 12.5 Hz latent (B, ceil(L / 1920), 512) that the RVQ reads."""
+    return _latent(params, audio)
+
+
+@partial(jax.jit, static_argnames=("num_codebooks",))
+def _encode(params, audio, num_codebooks):
+    return rvq.encode(params["quantizer"], _latent(params, audio), num_codebooks)
 
 
 def encode(params, audio, num_codebooks: int = 32):

@@ -14,10 +14,18 @@ import jax
 import jax.numpy as jnp
 
 
-def _nearest(r, E):
-    """r (B, T, 256), E (2048, 256) -> index of the nearest codeword (first on ties), as torch.cdist + argmin."""
-    d = jnp.sum(r * r, -1, keepdims=True) - 2.0 * (r @ E.T) + jnp.sum(E * E, -1)
-    return jnp.argmin(d, axis=-1).astype(jnp.int32)
+def _nearest(r, E, candidates: int = 8):
+    """r (B, T, 256), E (2048, 256) -> index of the nearest codeword (lowest index on exact ties).
+
+    |r|^2 - 2 r.e + |e|^2 cancels badly in fp32 when r lies close to a codeword (the distance is far smaller
+    than |r|^2), enough to pick a codeword 1e-4 farther. So the matmul form only shortlists `candidates`,
+    whose distances are then computed directly as sum((r - e)^2).
+    """
+    approx = jnp.sum(E * E, -1) - 2.0 * (r @ E.T)  # (B, T, 2048); |r|^2 is the same for every codeword
+    _, idx = jax.lax.top_k(-approx, candidates)  # (B, T, k)
+    exact = jnp.sum(jnp.square(r[..., None, :] - E[idx]), -1)
+    best = jnp.min(exact, -1, keepdims=True)
+    return jnp.min(jnp.where(exact == best, idx, E.shape[0]), -1).astype(jnp.int32)
 
 
 def encode(p, z, num_codebooks: int):
