@@ -88,5 +88,6 @@ def transformer(layers, x, pos, caches=None):
 
 def init_caches(layers, batch, dtype=jnp.float32):
     H = layers[0]["wq"].shape[1] // NUM_HEADS
-    z = jnp.zeros((batch, CONTEXT, NUM_HEADS, H), dtype)
-    return [(z, z, jnp.full((batch, CONTEXT), -1, jnp.int32)) for _ in layers]
+    shape = (batch, CONTEXT, NUM_HEADS, H)  # separate buffers: the state is donated leaf by leaf
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, CONTEXT), -1, jnp.int32))
+            for _ in layers]
