@@ -1,0 +1,112 @@
+"""Mimi as a speech codec: audio file <-> int32 codes (num_codebooks, frames) at 12.5 Hz.
+
+  python scripts/codec.py encode speech.wav codes.npy [--checkpoint kyutai/mimi] [--num-codebooks 32]
+  python scripts/codec.py decode codes.npy speech.wav [--checkpoint kyutai/mimi]
+
+Input audio may be any format soundfile reads, at any sample rate and channel count: it is mixed down to
+mono and resampled to 24 kHz. Decoded audio is written at 24 kHz (.wav, .flac or .ogg by extension).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Union
+
+import numpy as np
+import tyro
+
+
+@dataclasses.dataclass
+class Encode:
+    """Encode an audio file into Mimi codes saved as .npy (int32, shape (num_codebooks, frames))."""
+
+    audio: tyro.conf.Positional[Path]
+    """Input audio file (any format soundfile reads; resampled to 24 kHz mono)."""
+    codes: tyro.conf.Positional[Path]
+    """Output .npy file."""
+    checkpoint: str = "kyutai/mimi"
+    """Hub repo id, local folder or .safetensors file (Kyutai's or transformers' layout)."""
+    num_codebooks: int = 32
+    """Codebooks to keep, 1 to 32 (CSM uses 32)."""
+
+
+@dataclasses.dataclass
+class Decode:
+    """Decode Mimi codes (.npy, shape (num_codebooks, frames)) into 24 kHz audio."""
+
+    codes: tyro.conf.Positional[Path]
+    """Input .npy file of integer codes in [0, 2048)."""
+    audio: tyro.conf.Positional[Path]
+    """Output audio file (.wav, .flac or .ogg)."""
+    checkpoint: str = "kyutai/mimi"
+    """Hub repo id, local folder or .safetensors file (Kyutai's or transformers' layout)."""
+
+
+Command = Union[Annotated[Encode, tyro.conf.subcommand("encode")], Annotated[Decode, tyro.conf.subcommand("decode")]]
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=parent)
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_codes(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"codes file not found: {path}")
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a .npy array file ({e})") from e
+    if codes.ndim != 2 or not 1 <= codes.shape[0] <= 32 or codes.shape[1] == 0:
+        raise ValueError(f"{path}: expected codes shaped (num_codebooks <= 32, frames >= 1), got {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{path}: codes must be integers, got {codes.dtype}")
+    if codes.min() < 0 or codes.max() >= 2048:
+        raise ValueError(f"{path}: codes must lie in [0, 2048), found {codes.min()}..{codes.max()}")
+    return codes.astype(np.int32)
+
+
+def main(cmd: Command) -> None:
+    import jax.numpy as jnp
+
+    from csm_jax import audio as audio_io
+    from csm_jax.mimi import decode, encode, load_mimi
+
+    if isinstance(cmd, Encode):
+        if not 1 <= cmd.num_codebooks <= 32:
+            raise ValueError(f"--num-codebooks must be between 1 and 32, got {cmd.num_codebooks}")
+        x = audio_io.load_audio(cmd.audio)
+        if cmd.codes.suffix != ".npy":
+            raise ValueError(f"output must be a .npy file, got {cmd.codes}")
+        _, params = load_mimi(cmd.checkpoint)
+        codes = np.asarray(encode(params, jnp.asarray(x[None]), num_codebooks=cmd.num_codebooks))[0]
+        _save_npy_atomic(cmd.codes, codes)
+        print(f"{cmd.audio}: {len(x) / 24000:.2f} s -> {cmd.codes}: codes {codes.shape} int32")
+    else:
+        codes = _load_codes(cmd.codes)
+        _, params = load_mimi(cmd.checkpoint)
+        y = np.asarray(decode(params, jnp.asarray(codes[None])))[0]
+        audio_io.write_audio(cmd.audio, y)
+        print(f"{cmd.codes}: codes {codes.shape} -> {cmd.audio}: {len(y) / 24000:.2f} s at 24 kHz")
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Command, description=__doc__))
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
