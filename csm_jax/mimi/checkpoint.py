@@ -7,7 +7,7 @@ Layouts (detected from the key names, never guessed):
            q/k rows permuted to half-split RoPE order; also the `codec_model.*` part of a transformers
            CSM checkpoint once the prefix is stripped.
 Our parameters keep the interleaved order, so hf q/k rows are un-permuted exactly. Convolutions become
-(K, C_in/groups, C_out) kernels; transposed convolutions become the flipped kernel of the equivalent conv.
+(K, C_in/groups, C_out) kernels; transposed convolutions (K, C_in, C_out), each tap a matmul.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ def _conv(w):  # torch Conv1d (out, in/groups, k) -> (k, in/groups, out)
     return np.ascontiguousarray(np.transpose(w, (2, 1, 0)))
 
 
-def _convtr(w, groups=1):  # torch ConvTranspose1d (in, out/groups, k) -> flipped forward kernel (k, ., .)
-    w = w[:, :, ::-1]
+def _convtr(w, groups=1):  # torch ConvTranspose1d (in, out/groups, k) -> (k, in, out), or (k, 1, channels) depthwise
     if groups == 1:
-        return np.ascontiguousarray(np.transpose(w, (2, 0, 1)))  # (k, in, out)
-    return np.ascontiguousarray(np.transpose(w, (2, 1, 0)))  # depthwise: (k, 1, channels)
+        return np.ascontiguousarray(np.transpose(w, (2, 0, 1)))
+    return np.ascontiguousarray(np.transpose(w, (2, 1, 0)))
 
 
 def unpermute_rope(w, n_heads=HEADS, head_dim=HEAD_DIM):

@@ -54,21 +54,35 @@ def conv1d_step(p, x, buf, stride: int = 1, dilation: int = 1):
     return (y + p["b"] if "b" in p else y), new_buf
 
 
-def _transposed_as_conv(x, w, stride, groups):
+def _transposed_full(x, w, stride, groups):
     """conv_transpose1d without trimming: (B, T, C_in) -> (B, (T - 1) * stride + k, C_out).
 
-    `w` is the kernel of the equivalent forward conv (flipped in time, WIO), prepared at load time.
+    `w` (k, C_in, C_out), or (k, 1, C) when depthwise, with w[j, c, o] = torch_weight[c, o, j]. Every input
+    frame emits k outputs at once (one matmul), which are overlap-added at stride offsets: no zero-stuffed
+    input as a dilated convolution would read.
     """
     k = w.shape[0]
-    return lax.conv_general_dilated(x, w, window_strides=(1,), padding=[(k - 1, k - 1)],
-                                    lhs_dilation=(stride,), dimension_numbers=_DIMS,
-                                    feature_group_count=groups)
+    if k % stride:
+        raise NotImplementedError(f"transposed conv with kernel {k} not a multiple of stride {stride}")
+    B, T, _ = x.shape
+    if groups == 1:
+        P = jnp.einsum("btc,jco->btjo", x, w)
+    elif groups == x.shape[-1] and w.shape[1] == 1:
+        P = x[:, :, None, :] * w[:, 0, :]
+    else:
+        raise NotImplementedError("grouped transposed conv other than depthwise")
+    m = k // stride
+    P = P.reshape(B, T, m, stride, P.shape[-1])
+    y = jnp.zeros((B, T + m - 1, stride, P.shape[-1]), P.dtype)
+    for i in range(m):
+        y = y.at[:, i:i + T].add(P[:, :, i])
+    return y.reshape(B, (T + m - 1) * stride, P.shape[-1])
 
 
 def conv_transpose1d(p, x, stride: int, groups: int = 1):
     """One-shot causal transposed conv: (B, T, C_in) -> (B, T * stride, C_out), trimmed on the right."""
     k = p["w"].shape[0]
-    y = _transposed_as_conv(x, p["w"], stride, groups)
+    y = _transposed_full(x, p["w"], stride, groups)
     y = y[:, : y.shape[1] - (k - stride)]
     return y + p["b"] if "b" in p else y
 
@@ -79,7 +93,7 @@ def conv_transpose1d_step(p, x, tail, stride: int, groups: int = 1):
     As moshi 0.2.2: the overlap carried to the next chunk excludes the bias, so it is added once.
     """
     k = p["w"].shape[0]
-    y = _transposed_as_conv(x, p["w"], stride, groups)
+    y = _transposed_full(x, p["w"], stride, groups)
     ov = k - stride
     y = y.at[:, :ov].add(tail)
     out, new_tail = y[:, : y.shape[1] - ov], y[:, y.shape[1] - ov:]
