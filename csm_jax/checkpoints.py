@@ -158,3 +158,152 @@ class StrictTensors:
             shown = ", ".join(f"'{k}'" for k in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
             raise CheckpointError(f"{self.source}: {len(left)} unexpected tensor(s) not used by the model: {shown}. "
                                   "The file is of another model or layout, or the config does not match it")
+
+
+# ------------------------------------------------------------------------------------------------------ CSM
+# Two layouts, detected from key names:
+#   sesame  Sesame's original (torchtune names: backbone.layers.N.attn.q_proj.weight, ...), q/k rows in
+#           interleaved-RoPE order; Mimi is not inside (it comes from kyutai/mimi).
+#   hf      transformers' CsmForConditionalGeneration (backbone_model.layers.N.self_attn.q_proj.weight, ...),
+#           q/k rows in half-split order (our order), with Mimi under codec_model.*.
+# Linear weights (out, in) become (in, out); q|k|v and gate|up are fused for one matmul each.
+
+
+def permute_for_rope(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """Interleaved-pair rows (Sesame/torchtune) -> half-split rows (transformers), per transformers' convert_csm."""
+    d_in = w.shape[1]
+    return w.reshape(n_heads, head_dim // 2, 2, d_in).transpose(0, 2, 1, 3).reshape(n_heads * head_dim, d_in)
+
+
+def _csm_names(layout: str, part: str) -> dict:
+    if layout == "sesame":
+        return {"layer": f"{part}.layers.{{}}", "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj",
+                "o": "attn.output_proj", "gate": "mlp.w1", "up": "mlp.w3", "down": "mlp.w2",
+                "attn_norm": "sa_norm.scale", "mlp_norm": "mlp_norm.scale", "norm": f"{part}.norm.scale"}
+    prefix = "backbone_model" if part == "backbone" else "depth_decoder.model"
+    return {"layer": f"{prefix}.layers.{{}}", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+            "v": "self_attn.v_proj", "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+            "down": "mlp.down_proj", "attn_norm": "input_layernorm.weight",
+            "mlp_norm": "post_attention_layernorm.weight", "norm": f"{prefix}.norm.weight"}
+
+
+def _llama_params(st: StrictTensors, cfg, layout: str, part: str, dtype) -> dict:
+    import jax.numpy as jnp
+
+    n = _csm_names(layout, part)
+    D, N, K, H, F = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
+    layers = []
+    for i in range(cfg.num_layers):
+        pre = n["layer"].format(i)
+        q = st.take(f"{pre}.{n['q']}.weight", (N * H, D))
+        k = st.take(f"{pre}.{n['k']}.weight", (K * H, D))
+        if layout == "sesame":
+            q, k = permute_for_rope(q, N, H), permute_for_rope(k, K, H)
+        v = st.take(f"{pre}.{n['v']}.weight", (K * H, D))
+        gate = st.take(f"{pre}.{n['gate']}.weight", (F, D))
+        up = st.take(f"{pre}.{n['up']}.weight", (F, D))
+        layers.append({
+            "attn_norm": jnp.asarray(st.take(f"{pre}.{n['attn_norm']}", (D,)), dtype),
+            "wqkv": jnp.asarray(np.concatenate([q, k, v], 0).T, dtype),
+            "wo": jnp.asarray(st.take(f"{pre}.{n['o']}.weight", (D, N * H)).T, dtype),
+            "mlp_norm": jnp.asarray(st.take(f"{pre}.{n['mlp_norm']}", (D,)), dtype),
+            "w13": jnp.asarray(np.concatenate([gate, up], 0).T, dtype),
+            "w2": jnp.asarray(st.take(f"{pre}.{n['down']}.weight", (D, F)).T, dtype),
+        })
+    return {"layers": layers, "norm": jnp.asarray(st.take(n["norm"], (D,)), dtype)}
+
+
+def detect_csm_layout(keys) -> str:
+    keys = set(keys)
+    if "backbone.layers.0.attn.q_proj.weight" in keys:
+        return "sesame"
+    if "backbone_model.layers.0.self_attn.q_proj.weight" in keys:
+        return "hf"
+    if "encoder.model.0.conv.conv.weight" in keys or "encoder.layers.0.conv.weight" in keys:
+        raise CheckpointError("this is a Mimi checkpoint, not CSM; load it with csm_jax.mimi.load_mimi")
+    sample = ", ".join(sorted(keys)[:3])
+    raise CheckpointError("not a CSM checkpoint: neither 'backbone.layers.0.attn.q_proj.weight' (Sesame's layout) "
+                          f"nor 'backbone_model.layers.0.self_attn.q_proj.weight' (transformers') is present; "
+                          f"keys start: {sample}")
+
+
+def csm_params_from_tensors(tensors: dict[str, np.ndarray], cfg, source: str, dtype=None):
+    """Our CSM parameters from checkpoint tensors of either layout (strict). -> (params, codec tensors or None)."""
+    import jax.numpy as jnp
+
+    dtype = dtype or jnp.float32
+    layout = detect_csm_layout(tensors.keys())
+    st = StrictTensors(tensors, source)
+    D, Dd, V, C = cfg.backbone.dim, cfg.decoder.dim, cfg.audio_vocab_size, cfg.num_codebooks
+    if layout == "sesame":
+        text, audio = st.take("text_embeddings.weight", (cfg.text_vocab_size, D)), st.take(
+            "audio_embeddings.weight", (C * V, D))
+        proj = st.take("projection.weight", (Dd, D))
+        c0 = st.take("codebook0_head.weight", (V, D))
+        head = st.take("audio_head", (C - 1, Dd, V))
+        codec = None
+    else:
+        text = st.take("embed_text_tokens.weight", (cfg.text_vocab_size, D))
+        # transformers ties the depth decoder's embedding to the backbone's audio table: either may be stored.
+        a_key, d_key = "backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight"
+        if a_key in st and d_key in st:
+            audio = st.take(a_key, (C * V, D))
+            if not np.array_equal(audio, st.take(d_key, (C * V, D))):
+                raise CheckpointError(f"{source}: '{a_key}' and '{d_key}' differ, but CSM ties them")
+        else:
+            audio = st.take(a_key if a_key in st else d_key, (C * V, D))
+        proj = st.take("depth_decoder.model.inputs_embeds_projector.weight", (Dd, D))
+        c0 = st.take("lm_head.weight", (V, D))
+        head = st.take("depth_decoder.codebooks_head.weight", (C - 1, Dd, V))
+        codec = {k[len("codec_model."):]: v for k, v in tensors.items() if k.startswith("codec_model.")} or None
+        st.skip("codec_model.*")
+    params = {
+        "text_embed": jnp.asarray(text, dtype), "audio_embed": jnp.asarray(audio, dtype),
+        "c0_head": jnp.asarray(c0.T, dtype), "projection": jnp.asarray(proj.T, dtype),
+        "audio_head": jnp.asarray(head, dtype),
+        "backbone": _llama_params(st, cfg.backbone, layout, "backbone", dtype),
+        "decoder": _llama_params(st, cfg.decoder, layout, "decoder", dtype),
+    }
+    st.finish()
+    return params, codec
+
+
+class CsmCheckpoint:
+    """A loaded CSM checkpoint: config, parameters, the Mimi tensors stored with it (or None), the tokenizer."""
+
+    def __init__(self, config, params, codec_tensors, tokenizer_file, source):
+        self.config, self.params, self.codec_tensors = config, params, codec_tensors
+        self.tokenizer_file, self.source = tokenizer_file, source
+
+
+def default_dtype():
+    """fp32 on CPU (XLA:CPU bf16 matmuls are very slow), bf16 on GPU/TPU."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def load_csm(id_or_path: str | os.PathLike = "sesame/csm-1b", dtype=None) -> CsmCheckpoint:
+    """Loads CSM from a hub repo id or a local folder/.safetensors file, in Sesame's or transformers' layout.
+
+    The config (including the RoPE scaling) comes from the checkpoint's config.json; a bare file without one
+    is read as csm-1b. A torch-only ckpt.pt must be converted first with scripts/convert_ckpt.py.
+    """
+    from csm_jax.csm import CsmConfig
+
+    files = resolve_files(id_or_path, ["*.safetensors", "config.json", "tokenizer.json"])
+    weights = [f for f in files if f.name not in ("config.json", "tokenizer.json")]
+    if not weights:
+        hint = " (found ckpt.pt: convert it with scripts/convert_ckpt.py)" if Path(str(id_or_path), "ckpt.pt").exists() else ""
+        raise FileNotFoundError(f"no .safetensors weights found in {id_or_path}{hint}")
+    config = read_config(files)
+    try:
+        cfg = CsmConfig.from_hf_config(config) if config else CsmConfig.csm_1b()
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{id_or_path}: config.json is not a CSM config ({e})") from e
+    tensors, _ = read_safetensors_files(weights)
+    source = str(weights[0]) if len(weights) == 1 else f"{id_or_path} ({len(weights)} files)"
+    params, codec = csm_params_from_tensors(tensors, cfg, source, dtype or default_dtype())
+    tok = next((str(f) for f in files if f.name == "tokenizer.json"), None)
+    return CsmCheckpoint(cfg, params, codec, tok, source)
