@@ -33,3 +33,15 @@ def mimi_files(tmp_path_factory):
     save_file(moshi_to_hf_tensors(sd), str(hf_dir / "model.safetensors"))
     (hf_dir / "config.json").write_text(json.dumps(MimiConfig().to_dict()))
     return {"moshi_model": model, "moshi_path": moshi_path, "hf_dir": hf_dir}
+
+
+@pytest.fixture(scope="session")
+def csm_dir(tmp_path_factory, mimi_files):
+    """A tiny random CSM in transformers' layout (with tokenizer.json), whose codec_model.* is the random Mimi
+    of `mimi_files`, so decoded audio depends on the codes."""
+    from safetensors.numpy import load_file
+
+    from csm_fixtures import build_hf_csm, save_hf_layout
+
+    mimi = load_file(str(mimi_files["hf_dir"] / "model.safetensors"))
+    return save_hf_layout(build_hf_csm(seed=0), tmp_path_factory.mktemp("csm") / "tiny-csm", mimi_tensors=mimi)

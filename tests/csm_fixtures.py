@@ -51,9 +51,23 @@ def _tokenizer_file():
     return path
 
 
-def save_hf_layout(model, folder: Path, with_tokenizer: bool = True) -> Path:
+def save_hf_layout(model, folder: Path, with_tokenizer: bool = True, mimi_tensors: dict | None = None) -> Path:
+    """save_pretrained, optionally with the codec_model.* part replaced by given Mimi tensors (transformers'
+    file layout): transformers' random Mimi init has all-zero codebooks, which would make decoded audio
+    independent of the codes."""
     folder = Path(folder)
     model.save_pretrained(folder)
+    if mimi_tensors is not None:
+        from safetensors.numpy import load_file, save_file
+
+        (path,) = folder.glob("*.safetensors")
+        tensors = load_file(str(path))
+        codec = {k for k in tensors if k.startswith("codec_model.")}
+        new = {f"codec_model.{k}": np.asarray(v) for k, v in mimi_tensors.items()}
+        if set(new) != codec:
+            raise ValueError(f"Mimi tensors do not match the codec keys: {sorted(set(new) ^ codec)[:5]}")
+        tensors.update(new)
+        save_file(tensors, str(path), metadata={"format": "pt"})
     if with_tokenizer:
         shutil.copy(_tokenizer_file(), folder / "tokenizer.json")
     return folder

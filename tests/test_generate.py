@@ -1,0 +1,59 @@
+"""csm_jax.generate on a tiny random checkpoint: batching, streaming, seeds, contexts."""
+
+import numpy as np
+import pytest
+
+from csm_jax.generate import Generator
+from csm_jax.text import Segment
+from mimi_fixtures import speech_like
+
+
+@pytest.fixture(scope="module")
+def gen(csm_dir):
+    return Generator(str(csm_dir), frames_per_call=4)
+
+
+def test_batch_equals_alone_and_seeds(gen):
+    texts = ["Hello there.", "A somewhat longer sentence, to give this row a longer prompt."]
+    batch = gen.generate(texts, speakers=[0, 1], seeds=[5, 6], max_audio_ms=[640, 960], return_codes=True)
+    for i, (audio, codes) in enumerate(batch):
+        alone_audio, alone_codes = gen.generate(texts[i], speakers=[0, 1][i], seeds=[5, 6][i],
+                                                max_audio_ms=[640, 960][i], return_codes=True)
+        np.testing.assert_array_equal(codes, alone_codes)
+        np.testing.assert_allclose(audio, alone_audio, rtol=0, atol=1e-5 * np.abs(alone_audio).max())
+        assert codes.shape[0] == 32 and codes.max() < 2048 and audio.shape == (1920 * codes.shape[1],)
+    assert batch[0][1].shape[1] <= 8 and batch[1][1].shape[1] <= 12  # frame caps from max_audio_ms
+    other = gen.generate(texts[0], seeds=7, max_audio_ms=640, return_codes=True)[1]
+    assert not np.array_equal(other, batch[0][1])
+
+
+def test_stream_concatenates_to_one_shot(gen):
+    ctx = [Segment(0, "Earlier words.", audio=speech_like(24000, seed=3))]
+    one = gen.generate("Streaming test.", speakers=1, contexts=ctx, seeds=3, max_audio_ms=1200)
+    chunks = list(gen.stream("Streaming test.", speaker=1, context=ctx, seed=3, max_audio_ms=1200))
+    assert len(chunks) >= 2 and all(len(c) % 1920 == 0 for c in chunks)
+    got = np.concatenate(chunks)
+    assert got.shape == one.shape
+    assert np.abs(got - one).max() <= 1e-5 * np.abs(one).max()
+
+
+def test_greedy_is_deterministic_and_context_matters(gen):
+    a = gen.generate("Same words.", temperature=0.0, max_audio_ms=480, return_codes=True)[1]
+    b = gen.generate("Same words.", temperature=0.0, seeds=123, max_audio_ms=480, return_codes=True)[1]
+    np.testing.assert_array_equal(a, b)
+    ctx = [Segment(1, "Something said before.", codes=np.random.default_rng(0).integers(0, 2048, (32, 10)))]
+    c = gen.generate("Same words.", contexts=ctx, temperature=0.0, max_audio_ms=480, return_codes=True)[1]
+    assert not np.array_equal(a, c)
+
+
+def test_bad_arguments(gen):
+    with pytest.raises(ValueError, match="text is empty"):
+        gen.generate("  ")
+    with pytest.raises(ValueError, match="speaker must be"):
+        gen.generate("hi", speakers="x")
+    with pytest.raises(ValueError, match="one per text"):
+        gen.generate(["a", "b"], seeds=[1])
+    with pytest.raises(ValueError, match="max_audio_ms"):
+        gen.generate("hi", max_audio_ms=10)
+    with pytest.raises(ValueError, match="NaN"):
+        gen.generate("hi", contexts=[Segment(0, "x", audio=np.full(100, np.nan, np.float32))])
