@@ -86,7 +86,7 @@ class Generator:
             out.append(seg)
         return out
 
-    def _start(self, texts, speakers, contexts, seeds, temperature, topk, max_audio_ms, drop_oldest):
+    def _start(self, texts, speakers, contexts, seeds, temperature, topk, max_audio_ms, drop_oldest, pinned=0):
         n = len(texts)
         if n == 0:
             raise ValueError("no texts given")
@@ -99,7 +99,7 @@ class Generator:
                 raise ValueError(f"max_audio_ms must be at least {FRAME_MS} (one frame), got {ms}")
             frames.append(int(ms // FRAME_MS))
         prompts = [build_prompt(self.tokenizer, self._context_codes(ctx or []), spk, text, f,
-                                self.cfg.max_seq_len, drop_oldest)
+                                self.cfg.max_seq_len, drop_oldest, pinned)
                    for text, spk, ctx, f in zip(texts, speakers, contexts, frames)]
         S = min(_bucket(max(len(p[0]) for p in prompts)), self.cfg.max_seq_len)
         tokens = np.zeros((n, S, 33), np.int32)
@@ -116,9 +116,11 @@ class Generator:
     # ------------------------------------------------------------------------------------------- API
 
     def generate_codes(self, texts: Sequence[str], speakers=0, contexts=None, seeds=0, temperature=0.9, topk=50,
-                       max_audio_ms=10_000, drop_oldest: bool = False) -> list[np.ndarray]:
-        """Mimi codes (32, T_i) for each text, generated as one batch."""
-        st = self._start(list(texts), speakers, contexts, seeds, temperature, topk, max_audio_ms, drop_oldest)
+                       max_audio_ms=10_000, drop_oldest: bool = False, pinned: int = 0) -> list[np.ndarray]:
+        """Mimi codes (32, T_i) for each text, generated as one batch. With `drop_oldest`, context segments
+        after the first `pinned` ones are dropped, oldest first, when the prompt would not fit."""
+        st = self._start(list(texts), speakers, contexts, seeds, temperature, topk, max_audio_ms, drop_oldest,
+                         pinned)
         out = [[] for _ in texts]
         while not bool(st.done.all()):
             st, frames, valid = csm.generate_frames(self.params, self.cfg, st, self.frames_per_call)

@@ -97,18 +97,20 @@ def segment_rows(tok: Tokenizer, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_prompt(tok: Tokenizer, context: list[Segment], speaker: int, text: str, max_frames: int,
-                 max_seq_len: int = 2048, drop_oldest: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+                 max_seq_len: int = 2048, drop_oldest: bool = False,
+                 pinned: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows for `context` + the target's text. -> (tokens (S, 33), mask (S, 33), context segments dropped).
 
     Raises ValueError when the rows plus `max_frames` exceed `max_seq_len`, unless `drop_oldest`, which
-    drops whole context segments from the front until it fits.
+    drops whole context segments, oldest first, until it fits; the first `pinned` segments (a voice prompt)
+    are never dropped.
     """
     target = text_rows(tok.segment_ids(speaker, text))
     parts = [segment_rows(tok, s) for s in context]
     budget = max_seq_len - max_frames
     dropped = 0
-    while parts and sum(len(p[0]) for p in parts) + len(target[0]) > budget and drop_oldest:
-        parts.pop(0)
+    while len(parts) > pinned and sum(len(p[0]) for p in parts) + len(target[0]) > budget and drop_oldest:
+        parts.pop(pinned)
         dropped += 1
     n = sum(len(p[0]) for p in parts) + len(target[0])
     if n > budget:

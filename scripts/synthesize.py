@@ -1,0 +1,151 @@
+"""Text to speech with CSM-1B: one WAV (24 kHz) per utterance.
+
+  python scripts/synthesize.py --text "Hello from CSM." --out hello.wav
+  python scripts/synthesize.py --text-file lines.txt --out-dir out/ --batch-size 8 --speaker 1
+  python scripts/synthesize.py --text "Nice to meet you." --context me.wav "Hi, I'm Sam." 0 --speaker 0 --out a.wav
+
+Each utterance is split into sentences, generated in order, each with the earlier sentences' audio as
+context (the oldest sentences leave when the 2048-row budget is reached), so a paragraph keeps one voice. Utterances are generated `--batch-size` at a time on the device.
+`--context AUDIO TRANSCRIPT SPEAKER` (repeatable) puts earlier turns before every utterance: voice prompting.
+Outputs are written only when complete (no partial files). The default checkpoint, sesame/csm-1b, is gated
+on the hub: accept its license and run `huggingface-cli login` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import tyro
+
+
+@dataclasses.dataclass
+class Args:
+    text: Annotated[list[str], tyro.conf.UseAppendAction] = dataclasses.field(default_factory=list)
+    """Text to speak (repeat the flag for several utterances)."""
+    text_file: Optional[Path] = None
+    """A file with one utterance per line (blank lines skipped)."""
+    speaker: int = 0
+    """Speaker id, as CSM writes it: [0], [1], ..."""
+    context: Annotated[list[tuple[Path, str, int]], tyro.conf.UseAppendAction] = dataclasses.field(
+        default_factory=list)
+    """AUDIO TRANSCRIPT SPEAKER of an earlier turn (repeatable); any format and sample rate."""
+    out: Optional[Path] = None
+    """Output WAV for a single utterance."""
+    out_dir: Optional[Path] = None
+    """Output folder for several utterances (000.wav, 001.wav, ...)."""
+    batch_size: int = 4
+    """Utterances generated at once."""
+    seed: int = 0
+    """Random seed; sentence r of utterance i uses seed + 1000 i + r. The same seed gives the same audio."""
+    temperature: float = 0.9
+    """Sampling temperature; 0 = greedy."""
+    topk: int = 50
+    """Top-k sampling."""
+    max_audio_ms: int = 10_000
+    """Longest audio per sentence, in milliseconds (80 ms per frame)."""
+    checkpoint: str = "sesame/csm-1b"
+    """Hub repo id or local folder (Sesame's or transformers' layout)."""
+    mimi: Optional[str] = None
+    """Mimi checkpoint when the CSM checkpoint has none inside (default kyutai/mimi)."""
+    tokenizer: Optional[Path] = None
+    """Llama-3 tokenizer.json when the checkpoint has none."""
+    save_codes: bool = False
+    """Also write the Mimi codes of each utterance as .npy (32, frames) next to its WAV."""
+    frames_per_call: int = 8
+    """Frames generated per device call."""
+
+
+def _plan(args: Args) -> tuple[list[str], list[Path]]:
+    """Validates everything that can be checked before loading the model; returns texts and output paths."""
+    from csm_jax.text import check_speaker, check_text
+
+    texts = list(args.text)
+    if args.text_file is not None:
+        if not args.text_file.is_file():
+            raise FileNotFoundError(f"--text-file not found: {args.text_file}")
+        texts += [line.strip() for line in args.text_file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("nothing to say: give --text or --text-file")
+    texts = [check_text(t) for t in texts]
+    check_speaker(args.speaker)
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if args.max_audio_ms < 80:
+        raise ValueError("--max-audio-ms must be at least 80 (one frame)")
+    if args.out is not None and args.out_dir is not None:
+        raise ValueError("give --out or --out-dir, not both")
+    if args.out is not None:
+        if len(texts) != 1:
+            raise ValueError(f"--out names one file but there are {len(texts)} utterances: use --out-dir")
+        outs = [args.out]
+    else:
+        folder = args.out_dir or Path("out")
+        folder.mkdir(parents=True, exist_ok=True)
+        outs = [folder / f"{i:03d}.wav" for i in range(len(texts))]
+    for o in outs:
+        if o.suffix.lower() != ".wav":
+            raise ValueError(f"output must be a .wav file, got {o}")
+        parent = o.parent if str(o.parent) else Path(".")
+        if not parent.is_dir():
+            raise FileNotFoundError(f"output folder does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"output folder is not writable: {parent}")
+    for audio, transcript, spk in args.context:
+        if not audio.is_file():
+            raise FileNotFoundError(f"--context audio not found: {audio}")
+        check_text(transcript)
+        check_speaker(spk)
+    return texts, outs
+
+
+def main(args: Args) -> None:
+    import numpy as np
+    from tqdm import tqdm
+
+    from csm_jax import audio as audio_io
+    from csm_jax.generate import Generator
+    from csm_jax.text import Segment, split_sentences
+
+    texts, outs = _plan(args)
+    context = [Segment(spk, tr, audio=audio_io.load_audio(a)) for a, tr, spk in args.context]
+    gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
+                    frames_per_call=args.frames_per_call)
+    context = gen._context_codes(context)  # encode the prompts once
+    bar = tqdm(total=len(texts), unit="utt", desc="synthesizing")
+    for start in range(0, len(texts), args.batch_size):
+        idx = list(range(start, min(start + args.batch_size, len(texts))))
+        sentences = {i: split_sentences(texts[i]) for i in idx}
+        done = {i: [] for i in idx}  # codes per sentence
+        for r in range(max(len(s) for s in sentences.values())):
+            rows = [i for i in idx if r < len(sentences[i])]
+            ctxs = [context + [Segment(args.speaker, sentences[i][j], codes=done[i][j]) for j in range(r)] for i in rows]
+            codes = gen.generate_codes([sentences[i][r] for i in rows], speakers=args.speaker, contexts=ctxs,
+                                       seeds=[args.seed + i * 1000 + r for i in rows], temperature=args.temperature,
+                                       topk=args.topk, max_audio_ms=args.max_audio_ms, drop_oldest=True,
+                                       pinned=len(context))
+            for i, c in zip(rows, codes):
+                done[i].append(c)
+        for i in idx:
+            codes = np.concatenate(done[i], axis=1)
+            wav = gen.decode_codes(codes)
+            if wav.size == 0:
+                tqdm.write(f"warning: utterance {i} ended before any audio (EOS at the first frame); writing silence")
+                wav = np.zeros(1920, np.float32)
+            audio_io.write_audio(outs[i], wav)
+            if args.save_codes:
+                np.save(outs[i].with_suffix(".npy"), codes)
+            tqdm.write(f"{outs[i]}: {len(wav) / 24000:.2f} s")
+            bar.update(1)
+    bar.close()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
