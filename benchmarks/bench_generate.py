@@ -1,0 +1,240 @@
+"""CSM generation speed at full csm-1b size (random weights, no download), beside this machine's roofline.
+
+  python benchmarks/bench_generate.py                       # batch sweep 1, 4, 16 on the default JAX backend
+  python benchmarks/bench_generate.py --reference            # also transformers' generate, same work, same run
+  python benchmarks/bench_generate.py --batches 1 --frames 16 --dtype bfloat16
+
+The prompt is 64 text rows plus 2 s (25 frames) of context audio and its end-of-audio row; N frames are
+generated per row (frame cap N, so rows run to the cap). Per batch size: frames/s per stream and in total,
+real-time factor (compute seconds per second of audio, 80 ms per frame), ms per backbone step and per
+depth-decoder pass (31 codebooks), time to the first frame (prefill + one frame), weight bytes read per
+frame step, achieved GB/s and GFLOP/s, and compilations. The roofline (read bandwidth, matmul throughput) is
+measured in the same run. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@dataclasses.dataclass
+class Args:
+    batches: tuple[int, ...] = (1, 4, 16)
+    """Batch sizes to sweep."""
+    frames: int = 24
+    """Frames generated per row (timed)."""
+    frames_per_call: int = 8
+    """Frames per device call (one lax.scan)."""
+    dtype: str = ""
+    """float32 or bfloat16; default fp32 on CPU, bf16 elsewhere."""
+    reference: bool = False
+    """Also time transformers' CsmForConditionalGeneration.generate (fp32, CPU) on the same work."""
+    reference_batches: tuple[int, ...] = (1,)
+    """Batch sizes for the reference."""
+    reference_frames: int = 8
+    """Frames for the reference (it is slow)."""
+    threads: int = 0
+    """torch threads for the reference (0 = torch's default)."""
+
+
+def _prompt(batch):
+    rng = np.random.default_rng(0)
+    n_text, n_audio = 64, 25
+    S = n_text + n_audio + 1
+    tokens = np.zeros((batch, S, 33), np.int32)
+    mask = np.zeros((batch, S, 33), bool)
+    tokens[:, :n_text, 32] = rng.integers(0, 128000, n_text)
+    mask[:, :n_text, 32] = True
+    tokens[:, n_text:n_text + n_audio, :32] = rng.integers(0, 2048, (n_audio, 32))
+    mask[:, n_text:, :32] = True
+    return tokens, mask, S
+
+
+def weight_bytes_per_frame(params) -> tuple[int, int]:
+    """(bytes read, flops per row) per frame step: backbone + c0 head once, decoder + projection + one head per
+    codebook pass (the reference's access pattern: every pass reads the whole depth decoder)."""
+    import jax
+
+    def nbytes(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    def nparams(tree):
+        return sum(x.size for x in jax.tree.leaves(tree))
+
+    head = params["audio_head"][0]
+    bb = nbytes(params["backbone"]) + nbytes(params["c0_head"])
+    dd = nbytes(params["decoder"]) + nbytes(params["projection"]) + head.size * head.dtype.itemsize
+    flops = 2 * (nparams(params["backbone"]) + params["c0_head"].size
+                 + 31 * (nparams(params["decoder"]) + params["projection"].size + head.size))
+    return bb + 31 * dd, flops
+
+
+def run_ours(args, roof):
+    import jax
+    import jax.numpy as jnp
+
+    from csm_jax import csm, llama
+    from csm_jax.csm import CsmConfig, GenState, generate_frames, init_params, prefill, set_sampling
+
+    cfg = CsmConfig.csm_1b()
+    dtype = jnp.dtype(args.dtype) if args.dtype else (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    t0 = time.perf_counter()
+    params = init_params(cfg, jax.random.key(0), dtype)
+    jax.block_until_ready(params)
+    print(f"random csm-1b parameters ({jnp.dtype(dtype).name}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    bytes_frame, flops_row = weight_bytes_per_frame(params)
+
+    # Component timings at batch 1: one backbone step, one depth-decoder pass.
+    step = jax.jit(lambda p, x, pos, c: llama.forward(cfg.backbone, p, x, pos, c), donate_argnums=(3,))
+    dec = jax.jit(lambda p, h, c0: csm.depth_decoder(cfg, p, h, c0, lambda lg, i: jnp.argmax(lg, -1).astype(jnp.int32)))
+
+    results = []
+    for B in args.batches:
+        tokens, mask, S = _prompt(B)
+        cache = llama.init_cache(cfg.backbone, B, cfg.max_seq_len, dtype)
+        x = jnp.zeros((B, 1, cfg.backbone.dim), dtype)
+        pos = jnp.full((B, 1), 100, jnp.int32)
+        _, cache = step(params["backbone"], x, pos, cache)
+        jax.block_until_ready(cache)
+        t = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            h, cache = step(params["backbone"], x, pos, cache)
+            h.block_until_ready()
+            t.append(time.perf_counter() - t0)
+        backbone_ms = min(t) * 1000
+        del cache
+        h0 = jnp.zeros((B, cfg.backbone.dim), dtype)
+        c0 = jnp.zeros((B,), jnp.int32)
+        jax.block_until_ready(dec(params, h0, c0))
+        t = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(dec(params, h0, c0))
+            t.append(time.perf_counter() - t0)
+        decoder_ms = min(t) * 1000
+
+        def start():
+            st = GenState.create(cfg, B, dtype)
+            st = prefill(params, cfg, st, jnp.asarray(tokens), jnp.asarray(mask), jnp.full((B,), S, jnp.int32),
+                         jnp.ones(B, bool))
+            return set_sampling(st, jnp.ones(B, bool), jnp.full(B, 0.9), jnp.full(B, 50), jnp.arange(B),
+                                jnp.full(B, args.frames + 1 + args.frames_per_call))
+
+        # Compile (prefill, 1-frame and K-frame calls), then time to first frame.
+        st = start()
+        st, f, _ = generate_frames(params, cfg, st, 1)
+        st, f, _ = generate_frames(params, cfg, st, args.frames_per_call)
+        f.block_until_ready()
+        del st
+        t0 = time.perf_counter()
+        st = start()
+        st, f, _ = generate_frames(params, cfg, st, 1)
+        f.block_until_ready()
+        ttff = time.perf_counter() - t0
+        calls = -(-args.frames // args.frames_per_call)
+        t0 = time.perf_counter()
+        valid_total = 0
+        for _ in range(calls):
+            st, f, v = generate_frames(params, cfg, st, args.frames_per_call)
+            valid_total += int(np.asarray(v).sum())  # one host copy per K frames, as a server would
+        el = time.perf_counter() - t0
+        frames_done = calls * args.frames_per_call
+        assert valid_total == B * frames_done, "a row stopped early (EOS): timing would be off"
+        fps_stream = frames_done / el
+        r = {
+            "batch": B, "frames_per_s_stream": fps_stream, "frames_per_s_total": fps_stream * B,
+            "rtf": 1 / (fps_stream * 0.08), "backbone_step_ms": backbone_ms, "depth_decoder_ms": decoder_ms,
+            "ttff_s": ttff, "weight_gb_per_frame_step": bytes_frame / 1e9,
+            "achieved_gbs": bytes_frame * fps_stream / 1e9,
+            "achieved_gflops": flops_row * B * fps_stream / 1e9,
+            "bandwidth_bound_fps": roof["read_gbs"] * 1e9 / bytes_frame,
+            "compute_bound_fps_total": roof["matmul_gflops"] * 1e9 / flops_row,
+            "compilations": generate_frames._cache_size(),
+        }
+        r["pct_of_bandwidth_bound"] = 100 * fps_stream / r["bandwidth_bound_fps"]
+        r["pct_of_compute_bound"] = 100 * r["frames_per_s_total"] / r["compute_bound_fps_total"]
+        results.append(r)
+        print(f"B={B}: {r['frames_per_s_total']:.2f} frames/s total, {fps_stream:.2f}/stream", flush=True)
+        del st
+    del params
+    return results
+
+
+def run_reference(args, batches):
+    import torch
+    from transformers import CsmConfig as HFCsmConfig
+    from transformers import CsmForConditionalGeneration
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
+            "original_max_position_embeddings": 1024}
+    drope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.001953125, "high_freq_factor": 0.0078125,
+             "original_max_position_embeddings": 16}
+    cfg = HFCsmConfig(rope_scaling=rope, depth_decoder_config={"rope_scaling": drope})
+    t0 = time.perf_counter()
+    model = CsmForConditionalGeneration(cfg).eval()
+    print(f"transformers csm-1b (random, fp32) in {time.perf_counter() - t0:.1f} s", flush=True)
+    _, _, S = _prompt(1)
+    out = {}
+    for B in batches:
+        ids = torch.from_numpy(np.random.default_rng(0).integers(0, 128000, (B, S)))
+        gen = dict(do_sample=True, top_k=50, temperature=0.9, depth_decoder_do_sample=True, depth_decoder_top_k=50,
+                   depth_decoder_temperature=0.9)
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
+            t0 = time.perf_counter()
+            model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, **gen)
+            ttff = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            codes = model.generate(input_ids=ids, max_new_tokens=args.reference_frames,
+                                   min_new_tokens=args.reference_frames, **gen)
+            el = time.perf_counter() - t0
+        n = np.asarray(codes).shape[1]
+        fps = n / (el - ttff)  # exclude the prefill, as for ours
+        out[B] = {"frames_per_s_stream": fps, "frames_per_s_total": fps * B, "ttff_s": ttff}
+        print(f"transformers B={B}: {fps * B:.2f} frames/s total", flush=True)
+    return out
+
+
+def main(args: Args) -> None:
+    import jax
+
+    import roofline
+
+    roof = roofline.measure()
+    ours = run_ours(args, roof)
+    ref = run_reference(args, args.reference_batches) if args.reference else {}
+    base = ref.get(1, {}).get("frames_per_s_stream")
+    print(f"\nCSM-1B generation on {roof['backend']} ({roof['device']}, {os.cpu_count()} cpus), "
+          f"roofline: {roof['read_gbs']:.1f} GB/s read, {roof['matmul_gflops']:.0f} GFLOP/s fp32 matmul")
+    hdr = (f"{'B':>3s} {'fr/s/str':>9s} {'fr/s tot':>9s} {'RTF':>6s} {'bb ms':>7s} {'dd ms':>7s} {'TTFF s':>7s} "
+           f"{'GB/s':>6s} {'%bw':>5s} {'GFLOP/s':>8s} {'%mm':>5s} {'comp':>4s}" + ("  vs tf B=1" if base else ""))
+    print(hdr)
+    for r in ours:
+        line = (f"{r['batch']:3d} {r['frames_per_s_stream']:9.3f} {r['frames_per_s_total']:9.3f} {r['rtf']:6.2f} "
+                f"{r['backbone_step_ms']:7.1f} {r['depth_decoder_ms']:7.1f} {r['ttff_s']:7.2f} "
+                f"{r['achieved_gbs']:6.1f} {r['pct_of_bandwidth_bound']:5.0f} {r['achieved_gflops']:8.1f} "
+                f"{r['pct_of_compute_bound']:5.0f} {r['compilations']:4d}")
+        if base:
+            r["total_vs_transformers_b1"] = r["frames_per_s_total"] / base
+            line += f"  {r['total_vs_transformers_b1']:8.2f}x"
+        print(line)
+    for B, r in ref.items():
+        print(f"transformers B={B}: {r['frames_per_s_stream']:.3f} frames/s per stream, "
+              f"{r['frames_per_s_total']:.3f} total, first frame {r['ttff_s']:.2f} s")
+    print(json.dumps({"roofline": roof, "ours": ours, "transformers": ref, "jax": jax.__version__}))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
