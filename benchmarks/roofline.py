@@ -26,12 +26,14 @@ def _best_time(fn, *args, repeats: int = 5) -> float:
 
 
 def read_bandwidth_gbs(megabytes: int = 1024, dtype=jnp.float32) -> float:
-    """Bytes of a large array read per second by a reduction (GB/s, 1e9). The array is far larger than caches."""
+    """Bytes of a large matrix read per second (GB/s, 1e9): the best of a column reduction and a vector-matrix
+    product (the access pattern of batch-1 decoding). The matrix is far larger than the caches."""
     n = megabytes * 2**20 // jnp.dtype(dtype).itemsize
-    x = jnp.ones((n // 1024, 1024), dtype)
-    # A column sum reads every element once and writes almost nothing: a pure streaming read.
-    fn = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
-    t = _best_time(fn, x)
+    x = jnp.ones((n // 4096, 4096), dtype)
+    v = jnp.ones((1, n // 4096), dtype)
+    reduce = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
+    matvec = jax.jit(lambda v, a: v @ a)
+    t = min(_best_time(reduce, x), _best_time(matvec, v, x))
     return x.size * x.dtype.itemsize / t / 1e9
 
 

@@ -166,7 +166,8 @@ class StrictTensors:
 #           interleaved-RoPE order; Mimi is not inside (it comes from kyutai/mimi).
 #   hf      transformers' CsmForConditionalGeneration (backbone_model.layers.N.self_attn.q_proj.weight, ...),
 #           q/k rows in half-split order (our order), with Mimi under codec_model.*.
-# Linear weights (out, in) become (in, out); q|k|v and gate|up are fused for one matmul each.
+# Linear weights keep PyTorch's (out, in) layout (fastest for XLA:CPU's skinny matmuls); the audio heads,
+# stored (31, in, out), are transposed to match. q|k|v and gate|up are fused for one matmul each.
 
 
 def permute_for_rope(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
@@ -204,11 +205,11 @@ def _llama_params(st: StrictTensors, cfg, layout: str, part: str, dtype) -> dict
         up = st.take(f"{pre}.{n['up']}.weight", (F, D))
         layers.append({
             "attn_norm": jnp.asarray(st.take(f"{pre}.{n['attn_norm']}", (D,)), dtype),
-            "wqkv": jnp.asarray(np.concatenate([q, k, v], 0).T, dtype),
-            "wo": jnp.asarray(st.take(f"{pre}.{n['o']}.weight", (D, N * H)).T, dtype),
+            "wqkv": jnp.asarray(np.concatenate([q, k, v], 0), dtype),
+            "wo": jnp.asarray(st.take(f"{pre}.{n['o']}.weight", (D, N * H)), dtype),
             "mlp_norm": jnp.asarray(st.take(f"{pre}.{n['mlp_norm']}", (D,)), dtype),
-            "w13": jnp.asarray(np.concatenate([gate, up], 0).T, dtype),
-            "w2": jnp.asarray(st.take(f"{pre}.{n['down']}.weight", (D, F)).T, dtype),
+            "w13": jnp.asarray(np.concatenate([gate, up], 0), dtype),
+            "w2": jnp.asarray(st.take(f"{pre}.{n['down']}.weight", (D, F)), dtype),
         })
     return {"layers": layers, "norm": jnp.asarray(st.take(n["norm"], (D,)), dtype)}
 
@@ -259,8 +260,8 @@ def csm_params_from_tensors(tensors: dict[str, np.ndarray], cfg, source: str, dt
         st.skip("codec_model.*")
     params = {
         "text_embed": jnp.asarray(text, dtype), "audio_embed": jnp.asarray(audio, dtype),
-        "c0_head": jnp.asarray(c0.T, dtype), "projection": jnp.asarray(proj.T, dtype),
-        "audio_head": jnp.asarray(head, dtype),
+        "c0_head": jnp.asarray(c0, dtype), "projection": jnp.asarray(proj, dtype),
+        "audio_head": jnp.asarray(np.ascontiguousarray(np.swapaxes(head, 1, 2)), dtype),  # (31, V, Dd)
         "backbone": _llama_params(st, cfg.backbone, layout, "backbone", dtype),
         "decoder": _llama_params(st, cfg.decoder, layout, "decoder", dtype),
     }

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from csm_jax import llama
-from csm_jax.llama import LlamaConfig
+from csm_jax.llama import LlamaConfig, linear
 from csm_jax.sampling import sample
 
 AUDIO_VOCAB = 2051
@@ -88,8 +88,8 @@ def _replace(cfg, **kw):
 
 def param_shapes(cfg: CsmConfig) -> dict:
     D, Dd, V, C = cfg.backbone.dim, cfg.decoder.dim, cfg.audio_vocab_size, cfg.num_codebooks
-    return {"text_embed": (cfg.text_vocab_size, D), "audio_embed": (C * V, D), "c0_head": (D, V),
-            "projection": (D, Dd), "audio_head": (C - 1, Dd, V),
+    return {"text_embed": (cfg.text_vocab_size, D), "audio_embed": (C * V, D), "c0_head": (V, D),
+            "projection": (Dd, D), "audio_head": (C - 1, V, Dd),
             "backbone": llama.param_shapes(cfg.backbone), "decoder": llama.param_shapes(cfg.decoder)}
 
 
@@ -168,20 +168,30 @@ def embed_rows(cfg: CsmConfig, params, tokens, mask):
     return x + text * mask[..., -1:].astype(text.dtype)
 
 
-@partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
-def prefill(params, cfg: CsmConfig, state: GenState, tokens, mask, lengths, rows) -> GenState:
+def attention_window(cfg: CsmConfig, last_position: int) -> int:
+    """The static attention window for a call whose positions stay below `last_position`: a power of two
+    (>= 128) or the whole cache. Bucketed so that a growing conversation compiles only a few times."""
+    w = 128
+    while w < last_position:
+        w *= 2
+    return min(w, cfg.max_seq_len)
+
+
+@partial(jax.jit, static_argnums=(1, 7), donate_argnums=(2,))
+def prefill(params, cfg: CsmConfig, state: GenState, tokens, mask, lengths, rows, window: int | None = None) -> GenState:
     """Appends rows to the selected rows' caches at their current positions.
 
     tokens (B, S, 33), mask (B, S, 33), lengths (B,) valid rows per batch row (the rest is padding),
     rows (B,) which batch rows to touch. The hidden state of each one's last new row becomes its `h`.
     Positions must stay below the cache capacity (max_seq_len); the caller checks the budget.
+    `window` (static, optional): every position of this call is below it (see `attention_window`).
     """
     S = tokens.shape[1]
     idx = jnp.arange(S, dtype=jnp.int32)
     valid = rows[:, None] & (idx[None] < lengths[:, None])
     pos = jnp.where(valid, state.pos[:, None] + idx[None], -1)
     x = embed_rows(cfg, params, tokens, mask).astype(state.h.dtype)
-    h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache)
+    h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache, window)
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     touched = rows & (lengths > 0)
     return GenState(cache=cache, h=jnp.where(touched[:, None], last, state.h),
@@ -192,7 +202,7 @@ def prefill(params, cfg: CsmConfig, state: GenState, tokens, mask, lengths, rows
 
 def backbone_logits(params, h):
     """Codebook-0 logits (B, 2051) in fp32 from final hidden states (B, D)."""
-    return jnp.dot(h, params["c0_head"], preferred_element_type=jnp.float32)
+    return linear(h, params["c0_head"], jnp.float32)
 
 
 def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
@@ -203,17 +213,17 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     B = h.shape[0]
     dcfg, V = cfg.decoder, cfg.audio_vocab_size
     cache = llama.init_cache(dcfg, B, cfg.num_codebooks, h.dtype)
-    x = jnp.stack([h, params["audio_embed"][c0]], 1) @ params["projection"]  # (B, 2, Dd)
+    x = linear(jnp.stack([h, params["audio_embed"][c0]], 1), params["projection"])  # (B, 2, Dd)
     pos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (B, 2))
     out, cache = llama.forward(dcfg, params["decoder"], x, pos, cache)
-    logits = jnp.dot(out[:, -1], params["audio_head"][0], preferred_element_type=jnp.float32)
+    logits = linear(out[:, -1], params["audio_head"][0], jnp.float32)
     c1 = sample_fn(logits, 1)
 
     def step(carry, i):
         cache, prev = carry
-        x = params["audio_embed"][prev + (i - 1) * V][:, None] @ params["projection"]
+        x = linear(params["audio_embed"][prev + (i - 1) * V][:, None], params["projection"])
         out, cache = llama.forward(dcfg, params["decoder"], x, jnp.full((B, 1), i, jnp.int32), cache)
-        lg = jnp.dot(out[:, 0], params["audio_head"][i - 1], preferred_element_type=jnp.float32)
+        lg = linear(out[:, 0], params["audio_head"][i - 1], jnp.float32)
         c = sample_fn(lg, i)
         return (cache, c), (c, lg)
 
@@ -222,7 +232,7 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     return codes, jnp.concatenate([logits[:, None], jnp.moveaxis(lgs, 0, 1)], 1)
 
 
-def _frame(params, cfg: CsmConfig, state: GenState, _):
+def _frame(params, cfg: CsmConfig, window, state: GenState, _):
     B = state.h.shape[0]
     keys = jax.vmap(jax.random.split)(state.key)  # (B, 2) keys
     frame_key, next_key = keys[:, 0], keys[:, 1]
@@ -240,7 +250,7 @@ def _frame(params, cfg: CsmConfig, state: GenState, _):
     mask = jnp.concatenate([jnp.ones((B, 1, cfg.num_codebooks), bool), jnp.zeros((B, 1, 1), bool)], -1)
     x = embed_rows(cfg, params, row, mask).astype(state.h.dtype)
     pos = jnp.where(valid, state.pos, -1)[:, None]
-    h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache)
+    h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache, window)
     n_frames = state.n_frames + valid
     full = state.pos + valid >= state.cache["pos"].shape[1]  # the ring would wrap: stop at max_seq_len rows
     new = GenState(cache=cache, h=jnp.where(valid[:, None], h[:, 0], state.h), pos=state.pos + valid,
@@ -249,11 +259,13 @@ def _frame(params, cfg: CsmConfig, state: GenState, _):
     return new, (codes, valid)
 
 
-@partial(jax.jit, static_argnums=(1, 3), donate_argnums=(2,))
-def generate_frames(params, cfg: CsmConfig, state: GenState, num_frames: int):
+@partial(jax.jit, static_argnums=(1, 3, 4), donate_argnums=(2,))
+def generate_frames(params, cfg: CsmConfig, state: GenState, num_frames: int, window: int | None = None):
     """Runs `num_frames` frames for every row on the device. -> (state, frames (B, F, C) int32, valid (B, F)).
 
     A row that is done produces invalid frames and leaves its cache untouched. The state is donated.
+    `window` (static, optional): all positions written in this call are below it (see `attention_window`),
+    so attention reads only that many cache slots.
     """
-    state, (codes, valid) = jax.lax.scan(partial(_frame, params, cfg), state, None, length=num_frames)
+    state, (codes, valid) = jax.lax.scan(partial(_frame, params, cfg, window), state, None, length=num_frames)
     return state, jnp.moveaxis(codes, 0, 1), valid.T

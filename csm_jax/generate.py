@@ -109,9 +109,18 @@ class Generator:
         lengths = jnp.array([len(p[0]) for p in prompts], jnp.int32)
         rows = jnp.ones(n, bool)
         st = csm.GenState.create(self.cfg, n, self.params["c0_head"].dtype)
-        st = csm.prefill(self.params, self.cfg, st, jnp.asarray(tokens), jnp.asarray(mask), lengths, rows)
+        longest = max(len(p[0]) for p in prompts)
+        st = csm.prefill(self.params, self.cfg, st, jnp.asarray(tokens), jnp.asarray(mask), lengths, rows,
+                         csm.attention_window(self.cfg, longest))
+        self._next_position = longest  # every row's next position is below this
         return csm.set_sampling(st, rows, jnp.array(temps, jnp.float32), jnp.array(topks, jnp.int32),
                                 jnp.array(seeds, jnp.int32), jnp.array(frames, jnp.int32))
+
+    def _frames(self, st):
+        K = self.frames_per_call
+        window = csm.attention_window(self.cfg, self._next_position + K)
+        self._next_position += K
+        return csm.generate_frames(self.params, self.cfg, st, K, window)
 
     # ------------------------------------------------------------------------------------------- API
 
@@ -123,7 +132,7 @@ class Generator:
                          pinned)
         out = [[] for _ in texts]
         while not bool(st.done.all()):
-            st, frames, valid = csm.generate_frames(self.params, self.cfg, st, self.frames_per_call)
+            st, frames, valid = self._frames(st)
             frames, valid = np.asarray(frames), np.asarray(valid)
             for i in range(len(texts)):
                 out[i].extend(frames[i][valid[i]])
@@ -151,7 +160,7 @@ class Generator:
         st = self._start([text], speaker, [context or []], seed, temperature, topk, max_audio_ms, drop_oldest)
         dec = init_decoder_state(self.mimi, 1)
         while not bool(st.done.all()):
-            st, frames, valid = csm.generate_frames(self.params, self.cfg, st, self.frames_per_call)
+            st, frames, valid = self._frames(st)
             frames, valid = np.asarray(frames)[0], np.asarray(valid)[0]
             chunk = []
             for f in frames[valid]:

@@ -76,6 +76,12 @@ def rope(x, pos, inv_freq):
     return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1).astype(x.dtype)
 
 
+def linear(x, w, out_dtype=None):
+    """x (..., in) times a weight stored as (out, in), PyTorch's layout. XLA:CPU runs this contraction
+    1.6x faster than x @ w_(in, out) at batch 16 (and no slower at batch 1)."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
 def rms_norm(x, scale, eps):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
@@ -90,10 +96,10 @@ def init_cache(cfg: LlamaConfig, batch: int, size: int, dtype) -> dict:
             "pos": jnp.full((batch, size), -1, jnp.int32)}
 
 
-def _attention(cfg, p, x, pos, slots, cache_pos, k_cache, v_cache, inv_freq):
+def _attention(cfg, p, x, pos, slots, cache_pos, k_cache, v_cache, inv_freq, window):
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = x @ p["wqkv"]
+    qkv = linear(x, p["wqkv"])
     q = qkv[..., : N * H].reshape(B, T, N, H)
     k = qkv[..., N * H:(N + K) * H].reshape(B, T, K, H)
     v = qkv[..., (N + K) * H:].reshape(B, T, K, H)
@@ -102,18 +108,22 @@ def _attention(cfg, p, x, pos, slots, cache_pos, k_cache, v_cache, inv_freq):
     k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop")
     q = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32) / math.sqrt(H)
-    visible = (cache_pos[:, None, :] >= 0) & (cache_pos[:, None, :] <= pos[:, :, None])  # (B, T, S)
+    ks, vs, ps = k_cache[:, :window], v_cache[:, :window], cache_pos[:, :window]
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, ks, preferred_element_type=jnp.float32) / math.sqrt(H)
+    visible = (ps[:, None, :] >= 0) & (ps[:, None, :] <= pos[:, :, None])  # (B, T, S)
     logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
     w = jax.nn.softmax(logits, axis=-1)
     # Padding queries (pos -1) see nothing; give them zeros rather than NaN.
     w = jnp.where(jnp.isnan(w), 0.0, w).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", w, v_cache).reshape(B, T, N * H)
-    return out @ p["wo"], k_cache, v_cache
+    out = jnp.einsum("bkgts,bskh->btkgh", w, vs).reshape(B, T, N * H)
+    return linear(out, p["wo"]), k_cache, v_cache
 
 
-def forward(cfg: LlamaConfig, params: dict, x, pos, cache: dict):
+def forward(cfg: LlamaConfig, params: dict, x, pos, cache: dict, window: int | None = None):
     """x (B, T, D) at absolute positions pos (B, T) (-1 = padding: not written, output meaningless).
+
+    `window` (static): attend only to the first `window` slots. Valid while every position is below it (the
+    ring has not wrapped and slot == position): a short conversation then reads a small part of the cache.
 
     Returns (final-normed hidden (B, T, D), updated cache). Layers are unrolled: on XLA:CPU this runs
     3x faster than a scan over stacked layer weights.
@@ -127,19 +137,19 @@ def forward(cfg: LlamaConfig, params: dict, x, pos, cache: dict):
     for i, p in enumerate(params["layers"]):
         with jax.named_scope(f"layer{i}"):
             a, k_i, v_i = _attention(cfg, p, rms_norm(x, p["attn_norm"], cfg.norm_eps), pos, slots, cache_pos,
-                                     cache["k"][i], cache["v"][i], inv_freq)
+                                     cache["k"][i], cache["v"][i], inv_freq, window or size)
             x = x + a
-            m = rms_norm(x, p["mlp_norm"], cfg.norm_eps) @ p["w13"]
+            m = linear(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p["w13"])
             gate, up = jnp.split(m, 2, axis=-1)
-            x = x + (jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up) @ p["w2"]
+            x = x + linear(jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up, p["w2"])
             ks.append(k_i)
             vs.append(v_i)
     return rms_norm(x, params["norm"], cfg.norm_eps), {"k": ks, "v": vs, "pos": cache_pos}
 
 
 def param_shapes(cfg: LlamaConfig) -> dict:
-    """Shapes of one transformer's parameters (our layout: weights as (in, out), q|k|v and gate|up fused)."""
+    """Shapes of one transformer's parameters (weights (out, in) as in PyTorch; q|k|v and gate|up fused)."""
     D, N, K, H, F = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
-    layer = {"attn_norm": (D,), "wqkv": (D, (N + 2 * K) * H), "wo": (N * H, D), "mlp_norm": (D,),
-             "w13": (D, 2 * F), "w2": (F, D)}
+    layer = {"attn_norm": (D,), "wqkv": ((N + 2 * K) * H, D), "wo": (D, N * H), "mlp_norm": (D,),
+             "w13": (2 * F, D), "w2": (D, F)}
     return {"layers": [dict(layer) for _ in range(cfg.num_layers)], "norm": (D,)}

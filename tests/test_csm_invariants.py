@@ -78,6 +78,17 @@ def test_batch_rows_get_what_they_get_alone(params):
     assert frames.max() < 2048
 
 
+def test_attention_window_changes_nothing(params):
+    prompts = [_text_prompt(9, 1), _text_prompt(23, 2)]
+    full, _, _ = _generate(params, prompts, [3, 4])
+    B = 2
+    st = GenState.create(CFG, B)
+    st = prefill(params, CFG, st, *_batch(prompts), jnp.ones(B, bool), 128)
+    st = set_sampling(st, jnp.ones(B, bool), jnp.full(B, 0.9), jnp.full(B, 50), jnp.array([3, 4]), jnp.array([12] * B))
+    st, frames, _ = generate_frames(params, CFG, st, 12, 128)
+    np.testing.assert_array_equal(np.asarray(frames), full)
+
+
 def test_frame_cap_and_frozen_rows(params):
     prompts = [_text_prompt(10, 4), _text_prompt(10, 5)]
     frames, valid, st = _generate(params, prompts, [1, 2], n=8, caps=[3, 8])
