@@ -169,7 +169,6 @@ def run_ours(args, roof):
         results.append(r)
         print(f"B={B}: {r['frames_per_s_total']:.2f} frames/s total, {fps_stream:.2f}/stream", flush=True)
         del st
-    del params
     return results
 
 

@@ -77,6 +77,16 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     return to_mono(samples, sr, sample_rate, what=str(path))
 
 
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """The folder `path` will be written in; raises if it is missing or not writable."""
+    parent = Path(path).parent if str(Path(path).parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {parent} (create it first)")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output folder is not writable: {parent}")
+    return parent
+
+
 def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Writes mono audio to WAV/FLAC (16-bit PCM) or OGG (by extension) atomically.
 
@@ -93,11 +103,7 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = S
     formats = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG"}
     if ext not in formats:
         raise ValueError(f"unsupported output extension '.{ext}' for {path}; use .wav, .flac or .ogg")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {parent} (create it first)")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder is not writable: {parent}")
+    parent = check_output_folder(path)
     subtype = "PCM_16" if ext in ("wav", "flac") else None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp.{ext}", dir=parent)
     os.close(fd)

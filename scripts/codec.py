@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Union
@@ -50,9 +49,9 @@ Command = Union[Annotated[Encode, tyro.conf.subcommand("encode")], Annotated[Dec
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {parent}")
+    from csm_jax.audio import check_output_folder
+
+    parent = check_output_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=parent)
     os.close(fd)
     try:
@@ -105,8 +104,6 @@ def main(cmd: Command) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Command, description=__doc__))
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from csm_jax.cli import run
+
+    run(main, Command, __doc__)

@@ -14,8 +14,6 @@ on the hub: accept its license and run `huggingface-cli login` first.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -61,6 +59,7 @@ class Args:
 
 def _plan(args: Args) -> tuple[list[str], list[Path]]:
     """Validates everything that can be checked before loading the model; returns texts and output paths."""
+    from csm_jax.audio import check_output_folder
     from csm_jax.text import check_speaker, check_text
 
     texts = list(args.text)
@@ -89,11 +88,7 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
     for o in outs:
         if o.suffix.lower() != ".wav":
             raise ValueError(f"output must be a .wav file, got {o}")
-        parent = o.parent if str(o.parent) else Path(".")
-        if not parent.is_dir():
-            raise FileNotFoundError(f"output folder does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(f"output folder is not writable: {parent}")
+        check_output_folder(o)
     for audio, transcript, spk in args.context:
         if not audio.is_file():
             raise FileNotFoundError(f"--context audio not found: {audio}")
@@ -144,8 +139,6 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args, description=__doc__))
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from csm_jax.cli import run
+
+    run(main, Args, __doc__)
