@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import tyro
 
@@ -55,6 +55,8 @@ class Args:
     """Also write the Mimi codes of each utterance as .npy (32, frames) next to its WAV."""
     frames_per_call: int = 8
     """Frames generated per device call."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Parameter dtype; auto = float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU/TPU."""
 
 
 def _plan(args: Args) -> tuple[list[str], list[Path]]:
@@ -107,8 +109,10 @@ def main(args: Args) -> None:
 
     texts, outs = _plan(args)
     context = [Segment(spk, tr, audio=audio_io.load_audio(a)) for a, tr, spk in args.context]
+    import jax.numpy as jnp
+
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    frames_per_call=args.frames_per_call)
+                    dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call)
     context = gen._context_codes(context)  # encode the prompts once
     bar = tqdm(total=len(texts), unit="utt", desc="synthesizing")
     for start in range(0, len(texts), args.batch_size):
