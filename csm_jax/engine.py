@@ -1,0 +1,129 @@
+"""A continuous-batching engine: a fixed number of slots on the device, requests inserted as slots free up.
+
+    engine = Engine(generator, slots=8)
+    engine.submit(Request("Hello there.", speaker=0, seed=1))      # -> slot, or None when all are busy
+    while engine.busy():
+        for slot, event in engine.step().items():                  # K frames for every active slot
+            send(event.request, event.audio, event.finished)       # 24 kHz chunk per slot per step
+
+Shape of the loop (JetStream's prefill / insert / generate): a request's prompt rows are appended to its
+slot's KV cache (prompt lengths bucketed to powers of two, so compiles stay few) while the other slots keep
+their state; each `step` advances every slot by K frames in one device call; a batched streaming Mimi
+decoder turns each slot's new frames into audio. A slot that finishes (end of speech, frame cap, or
+`cancel`) is free at once for the next request. Sampling settings and seeds are per-slot arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+
+from csm_jax import csm
+from csm_jax.generate import Generator, _bucket
+from csm_jax.mimi import decode_step, init_decoder_state, reset_state_rows
+from csm_jax.text import Segment, build_prompt
+
+FRAME_MS = 80
+
+
+@dataclass
+class Request:
+    text: str
+    speaker: int = 0
+    context: list[Segment] = field(default_factory=list)
+    seed: int = 0
+    temperature: float = 0.9
+    topk: int = 50
+    max_audio_ms: int = 10_000
+
+
+@dataclass
+class Event:
+    request: Request
+    audio: np.ndarray  # new 24 kHz samples (possibly empty)
+    codes: np.ndarray  # the new frames' codes (frames, 32)
+    finished: bool
+
+
+class Engine:
+    def __init__(self, gen: Generator, slots: int = 4, frames_per_call: int = 4):
+        self.gen, self.cfg, self.params = gen, gen.cfg, gen.params
+        self.slots, self.K = slots, frames_per_call
+        self.state = csm.GenState.create(self.cfg, slots, self.params["c0_head"].dtype)
+        self.mimi_state = init_decoder_state(gen.mimi, slots)
+        self.requests: dict[int, Request] = {}
+        self.ends = np.zeros(slots, np.int64)  # per slot: every position it will write is below this
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.slots) if s not in self.requests]
+
+    def busy(self) -> bool:
+        return bool(self.requests)
+
+    def submit(self, req: Request) -> int | None:
+        """Prefills `req` into a free slot and returns it; None when every slot is busy. Raises ValueError for a
+        bad request (empty text, bad speaker, prompt over budget) without touching any slot."""
+        free = self.free_slots()
+        if not free:
+            return None
+        if req.max_audio_ms < FRAME_MS:
+            raise ValueError(f"max_audio_ms must be at least {FRAME_MS}")
+        frames = int(req.max_audio_ms // FRAME_MS)
+        tokens, mask, _ = build_prompt(self.gen.tokenizer, self.gen._context_codes(req.context), req.speaker,
+                                       req.text, frames, self.cfg.max_seq_len)
+        slot = free[0]
+        B, S = self.slots, min(_bucket(len(tokens)), self.cfg.max_seq_len)
+        t = np.zeros((B, S, 33), np.int32)
+        m = np.zeros((B, S, 33), bool)
+        t[slot, :len(tokens)], m[slot, :len(tokens)] = tokens, mask
+        rows = np.zeros(B, bool)
+        rows[slot] = True
+        rows = jnp.asarray(rows)
+        lengths = jnp.zeros(B, jnp.int32).at[slot].set(len(tokens))
+        self.state = csm.reset_rows(self.state, rows)
+        self.state = csm.prefill(self.params, self.cfg, self.state, jnp.asarray(t), jnp.asarray(m), lengths, rows,
+                                 csm.attention_window(self.cfg, len(tokens)))
+        one = lambda v, dtype: jnp.full(B, v, dtype)  # noqa: E731  (only the slot's entry is used)
+        self.state = csm.set_sampling(self.state, rows, one(req.temperature, jnp.float32), one(req.topk, jnp.int32),
+                                      one(req.seed, jnp.int32), one(frames, jnp.int32))
+        self.mimi_state = reset_state_rows(self.mimi_state, rows)
+        self.requests[slot] = req
+        self.ends[slot] = len(tokens)
+        return slot
+
+    def cancel(self, slot: int) -> None:
+        """Stops a slot's request (e.g. its client went away); the slot is free at once."""
+        if slot in self.requests:
+            rows = jnp.zeros(self.slots, bool).at[slot].set(True)
+            self.state = csm.reset_rows(self.state, rows)
+            del self.requests[slot]
+
+    def step(self) -> dict[int, Event]:
+        """K frames for every active slot (one device call), decoded to audio. Finished slots are freed."""
+        if not self.requests:
+            return {}
+        active = sorted(self.requests)
+        self.ends[active] += self.K
+        window = csm.attention_window(self.cfg, int(self.ends[active].max()))
+        self.state, frames, valid = csm.generate_frames(self.params, self.cfg, self.state, self.K, window)
+        frames, valid, done = np.asarray(frames), np.asarray(valid), np.asarray(self.state.done)
+        pcm = {s: [] for s in active}
+        for k in range(self.K):
+            if not valid[:, k].any():
+                continue
+            self.mimi_state, audio = decode_step(self.gen.mimi, self.mimi_state, jnp.asarray(frames[:, k]),
+                                                 active=jnp.asarray(valid[:, k]))
+            audio = np.asarray(audio)
+            for s in active:
+                if valid[s, k]:
+                    pcm[s].append(audio[s])
+        events = {}
+        for s in active:
+            finished = bool(done[s])
+            events[s] = Event(self.requests[s], np.concatenate(pcm[s]) if pcm[s] else np.zeros(0, np.float32),
+                              frames[s][valid[s]], finished)
+            if finished:
+                del self.requests[s]
+        return events
