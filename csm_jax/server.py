@@ -1,0 +1,254 @@
+"""An OpenAI-compatible speech server over the continuous-batching engine (FastAPI + uvicorn).
+
+  POST /v1/audio/speech  {"model": "csm-1b", "input": "...", "voice": "alice", "response_format": "wav",
+                          "speed": 1.0, "stream": true, "seed": 0}       -> audio (streamed as it is generated)
+  GET  /v1/models, GET /health
+
+One thread drives the device: it inserts queued requests into free engine slots and steps the engine;
+request handlers only talk to it through queues. The queue of waiting requests is bounded: when it is full,
+the answer is 429 with Retry-After, never a hang. A client that disconnects frees its slot at once.
+
+Voices: `voices_dir/NAME.wav` (any format soundfile reads) with `NAME.txt` (its transcript) and optionally
+`NAME.json` (`{"speaker": 1}`; speaker 0 otherwise), loaded and Mimi-encoded once at start-up and given to CSM
+as context, so `voice="NAME"` speaks in that voice. `voice="default"` (or none) uses no voice prompt.
+`seed` is an extension of OpenAI's API: the same seed gives the same audio.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from csm_jax.engine import Engine, Request
+from csm_jax.text import Segment
+
+FORMATS = {"wav": "audio/wav", "pcm": "audio/L16; rate=24000; channels=1", "flac": "audio/flac"}
+MAX_INPUT_CHARS = 4096
+
+
+def load_voices(folder: str | Path | None, gen) -> dict[str, list[Segment]]:
+    voices: dict[str, list[Segment]] = {}
+    if folder is None:
+        return voices
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"voices folder not found: {folder}")
+    from csm_jax.audio import load_audio
+
+    for txt in sorted(folder.glob("*.txt")):
+        name = txt.stem
+        audio_files = [p for p in folder.glob(f"{name}.*") if p.suffix.lower() not in (".txt", ".json")]
+        if not audio_files:
+            raise FileNotFoundError(f"voice '{name}': {txt} has no audio file beside it ({name}.wav)")
+        meta = json.loads((folder / f"{name}.json").read_text()) if (folder / f"{name}.json").exists() else {}
+        seg = Segment(int(meta.get("speaker", 0)), txt.read_text().strip(), audio=load_audio(audio_files[0]))
+        voices[name] = gen._context_codes([seg])
+    return voices
+
+
+@dataclass
+class Job:
+    request: Request
+    out: queue.Queue = field(default_factory=queue.Queue)  # audio chunks, then None (done) or an Exception
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    slot: int | None = None
+
+
+class Worker(threading.Thread):
+    """Owns the engine: admits jobs into free slots, steps, routes audio back. The only thread using the device."""
+
+    def __init__(self, engine: Engine, max_queue: int):
+        super().__init__(daemon=True, name="csm-engine")
+        self.engine = engine
+        self.pending: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.jobs: dict[int, Job] = {}
+        self.stopping = threading.Event()
+
+    def submit(self, job: Job) -> bool:
+        try:
+            self.pending.put_nowait(job)
+            return True
+        except queue.Full:
+            return False
+
+    def stats(self) -> dict:
+        return {"slots": self.engine.slots, "busy_slots": len(self.jobs), "queued": self.pending.qsize()}
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            for slot, job in list(self.jobs.items()):
+                if job.cancelled.is_set():
+                    self.engine.cancel(slot)
+                    del self.jobs[slot]
+            while self.engine.free_slots():
+                try:
+                    job = self.pending.get(timeout=0.05 if not self.jobs else 0)
+                except queue.Empty:
+                    break
+                if job.cancelled.is_set():
+                    continue
+                try:
+                    slot = self.engine.submit(job.request)
+                except Exception as e:  # noqa: BLE001 - a bad request fails alone, the others go on
+                    job.out.put(e)
+                    continue
+                job.slot = slot
+                self.jobs[slot] = job
+            if not self.jobs:
+                continue
+            for slot, ev in self.engine.step().items():
+                job = self.jobs.get(slot)
+                if job is None:
+                    continue
+                if ev.audio.size:
+                    job.out.put(ev.audio)
+                if ev.finished:
+                    job.out.put(None)
+                    del self.jobs[slot]
+        for job in list(self.jobs.values()):
+            job.out.put(RuntimeError("server shutting down"))
+
+
+def _wav_header(n_bytes: int = 0xFFFFFFFF - 36) -> bytes:
+    """A 16-bit mono 24 kHz WAV header; the streaming form declares the largest size (players read to EOF)."""
+    return (b"RIFF" + struct.pack("<I", min(n_bytes + 36, 0xFFFFFFFF)) + b"WAVEfmt " +
+            struct.pack("<IHHIIHH", 16, 1, 1, 24000, 48000, 2, 16) + b"data" + struct.pack("<I", n_bytes))
+
+
+def _pcm16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int = 16, model_name: str = "csm-1b"):
+    worker = Worker(engine, max_queue)
+    app = FastAPI(title="csm-jax speech server")
+
+    @app.on_event("startup")
+    def _start():
+        worker.start()
+
+    @app.on_event("shutdown")
+    def _stop():
+        worker.stopping.set()
+        worker.join(timeout=30)
+
+    def error(status, message, **headers):
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status, headers=headers)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", **worker.stats()}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "csm-jax"}]}
+
+    @app.post("/v1/audio/speech")
+    async def speech(http: HTTPRequest):
+        try:
+            body = await http.json()
+        except ValueError:
+            return error(400, "the body must be JSON")
+        if not isinstance(body, dict):
+            return error(400, "the body must be a JSON object")
+        text = body.get("input")
+        if not isinstance(text, str) or not text.strip():
+            return error(400, "'input' is empty: give the text to speak")
+        if len(text) > MAX_INPUT_CHARS:
+            return error(400, f"'input' has {len(text)} characters; the limit is {MAX_INPUT_CHARS}")
+        fmt = body.get("response_format", "wav")
+        if fmt not in FORMATS:
+            return error(400, f"unsupported response_format '{fmt}'; supported: {', '.join(FORMATS)}")
+        speed = body.get("speed", 1.0)
+        if not isinstance(speed, (int, float)) or speed != 1.0:
+            return error(400, f"speed {speed!r} is not supported: CSM speaks at its own pace; use 1.0")
+        voice = body.get("voice") or "default"
+        if voice != "default" and voice not in voices:
+            return error(400, f"unknown voice '{voice}'; available: {', '.join(['default', *sorted(voices)])}")
+        seed = body.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            return error(400, "'seed' must be an integer")
+        context = voices.get(voice, [])
+        speaker = context[0].speaker if context else 0
+        job = Job(Request(text.strip(), speaker=speaker, context=list(context), seed=seed,
+                          max_audio_ms=int(body.get("max_audio_ms", 10_000))))
+        if not worker.submit(job):
+            return error(429, "the server is busy: too many requests waiting; retry shortly", **{"Retry-After": "1"})
+
+        async def chunks():
+            import asyncio
+
+            try:
+                while True:
+                    try:
+                        item = await asyncio.to_thread(job.out.get, True, 0.5)
+                    except queue.Empty:
+                        continue
+                    if item is None:
+                        return
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+            finally:
+                job.cancelled.set()  # a client gone mid-stream frees its slot at the worker's next turn
+
+        if fmt == "flac" or not body.get("stream", True):
+            parts = []
+            try:
+                async for c in chunks():
+                    parts.append(c)
+            except ValueError as e:
+                return error(400, str(e))
+            audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            if fmt == "flac":
+                import soundfile as sf
+
+                buf = io.BytesIO()
+                sf.write(buf, np.clip(audio, -1, 1), 24000, format="FLAC", subtype="PCM_16")
+                return Response(buf.getvalue(), media_type=FORMATS[fmt])
+            data = _pcm16(audio)
+            return Response((_wav_header(len(data)) if fmt == "wav" else b"") + data, media_type=FORMATS[fmt])
+
+        # Streaming: wait for the first chunk so a bad request still gets a 4xx rather than a broken stream.
+        stream = chunks()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = np.zeros(0, np.float32)
+        except ValueError as e:
+            return error(400, str(e))
+
+        async def body_bytes():
+            try:
+                if fmt == "wav":
+                    yield _wav_header()
+                yield _pcm16(first)
+                async for c in stream:
+                    yield _pcm16(c)
+            finally:
+                job.cancelled.set()
+                await stream.aclose()
+
+        return StreamingResponse(body_bytes(), media_type=FORMATS[fmt])
+
+    app.state.worker = worker
+    return app
+
+
+def serve(app, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+
+
+__all__ = ["create_app", "load_voices", "serve"]
