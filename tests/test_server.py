@@ -2,6 +2,7 @@
 a voices folder, concurrent clients, disconnects, a full queue and bad requests."""
 
 import io
+import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +26,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(csm_dir, tmp_path_factory):
+def _start(csm_dir, tmp_path_factory, *extra):
     voices = tmp_path_factory.mktemp("voices")
     sf.write(voices / "alice.wav", speech_like(24000, seed=8), 24000)
     (voices / "alice.txt").write_text("Hello, I am Alice.")
@@ -34,8 +34,8 @@ def server(csm_dir, tmp_path_factory):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--checkpoint", str(csm_dir),
-                             "--voices-dir", str(voices), "--port", str(port), "--slots", "2", "--max-queue", "4"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                             "--voices-dir", str(voices), "--port", str(port), "--slots", "2", "--max-queue", "4",
+                             *extra], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -48,9 +48,39 @@ def server(csm_dir, tmp_path_factory):
             log.seek(0)
             raise RuntimeError("server exited:\n" + log.read())
         time.sleep(0.5)
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def server(csm_dir, tmp_path_factory):
+    proc, url = _start(csm_dir, tmp_path_factory)
     yield url
     proc.terminate()
     proc.wait(timeout=60)
+
+
+def test_shutdown_ends_in_flight_streams(csm_dir, tmp_path_factory):
+    proc, url = _start(csm_dir, tmp_path_factory)
+    got = []
+
+    def listen():
+        try:
+            with httpx.stream("POST", url + "/v1/audio/speech", timeout=120,
+                              json={"input": "A very long answer.", "max_audio_ms": 60000}) as r:
+                for chunk in r.iter_bytes():
+                    got.append(len(chunk))
+        except httpx.HTTPError as e:
+            got.append(e)
+
+    t = threading.Thread(target=listen)
+    t.start()
+    while not got:
+        time.sleep(0.1)
+    proc.terminate()  # SIGTERM: uvicorn waits up to 10 s for in-flight streams, then cancels them
+    # uvicorn re-raises the signal after a clean shutdown, so the exit status is -SIGTERM (or 0 on older ones).
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    t.join(timeout=60)
+    assert not t.is_alive()
 
 
 def _speech(url, **body):
