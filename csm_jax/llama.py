@@ -40,9 +40,12 @@ class LlamaConfig:
     @staticmethod
     def from_hf(c: dict) -> "LlamaConfig":
         rs = c.get("rope_scaling") or c.get("rope_parameters")
-        if rs and rs.get("rope_type", rs.get("type")) not in ("llama3", None):
-            raise ValueError(f"unsupported rope_scaling type {rs.get('rope_type')!r}; CSM uses 'llama3'")
-        scaling = None if not rs or "factor" not in rs else (
+        kind = (rs or {}).get("rope_type", (rs or {}).get("type"))
+        if kind not in ("llama3", "default", None):
+            raise ValueError(f"unsupported rope_scaling type {kind!r}; CSM uses 'llama3'")
+        # transformers 5.x writes rope_parameters {"rope_type": "default"} for a config saved without any
+        # scaling: that is an absence, not a choice (the caller substitutes Sesame's scaling).
+        scaling = None if not rs or kind == "default" or "factor" not in rs else (
             float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
             float(rs["original_max_position_embeddings"]))
         theta = c.get("rope_theta", (rs or {}).get("rope_theta", 500_000.0))
