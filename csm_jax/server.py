@@ -178,10 +178,13 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
         seed = body.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             return error(400, "'seed' must be an integer")
+        max_audio_ms = body.get("max_audio_ms", 10_000)
+        if not isinstance(max_audio_ms, int) or isinstance(max_audio_ms, bool) or max_audio_ms < 80:
+            return error(400, f"'max_audio_ms' must be an integer of at least 80 (one frame), got {max_audio_ms!r}")
         context = voices.get(voice, [])
         speaker = context[0].speaker if context else 0
         job = Job(Request(text.strip(), speaker=speaker, context=list(context), seed=seed,
-                          max_audio_ms=int(body.get("max_audio_ms", 10_000))))
+                          max_audio_ms=max_audio_ms))
         if not worker.submit(job):
             return error(429, "the server is busy: too many requests waiting; retry shortly", **{"Retry-After": "1"})
 

@@ -132,6 +132,7 @@ def test_formats(server):
     ({"response_format": "mp3"}, "unsupported response_format 'mp3'"),
     ({"input": "x" * 5000}, "limit is 4096"),
     ({"speed": 1.5}, "speed 1.5 is not supported"),
+    ({"max_audio_ms": "long"}, "'max_audio_ms' must be an integer"),
 ])
 def test_bad_requests_get_4xx(server, body, message):
     r = _speech(server, **body)
