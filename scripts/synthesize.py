@@ -5,7 +5,8 @@
   python scripts/synthesize.py --text "Nice to meet you." --context me.wav "Hi, I'm Sam." 0 --speaker 0 --out a.wav
 
 Each utterance is split into sentences, generated in order, each with the earlier sentences' audio as
-context (the oldest sentences leave when the 2048-row budget is reached), so a paragraph keeps one voice. Utterances are generated `--batch-size` at a time on the device.
+context (the oldest sentences leave when the 2048-row budget is reached), so a paragraph keeps one voice.
+Utterances are generated `--batch-size` at a time on the device.
 `--context AUDIO TRANSCRIPT SPEAKER` (repeatable) puts earlier turns before every utterance: voice prompting.
 Outputs are written only when complete (no partial files). The default checkpoint, sesame/csm-1b, is gated
 on the hub: accept its license and run `huggingface-cli login` first.
@@ -99,6 +100,24 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
     return texts, outs
 
 
+def _save_codes(path: Path, codes) -> None:
+    """np.save through a temporary file and a rename, so a failure leaves no half-written .npy."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, codes)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def main(args: Args) -> None:
     import numpy as np
     from tqdm import tqdm
@@ -134,9 +153,9 @@ def main(args: Args) -> None:
             if wav.size == 0:
                 tqdm.write(f"warning: utterance {i} ended before any audio (EOS at the first frame); writing silence")
                 wav = np.zeros(1920, np.float32)
-            audio_io.write_audio(outs[i], wav)
             if args.save_codes:
-                np.save(outs[i].with_suffix(".npy"), codes)
+                _save_codes(outs[i].with_suffix(".npy"), codes)
+            audio_io.write_audio(outs[i], wav)
             tqdm.write(f"{outs[i]}: {len(wav) / 24000:.2f} s")
             bar.update(1)
     bar.close()
