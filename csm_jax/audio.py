@@ -115,3 +115,19 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = S
             os.unlink(tmp)
         raise
     return path
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """np.save through a temporary file in the same folder and a rename: never a half-written .npy."""
+    path = Path(path)
+    parent = check_output_folder(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -10,8 +10,6 @@ mono and resampled to 24 kHz. Decoded audio is written at 24 kHz (.wav, .flac or
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Union
 
@@ -48,21 +46,6 @@ class Decode:
 Command = Union[Annotated[Encode, tyro.conf.subcommand("encode")], Annotated[Decode, tyro.conf.subcommand("decode")]]
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    from csm_jax.audio import check_output_folder
-
-    parent = check_output_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=parent)
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _load_codes(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"codes file not found: {path}")
@@ -93,7 +76,7 @@ def main(cmd: Command) -> None:
             raise ValueError(f"output must be a .npy file, got {cmd.codes}")
         _, params = load_mimi(cmd.checkpoint)
         codes = np.asarray(encode(params, jnp.asarray(x[None]), num_codebooks=cmd.num_codebooks))[0]
-        _save_npy_atomic(cmd.codes, codes)
+        audio_io.save_npy(cmd.codes, codes)
         print(f"{cmd.audio}: {len(x) / 24000:.2f} s -> {cmd.codes}: codes {codes.shape} int32")
     else:
         codes = _load_codes(cmd.codes)

@@ -100,24 +100,6 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
     return texts, outs
 
 
-def _save_codes(path: Path, codes) -> None:
-    """np.save through a temporary file and a rename, so a failure leaves no half-written .npy."""
-    import os
-    import tempfile
-
-    import numpy as np
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, codes)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(args: Args) -> None:
     import numpy as np
     from tqdm import tqdm
@@ -154,7 +136,7 @@ def main(args: Args) -> None:
                 tqdm.write(f"warning: utterance {i} ended before any audio (EOS at the first frame); writing silence")
                 wav = np.zeros(1920, np.float32)
             if args.save_codes:
-                _save_codes(outs[i].with_suffix(".npy"), codes)
+                audio_io.save_npy(outs[i].with_suffix(".npy"), codes)
             audio_io.write_audio(outs[i], wav)
             tqdm.write(f"{outs[i]}: {len(wav) / 24000:.2f} s")
             bar.update(1)
