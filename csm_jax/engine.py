@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from csm_jax import csm
-from csm_jax.generate import Generator, _bucket
+from csm_jax.generate import Generator, bucket
 from csm_jax.mimi import decode_step, init_decoder_state, reset_state_rows
 from csm_jax.text import Segment, build_prompt
 
@@ -71,10 +71,10 @@ class Engine:
         if req.max_audio_ms < FRAME_MS:
             raise ValueError(f"max_audio_ms must be at least {FRAME_MS}")
         frames = int(req.max_audio_ms // FRAME_MS)
-        tokens, mask, _ = build_prompt(self.gen.tokenizer, self.gen._context_codes(req.context), req.speaker,
+        tokens, mask, _ = build_prompt(self.gen.tokenizer, self.gen.context_codes(req.context), req.speaker,
                                        req.text, frames, self.cfg.max_seq_len)
         slot = free[0]
-        B, S = self.slots, min(_bucket(len(tokens)), self.cfg.max_seq_len)
+        B, S = self.slots, min(bucket(len(tokens)), self.cfg.max_seq_len)
         t = np.zeros((B, S, 33), np.int32)
         m = np.zeros((B, S, 33), bool)
         t[slot, :len(tokens)], m[slot, :len(tokens)] = tokens, mask

@@ -28,7 +28,7 @@ from csm_jax.text import FRAME_SAMPLES, Segment, Tokenizer, build_prompt
 FRAME_MS = 80
 
 
-def _bucket(n: int, lo: int = 16) -> int:
+def bucket(n: int, lo: int = 16) -> int:
     """Next power of two >= n (>= lo): padded lengths keep the number of compilations small."""
     b = lo
     while b < n:
@@ -74,11 +74,12 @@ class Generator:
         T = codes.shape[1]
         if T == 0:
             return np.zeros(0, np.float32)
-        padded = np.zeros((32, _bucket(T, 4)), np.int32)
+        padded = np.zeros((32, bucket(T, 4)), np.int32)
         padded[:, :T] = codes  # causal decoder: trimming the padded tail gives exactly the unpadded audio
         return np.asarray(decode(self.mimi, jnp.asarray(padded[None])))[0, :T * FRAME_SAMPLES]
 
-    def _context_codes(self, context: Sequence[Segment]) -> list[Segment]:
+    def context_codes(self, context: Sequence[Segment]) -> list[Segment]:
+        """The segments with any audio Mimi-encoded into codes (encode voice prompts once, reuse the result)."""
         out = []
         for seg in context:
             if seg.codes is None and seg.audio is not None:
@@ -98,10 +99,10 @@ class Generator:
             if not ms or ms < FRAME_MS:
                 raise ValueError(f"max_audio_ms must be at least {FRAME_MS} (one frame), got {ms}")
             frames.append(int(ms // FRAME_MS))
-        prompts = [build_prompt(self.tokenizer, self._context_codes(ctx or []), spk, text, f,
+        prompts = [build_prompt(self.tokenizer, self.context_codes(ctx or []), spk, text, f,
                                 self.cfg.max_seq_len, drop_oldest, pinned)
                    for text, spk, ctx, f in zip(texts, speakers, contexts, frames)]
-        S = min(_bucket(max(len(p[0]) for p in prompts)), self.cfg.max_seq_len)
+        S = min(bucket(max(len(p[0]) for p in prompts)), self.cfg.max_seq_len)
         tokens = np.zeros((n, S, 33), np.int32)
         mask = np.zeros((n, S, 33), bool)
         for i, (t, m, _) in enumerate(prompts):

@@ -52,7 +52,7 @@ def load_voices(folder: str | Path | None, gen) -> dict[str, list[Segment]]:
             raise FileNotFoundError(f"voice '{name}': {txt} has no audio file beside it ({name}.wav)")
         meta = json.loads((folder / f"{name}.json").read_text()) if (folder / f"{name}.json").exists() else {}
         seg = Segment(int(meta.get("speaker", 0)), txt.read_text().strip(), audio=load_audio(audio_files[0]))
-        voices[name] = gen._context_codes([seg])
+        voices[name] = gen.context_codes([seg])
     return voices
 
 

@@ -114,7 +114,7 @@ def main(args: Args) -> None:
 
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call)
-    context = gen._context_codes(context)  # encode the prompts once
+    context = gen.context_codes(context)  # encode the prompts once
     bar = tqdm(total=len(texts), unit="utt", desc="synthesizing")
     for start in range(0, len(texts), args.batch_size):
         idx = list(range(start, min(start + args.batch_size, len(texts))))

@@ -1,0 +1,127 @@
+"""csm_jax.dialogue: a conversation's context appended to the KV cache equals Sesame's full re-prefill."""
+
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csm_jax import csm
+from csm_jax.dialogue import Dialogue
+from csm_jax.generate import Generator
+from csm_jax.text import Segment, build_prompt
+from mimi_fixtures import speech_like
+
+
+@pytest.fixture(scope="module")
+def gen(csm_dir):
+    return Generator(str(csm_dir), frames_per_call=4)
+
+
+def fresh_hidden(gen, segments, speaker, text):
+    """The reference way: the whole history as one prompt, prefilled from position 0 -> (h, rows)."""
+    tokens, mask, _ = build_prompt(gen.tokenizer, segments, speaker, text, 1)
+    st = csm.GenState.create(gen.cfg, 1)
+    st = csm.prefill(gen.params, gen.cfg, st, jnp.asarray(tokens[None]), jnp.asarray(mask[None]),
+                     jnp.array([len(tokens)], jnp.int32), jnp.ones(1, bool))
+    return np.asarray(st.h[0]), len(tokens)
+
+
+def test_appended_turns_equal_full_prompt(gen):
+    rng = np.random.default_rng(0)
+    voice = [Segment(1, "This is how I sound.", audio=speech_like(24000, 1))]
+    user_audio = [speech_like(24000, 2), speech_like(12000, 3)]
+    d = Dialogue(gen, voice)
+    start = d.pos
+    user1 = d.add(Segment(0, "Hello, can you hear me?", audio=user_audio[0]))
+    np.testing.assert_array_equal(user1.codes, gen.encode_audio(user_audio[0]))
+    history = list(d.segments)
+    chunks = list(d.speak("Yes, I can hear you.", seed=3, max_audio_ms=480))
+    reply1 = d.segments[-1]
+    assert reply1.speaker == 1 and 0 < reply1.codes.shape[1] <= 6
+    np.testing.assert_allclose(np.concatenate(chunks), gen.decode_codes(reply1.codes), rtol=0, atol=1e-5)
+    # The reply is what Sesame's way (the whole history as one prompt) generates with the same seed.
+    ref = gen.generate_codes(["Yes, I can hear you."], speakers=1, contexts=[history], seeds=3, max_audio_ms=480)
+    np.testing.assert_array_equal(reply1.codes, ref[0])
+
+    d.add(Segment(0, "Good. Tell me more.", audio=user_audio[1]))
+    history = list(d.segments)
+    assert [s.speaker for s in history] == [1, 0, 1, 0]
+    reply2 = list(d.speak("Sure thing, here is more.", seed=4, max_audio_ms=400))
+    ref = gen.generate_codes(["Sure thing, here is more."], speakers=1, contexts=[history], seeds=4,
+                             max_audio_ms=400)
+    np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
+    assert reply2 and d.rebuilds == 0 and d.appended_rows == d.pos - start  # appended turn by turn, no rebuild
+
+    # The cache built turn by turn holds what a from-scratch prefill of the history holds.
+    ref_h, n = fresh_hidden(gen, d.segments, 0, "And now?")
+    d.add(Segment(0, "And now?"))
+    assert d.pos == n and d.rebuilds == 0
+    np.testing.assert_allclose(np.asarray(d.state.h[0]), ref_h, rtol=0, atol=1e-4 * np.abs(ref_h).max())
+
+
+def random_codes(rng, frames):
+    return rng.integers(0, 2048, (32, frames)).astype(np.int32)
+
+
+def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen):
+    rng = np.random.default_rng(1)
+    voice = [Segment(1, "My voice.", codes=random_codes(rng, 100))]
+    d = Dialogue(gen, voice)
+    for i in range(3):
+        d.add(Segment(0, f"Turn number {i}.", codes=random_codes(rng, 550)), reserve=20)
+    assert d.rebuilds == 0 and d.pos > 1500
+    d.add(Segment(0, "Turn number 3.", codes=random_codes(rng, 550)), reserve=20)
+    assert d.rebuilds == 1 and d.dropped == 1 and d.pos <= d.capacity - 20
+    texts = [s.text for s in d.segments]
+    assert texts == ["My voice.", "Turn number 1.", "Turn number 2.", "Turn number 3."]  # voice pinned
+    # After the rebuild the state is the fresh prefill of what remained plus what was appended since.
+    h_full, n_full = fresh_hidden(gen, d.segments, 0, "Next.")
+    d.add(Segment(0, "Next."))
+    assert d.pos == n_full
+    np.testing.assert_allclose(np.asarray(d.state.h[0]), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
+
+    # A reply still fits and speaks after the history was cut; positions never pass the trained range.
+    audio = np.concatenate(list(d.speak("Still here.", seed=1, max_audio_ms=240)))
+    assert audio.size > 0 and d.pos <= d.capacity
+
+
+def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen):
+    rng = np.random.default_rng(2)
+    d = Dialogue(gen, [Segment(1, "Voice.", codes=random_codes(rng, 50))])
+    d.add(Segment(0, "Earlier.", codes=random_codes(rng, 300)))
+    long_codes = random_codes(rng, 2500)
+    stored = d.add(Segment(0, "A very long turn.", codes=long_codes), reserve=100)
+    assert [s.text for s in d.segments] == ["Voice.", "A very long turn."]  # the earlier turn left too
+    T = stored.codes.shape[1]
+    assert 1500 < T < 2048 and d.pos == d.capacity - 100
+    np.testing.assert_array_equal(stored.codes, long_codes[:, -T:])
+    assert np.concatenate(list(d.speak("Okay.", seed=0, max_audio_ms=160))).size > 0
+    assert d.segments[-1].text == "Okay." and d.pos <= d.capacity
+
+
+def test_cancel_keeps_what_was_spoken(gen):
+    d = Dialogue(gen)
+    cancel = threading.Event()
+    got = []
+    for chunk in d.speak("A reply that the user interrupts.", seed=2, max_audio_ms=4000, cancel=cancel):
+        got.append(chunk)
+        cancel.set()  # barge-in after the first chunk
+    seg = d.segments[-1]
+    assert len(got) == 1 and seg.codes.shape[1] == got[0].size // 1920 <= gen.frames_per_call
+    h_full, n = fresh_hidden(gen, d.segments, 0, "Wait.")
+    d.add(Segment(0, "Wait."))
+    assert d.pos == n  # the interrupted reply is closed by its end-of-audio row, as a finished one is
+    np.testing.assert_allclose(np.asarray(d.state.h[0]), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
+
+
+def test_bad_inputs(gen):
+    rng = np.random.default_rng(3)
+    with pytest.raises(ValueError, match="voice prompt takes"):
+        Dialogue(gen, [Segment(1, "Huge.", codes=random_codes(rng, 1500))])
+    d = Dialogue(gen)
+    with pytest.raises(ValueError, match="max_audio_ms"):
+        list(d.speak("Hi.", max_audio_ms=10))
+    with pytest.raises(ValueError, match="text is empty"):
+        list(d.speak("   "))
+    assert d.pos == 0 and d.segments == []  # nothing half-appended
