@@ -3,6 +3,7 @@
   POST /v1/audio/speech  {"model": "csm-1b", "input": "...", "voice": "alice", "response_format": "wav",
                           "speed": 1.0, "stream": true, "seed": 0}       -> audio (streamed as it is generated)
   GET  /v1/models, GET /health
+  GET  /converse, WebSocket /v1/converse     (when a conversation factory is given: talk to it, see below)
 
 One thread drives the device: it inserts queued requests into free engine slots and steps the engine;
 request handlers only talk to it through queues. The queue of waiting requests is bounded: when it is full,
@@ -12,6 +13,15 @@ Voices: `voices_dir/NAME.wav` (any format soundfile reads) with `NAME.txt` (its 
 `NAME.json` (`{"speaker": 1}`; speaker 0 otherwise), loaded and Mimi-encoded once at start-up and given to CSM
 as context, so `voice="NAME"` speaks in that voice. `voice="default"` (or none) uses no voice prompt.
 `seed` is an extension of OpenAI's API: the same seed gives the same audio.
+
+Conversations (csm_jax.converse): GET /converse is a page that streams the microphone over the WebSocket
+/v1/converse and plays the reply as it streams back. Protocol: the client sends {"type": "start",
+"sample_rate": SR} first, then binary messages of float32 mono samples at SR, and {"type": "end_turn"} to end
+a turn at once (push to talk; otherwise voice activity ends it). The server sends JSON events
+{"type": "ready" | "speech_start" | "user" | "reply" | "barge_in" | "no_words" | "turn" | "error", ...} and
+the reply audio as binary 16-bit PCM, 24 kHz mono. Each connection holds one conversation (its own CSM
+context); at most `max_conversations` at once, more are refused with close code 1013. A client that goes
+away stops its reply and frees its conversation.
 """
 
 from __future__ import annotations
@@ -129,25 +139,32 @@ def _pcm16(x: np.ndarray) -> bytes:
     return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int = 16, model_name: str = "csm-1b"):
+def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int = 16, model_name: str = "csm-1b",
+               conversations=None, max_conversations: int = 2):
+    """`conversations`: optional `() -> (Conversation, TurnDetector factory taking a sample rate)`, which
+    enables the /converse page and the /v1/converse WebSocket."""
+    from contextlib import asynccontextmanager
+
     worker = Worker(engine, max_queue)
-    app = FastAPI(title="csm-jax speech server")
+    live: set = set()
 
-    @app.on_event("startup")
-    def _start():
+    @asynccontextmanager
+    async def lifespan(app):
         worker.start()
-
-    @app.on_event("shutdown")
-    def _stop():
+        yield
+        for session in list(live):
+            session.close(timeout=0)
         worker.stopping.set()
         worker.join(timeout=30)
+
+    app = FastAPI(title="csm-jax speech server", lifespan=lifespan)
 
     def error(status, message, **headers):
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status, headers=headers)
 
     @app.get("/health")
     def health():
-        return {"status": "ok", **worker.stats()}
+        return {"status": "ok", **worker.stats(), "conversations": len(live)}
 
     @app.get("/v1/models")
     def models():
@@ -244,8 +261,103 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
 
         return StreamingResponse(body_bytes(), media_type=FORMATS[fmt])
 
+    if conversations is not None:
+        _add_conversation_routes(app, conversations, live, max_conversations)
     app.state.worker = worker
     return app
+
+
+def _add_conversation_routes(app, factory, live: set, max_conversations: int) -> None:
+    import asyncio
+    from importlib.resources import files
+
+    from fastapi import WebSocket, WebSocketDisconnect
+    from fastapi.responses import HTMLResponse
+
+    from csm_jax.converse import LiveSession, TurnLog
+
+    page = (files("csm_jax") / "web" / "converse.html").read_text(encoding="utf-8")
+
+    @app.get("/converse")
+    def converse_page():
+        return HTMLResponse(page)
+
+    @app.websocket("/v1/converse")
+    async def converse(ws: WebSocket):
+        await ws.accept()
+        if len(live) >= max_conversations:
+            await ws.close(1013, f"all {max_conversations} conversations are in use; try again later")
+            return
+        session = None
+        placeholder = object()
+        live.add(placeholder)
+        out: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def emit(kind, value):
+            loop.call_soon_threadsafe(out.put_nowait, (kind, value))
+
+        async def sender():
+            while True:
+                kind, value = await out.get()
+                if kind == "audio":
+                    await ws.send_bytes(_pcm16(value))
+                elif kind == "turn":
+                    await ws.send_json({"type": "turn", "log": json.loads(TurnLog.to_json(value))})
+                elif kind == "close":
+                    return
+                else:
+                    await ws.send_json({"type": kind, **({} if value is None else
+                                                         {"message" if kind == "error" else "text": value})})
+
+        send_task = asyncio.create_task(sender())
+        try:
+            start = await ws.receive_json()
+            sr = start.get("sample_rate") if isinstance(start, dict) and start.get("type") == "start" else None
+            if not isinstance(sr, int) or not 8000 <= sr <= 192_000:
+                await ws.send_json({"type": "error", "message": "send {\"type\": \"start\", \"sample_rate\": "
+                                                             "<8000..192000>} first"})
+                return
+            conv, detector = await asyncio.to_thread(factory, sr)
+            session = LiveSession(conv, detector, emit)
+            live.add(session)
+            live.discard(placeholder)
+            await ws.send_json({"type": "ready"})
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                if msg.get("bytes") is not None:
+                    data = msg["bytes"]
+                    if len(data) % 4:
+                        emit("error", "audio messages must be float32 samples (a multiple of 4 bytes)")
+                        continue
+                    samples = np.frombuffer(data, "<f4")
+                    if not np.isfinite(samples).all():
+                        emit("error", "audio contained NaN or infinite samples; they were dropped")
+                        continue
+                    await asyncio.to_thread(session.feed, samples)
+                elif msg.get("text") is not None:
+                    try:
+                        cmd = json.loads(msg["text"])
+                    except ValueError:
+                        cmd = None
+                    if isinstance(cmd, dict) and cmd.get("type") == "end_turn":
+                        await asyncio.to_thread(session.end_turn)
+                    else:
+                        emit("error", f"unknown message {msg['text'][:80]!r}; expected {{\"type\": \"end_turn\"}}")
+        except WebSocketDisconnect:
+            pass
+        finally:
+            live.discard(placeholder)
+            if session is not None:
+                await asyncio.to_thread(session.close)  # stops the reply at its next frames and ends the worker
+                live.discard(session)
+            emit("close", None)
+            try:
+                await asyncio.wait_for(send_task, 5)
+            except Exception:  # noqa: BLE001 - the client is gone
+                send_task.cancel()
 
 
 def serve(app, host: str, port: int) -> None:

@@ -6,6 +6,11 @@
 
 Voices folder: NAME.wav (any audio format) + NAME.txt (its transcript) + optional NAME.json ({"speaker": 1}).
 Requests beyond the slots wait in a bounded queue (--max-queue); when it is full the answer is 429.
+
+With --converse, http://HOST:PORT/converse is a page to talk to CSM from the browser (microphone in, speech
+out, transcript shown): speech recognition, an OpenAI-compatible LLM (--llm-url, --llm-model) and CSM, with
+the conversation's own audio as CSM context (the options are scripts/converse.py's).
+  python scripts/serve.py --converse --llm-url http://localhost:11434/v1 --llm-model llama3.2
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+from csm_jax.converse import ConverseOptions
+
 
 @dataclasses.dataclass
-class Args:
+class Args(ConverseOptions):
     checkpoint: str = "sesame/csm-1b"
     """Hub repo id or local folder."""
     voices_dir: Optional[Path] = None
@@ -33,6 +40,10 @@ class Args:
     """Mimi checkpoint when the CSM checkpoint has none inside."""
     tokenizer: Optional[Path] = None
     """Llama-3 tokenizer.json when the checkpoint has none."""
+    converse: bool = False
+    """Serve the /converse page and the /v1/converse WebSocket (needs the converse extra)."""
+    max_conversations: int = 2
+    """Conversations at once (each holds its own CSM context)."""
 
 
 def main(args: Args) -> None:
@@ -43,7 +54,9 @@ def main(args: Args) -> None:
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     frames_per_call=args.frames_per_call)
     voices = load_voices(args.voices_dir, gen)
-    app = create_app(Engine(gen, args.slots, args.frames_per_call), voices, args.max_queue)
+    factory = args.factory(gen) if args.converse else None
+    app = create_app(Engine(gen, args.slots, args.frames_per_call), voices, args.max_queue,
+                     conversations=factory, max_conversations=args.max_conversations)
     serve(app, args.host, args.port)
 
 

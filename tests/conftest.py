@@ -49,3 +49,22 @@ def csm_dir(tmp_path_factory, mimi_files):
 
     mimi = load_file(str(mimi_files["hf_dir"] / "model.safetensors"))
     return save_hf_layout(build_hf_csm(seed=0), tmp_path_factory.mktemp("csm") / "tiny-csm", mimi_tensors=mimi)
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory):
+    """`transformers serve` on loopback with a tiny Llama that answers llm_fixtures.REPLY."""
+    from llm_fixtures import LLMServer, write_chain_model
+
+    root = tmp_path_factory.mktemp("llm")
+    model = write_chain_model(root / "chain-llm", os.environ["CSM_JAX_TEST_TOKENIZER"])
+    server = LLMServer(model, root / "server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def asr_model():
+    from converse_fixtures import whisper_tiny_en
+
+    return whisper_tiny_en()

@@ -1,0 +1,183 @@
+"""Conversations with real parts: espeak-ng turns, silero-vad, faster-whisper tiny.en, an OpenAI-compatible
+LLM server process, and a tiny random CSM; the CSM context is appended turn by turn."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from converse_fixtures import speak
+from csm_jax.converse import (ChatClient, Conversation, LiveSession, SentenceCutter, Transcriber, TurnDetector,
+                              VoiceActivity)
+from csm_jax.dialogue import Dialogue, codes_digest
+from csm_jax.generate import Generator
+from csm_jax.text import Segment
+from llm_fixtures import REPLY
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCES = ["Hello there.", "How are you today?"]
+
+
+@pytest.fixture(scope="module")
+def gen(csm_dir):
+    return Generator(str(csm_dir), frames_per_call=4)
+
+
+@pytest.fixture(scope="module")
+def turns(tmp_path_factory):
+    d = tmp_path_factory.mktemp("turns")
+    return [speak("What is the weather like on Mars today?", d / "turn1.wav", 1.0),
+            speak("Please tell me a short story about a robot.", d / "turn2.wav", 1.0)]
+
+
+def test_sentence_cutter():
+    c = SentenceCutter(max_chars=40)
+    out = []
+    for delta in ["Hel", "lo there", ". How", " are you", "?", " I'm *fine*", ", thanks!\n\nA", " list"]:
+        out += c.feed(delta)
+    assert out == ["Hello there.", "How are you?", "I'm fine, thanks!"]
+    assert c.flush() == ["A list"]
+    c = SentenceCutter(max_chars=20)
+    assert c.feed("one two three four five six seven eight") == ["one two three four"]  # cut at a space
+    assert c.flush() == ["five six seven eight"] and SentenceCutter().flush() == []
+    assert SentenceCutter().feed("Dr. Smith arrived. ") == ["Dr.", "Smith arrived."]  # no abbreviation magic
+
+
+def test_headless_script_end_to_end(csm_dir, llm_server, asr_model, turns, tmp_path):
+    silent = tmp_path / "silence.wav"
+    sf.write(str(silent), np.zeros(24000, np.float32), 24000)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "scripts" / "converse.py"), "--input", str(turns[0]), "--input", str(silent),
+           "--input", str(turns[1]), "--out-dir", str(out), "--checkpoint", str(csm_dir),
+           "--llm-url", llm_server.url, "--llm-model", llm_server.model, "--asr-model", asr_model,
+           "--max-sentence-ms", "400", "--seed", "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "silence.wav: no speech found" in r.stderr
+    logs = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
+    assert [log["turn"] for log in logs] == [1, 2]
+    assert "weather" in logs[0]["user_text"].lower() and "mars" in logs[0]["user_text"].lower()
+    assert "robot" in logs[1]["user_text"].lower()
+    for log in logs:
+        assert log["reply_text"] == REPLY and log["sentences"] == SENTENCES and not log["error"]
+        audio, sr = sf.read(str(out / f"reply_{log['turn']:03d}.wav"))
+        assert sr == 24000 and abs(audio.size / sr - log["audio_seconds"]) < 1e-3 and 0 < log["audio_seconds"] <= 0.8
+        assert {"asr_s", "context_s", "llm_first_sentence_s", "first_audio_s", "total_s"} <= set(log["latency"])
+        assert not log["rebuilt"] and log["appended_rows"] == log["context_rows"] - log["context_rows_before"]
+    # Turn 2 was spoken in a context holding turn 1's user audio codes and both reply sentences' codes,
+    # appended after turn 1's rows (the cache went on from where turn 1 left it: not rebuilt).
+    first, second = logs
+    assert second["context_rows_before"] == first["context_rows"]
+    ctx = second["context"]
+    assert [(c["speaker"], c["text"]) for c in ctx] == [(0, first["user_text"]), (1, SENTENCES[0]),
+                                                         (1, SENTENCES[1]), (0, second["user_text"])]
+    assert ctx[0]["codes_sha1"] == first["user_codes_sha1"] and ctx[0]["frames"] == first["user_frames"] > 10
+    assert all(c["frames"] > 0 for c in ctx[1:3])
+    assert sum(c["rows"] for c in ctx[:3]) == first["context_rows"]  # exactly what turn 1 left in the cache
+
+
+def stalled_endpoint():
+    """A port that accepts connections and never answers (an overloaded LLM server)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    return s, f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_llm_down_or_slow_then_retry(gen, llm_server):
+    d = Dialogue(gen)
+    llm = ChatClient(closed_port_url(), llm_server.model, timeout_s=2)
+    conv = Conversation(d, llm, max_sentence_ms=240)
+    log = conv.respond("Are you there?")
+    assert log.error and "cannot reach the LLM" in log.error and log.reply_text == "" and log.audio_seconds == 0
+    assert conv.history == []  # a failed turn leaves no half exchange in the LLM's history
+
+    stalled, url = stalled_endpoint()
+    try:
+        llm.url = url + "/chat/completions"
+        log = conv.respond("Hello?")
+        assert log.error and "did not answer within 2 s" in log.error
+    finally:
+        stalled.close()
+
+    llm.url = llm_server.url + "/chat/completions"  # the server is back: the same conversation goes on
+    log = conv.respond("Now?")
+    assert log.error is None and log.reply_text == REPLY and log.audio_seconds > 0
+    assert conv.history == [{"role": "user", "content": "Now?"}, {"role": "assistant", "content": REPLY}]
+    assert [s.text for s in d.segments] == ["Are you there?", "Hello?", "Now?", *SENTENCES]
+
+
+def test_asr_hears_nothing_is_no_turn(gen, llm_server, asr_model):
+    d = Dialogue(gen)
+    conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model))
+    noise = (0.003 * np.random.default_rng(0).standard_normal(16000 * 2)).astype(np.float32)
+    assert conv.turn(noise, 16000) is None
+    assert d.pos == 0 and conv.history == [] and conv.turns == 0
+
+
+def test_user_audio_codes_in_context_and_long_turn(gen, llm_server, asr_model, turns):
+    rng = np.random.default_rng(0)
+    voice = [Segment(1, "I am the assistant.", codes=rng.integers(0, 2048, (32, 60)).astype(np.int32))]
+    d = Dialogue(gen, voice)
+    conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model),
+                        max_sentence_ms=320)
+    audio, sr = sf.read(str(turns[0]), dtype="float32")
+    log = conv.turn(audio, sr)
+    from csm_jax.converse import resample
+
+    user = d.segments[1]
+    np.testing.assert_array_equal(user.codes, gen.encode_audio(resample(audio, sr, 24000)))
+    assert log.user_codes_sha1 == codes_digest(user.codes) and "mars" in log.user_text.lower()
+
+    # Old turns fill the cache; a long turn (70 s of audio) makes the oldest leave; the voice stays; it answers.
+    for i in range(2):
+        d.add(Segment(0, f"Old turn {i}.", codes=rng.integers(0, 2048, (32, 500)).astype(np.int32)))
+    long_audio = np.tile(resample(audio, sr, 24000), 24)[: 24000 * 70]
+    log = conv.respond("A very long story.", long_audio)
+    assert log.rebuilt and log.dropped_segments >= 2 and log.reply_text == REPLY and log.audio_seconds > 0
+    assert d.segments[0].text == "I am the assistant." and d.pos <= d.capacity
+    assert d.segments[-3].text == "A very long story." and d.segments[-3].codes.shape[1] == 875
+
+
+def test_barge_in_stops_the_reply_and_takes_the_new_turn(gen, llm_server, asr_model, turns):
+    d = Dialogue(gen)
+    conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model),
+                        max_sentence_ms=8000)
+    a1, sr = sf.read(str(turns[0]), dtype="float32")
+    a2, _ = sf.read(str(turns[1]), dtype="float32")
+    events, first_audio, done = [], threading.Event(), threading.Event()
+
+    def emit(kind, value):
+        events.append((kind, value))
+        if kind == "audio":
+            first_audio.set()
+        if kind == "turn" and value.turn == 2:
+            done.set()
+
+    session = LiveSession(conv, TurnDetector(VoiceActivity(), sr), emit)
+    try:
+        session.feed(a1)
+        assert first_audio.wait(300)  # the reply to turn 1 is being spoken...
+        session.feed(a2)  # ...when the user speaks again
+        assert done.wait(300)
+    finally:
+        session.close()
+    kinds = [k for k, _ in events]
+    assert "barge_in" in kinds
+    logs = [v for k, v in events if k == "turn"]
+    assert logs[0].interrupted and logs[0].audio_seconds < 8.0 * len(SENTENCES)
+    assert "robot" in logs[1].user_text.lower() and not logs[1].interrupted
+    assert kinds.index("barge_in") < kinds.index("turn")  # the barge-in ended turn 1's reply
