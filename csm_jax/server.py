@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -271,7 +271,6 @@ def _add_conversation_routes(app, factory, live: set, max_conversations: int) ->
     import asyncio
     from importlib.resources import files
 
-    from fastapi import WebSocket, WebSocketDisconnect
     from fastapi.responses import HTMLResponse
 
     from csm_jax.converse import LiveSession, TurnLog

@@ -1,0 +1,35 @@
+// Drives the /converse page in headless Chromium with a WAV file as the microphone.
+// Usage: node converse_page.mjs URL WAV CHROMIUM [TIMEOUT_MS]
+// Prints one JSON line: {turns, audioBytes, errors, user: [...], reply: [...], status}.
+import { createRequire } from "node:module";
+const require = createRequire(process.env.PLAYWRIGHT_CORE_DIR + "/");
+const { chromium } = require("playwright-core");
+
+const [url, wav, executablePath, timeout = "300000"] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+         "--use-fake-device-for-media-stream", `--use-file-for-fake-audio-capture=${wav}%noloop`,
+         "--autoplay-policy=no-user-gesture-required"],
+});
+try {
+  const page = await browser.newPage();
+  page.on("console", (m) => console.error("page:", m.text()));
+  await page.goto(url);
+  await page.click("#start");
+  await page.waitForFunction(() => Number(document.getElementById("stats").dataset.turns) >= 1 ||
+                                   Number(document.getElementById("stats").dataset.errors) >= 1,
+                             null, { timeout: Number(timeout) });
+  const out = await page.evaluate(() => ({
+    turns: Number(document.getElementById("stats").dataset.turns),
+    audioBytes: Number(document.getElementById("stats").dataset.audioBytes),
+    errors: Number(document.getElementById("stats").dataset.errors),
+    user: [...document.querySelectorAll("#log .user")].map((p) => p.textContent),
+    reply: [...document.querySelectorAll("#log .reply")].map((p) => p.textContent),
+    status: document.getElementById("status").textContent,
+  }));
+  console.log(JSON.stringify(out));
+} finally {
+  await browser.close();
+}
