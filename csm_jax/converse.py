@@ -33,7 +33,7 @@ import numpy as np
 
 from csm_jax.audio import SAMPLE_RATE, check_audio
 from csm_jax.dialogue import Dialogue, codes_digest
-from csm_jax.text import Segment
+from csm_jax.text import FRAME_SAMPLES, Segment
 
 VAD_RATE = 16_000
 SYSTEM_PROMPT = ("You are a friendly voice assistant in a spoken conversation. Answer in one to three short "
@@ -367,7 +367,10 @@ class Conversation:
         if not re.search(r"\w", text):
             return None
         on_text("user", text)
-        log = self.respond(text, resample(audio, sample_rate, SAMPLE_RATE), on_audio, on_text, cancel, t0)
+        audio24k = resample(audio, sample_rate, SAMPLE_RATE)
+        whole = -(-audio24k.size // FRAME_SAMPLES) * FRAME_SAMPLES  # end on a whole frame of (silent) padding
+        audio24k = np.pad(audio24k, (0, whole - audio24k.size))
+        log = self.respond(text, audio24k, on_audio, on_text, cancel, t0)
         log.latency["asr_s"] = round(asr_s, 4)
         return log
 

@@ -62,12 +62,29 @@ class Generator:
         self.tokenizer = Tokenizer(tok)
         self.frames_per_call = frames_per_call
 
+    @classmethod
+    def from_parts(cls, cfg: csm.CsmConfig, params: dict, mimi_params: dict, tokenizer: str,
+                   frames_per_call: int = 8) -> "Generator":
+        """A generator over parameters already in memory (random weights for benchmarks, fine-tuned ones)."""
+        gen = cls.__new__(cls)
+        gen.ckpt, gen.cfg, gen.params, gen.mimi = None, cfg, params, mimi_params
+        gen.tokenizer, gen.frames_per_call = Tokenizer(tokenizer), frames_per_call
+        return gen
+
     # ----------------------------------------------------------------------------------------- helpers
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
-        """24 kHz mono (L,) -> Mimi codes (32, ceil(L / 1920))."""
+        """24 kHz mono (L,) -> Mimi codes (32, ceil(L / 1920)). Lengths of whole frames compile once per
+        power-of-two bucket; give whole frames (pad with silence) where many lengths come by."""
         audio = check_audio(audio, "context audio")
-        return np.asarray(encode(self.mimi, jnp.asarray(audio[None])))[0]
+        if audio.size % FRAME_SAMPLES:  # a partial last frame: Mimi pads it its own way, so encode as it is
+            return np.asarray(encode(self.mimi, jnp.asarray(audio[None])))[0]
+        # Whole frames: padded to a bucketed length (few compilations); the encoder is causal, so the
+        # trailing zeros leave the codes of the real frames exactly as they are.
+        T = audio.size // FRAME_SAMPLES
+        padded = np.zeros(bucket(T, 4) * FRAME_SAMPLES, np.float32)
+        padded[:audio.size] = audio
+        return np.asarray(encode(self.mimi, jnp.asarray(padded[None])))[0, :, :T]
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         """Mimi codes (32, T) -> 24 kHz audio (1920 T,)."""

