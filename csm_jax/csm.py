@@ -200,6 +200,16 @@ def prefill(params, cfg: CsmConfig, state: GenState, tokens, mask, lengths, rows
                     topk=state.topk, key=state.key)
 
 
+@partial(jax.jit, static_argnums=(1, 7), donate_argnums=(2,))
+def prefill_slot(params, cfg: CsmConfig, state: GenState, tokens, mask, length, slot,
+                 window: int | None = None) -> GenState:
+    """`prefill` for one batch row: tokens (1, S, 33), mask (1, S, 33), length () valid rows, slot () int.
+    Only that row's cache is read, computed and written (an insert costs one row's prefill, not the batch's)."""
+    sub = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), state)
+    sub = prefill(params, cfg, sub, tokens, mask, jnp.reshape(length, (1,)), jnp.ones(1, bool), window)
+    return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, slot, axis=0), state, sub)
+
+
 def backbone_logits(params, h):
     """Codebook-0 logits (B, 2051) in fp32 from final hidden states (B, D)."""
     return linear(h, params["c0_head"], jnp.float32)

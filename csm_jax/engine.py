@@ -6,10 +6,10 @@
         for slot, event in engine.step().items():                  # K frames for every active slot
             send(event.request, event.audio, event.finished)       # 24 kHz chunk per slot per step
 
-Shape of the loop (JetStream's prefill / insert / generate): a request's prompt rows are appended to its
-slot's KV cache (prompt lengths bucketed to powers of two, so compiles stay few) while the other slots keep
-their state; each `step` advances every slot by K frames in one device call; a batched streaming Mimi
-decoder turns each slot's new frames into audio. A slot that finishes (end of speech, frame cap, or
+Shape of the loop (JetStream's prefill / insert / generate): a request's prompt is prefilled as one row
+and written into its slot's KV cache (prompt lengths bucketed to powers of two, so compiles stay few; the
+slot index is traced, so any slot uses the same compiled function) while the other slots keep their state;
+each `step` advances every slot by K frames in one device call; a batched streaming Mimi decoder turns each slot's new frames into audio. A slot that finishes (end of speech, frame cap, or
 `cancel`) is free at once for the next request. Sampling settings and seeds are per-slot arrays.
 """
 
@@ -75,16 +75,14 @@ class Engine:
                                        req.text, frames, self.cfg.max_seq_len)
         slot = free[0]
         B, S = self.slots, min(bucket(len(tokens)), self.cfg.max_seq_len)
-        t = np.zeros((B, S, 33), np.int32)
-        m = np.zeros((B, S, 33), bool)
-        t[slot, :len(tokens)], m[slot, :len(tokens)] = tokens, mask
-        rows = np.zeros(B, bool)
-        rows[slot] = True
-        rows = jnp.asarray(rows)
-        lengths = jnp.zeros(B, jnp.int32).at[slot].set(len(tokens))
+        t = np.zeros((1, S, 33), np.int32)
+        m = np.zeros((1, S, 33), bool)
+        t[0, :len(tokens)], m[0, :len(tokens)] = tokens, mask
+        rows = jnp.zeros(B, bool).at[slot].set(True)
         self.state = csm.reset_rows(self.state, rows)
-        self.state = csm.prefill(self.params, self.cfg, self.state, jnp.asarray(t), jnp.asarray(m), lengths, rows,
-                                 csm.attention_window(self.cfg, len(tokens)))
+        self.state = csm.prefill_slot(self.params, self.cfg, self.state, jnp.asarray(t), jnp.asarray(m),
+                                      jnp.int32(len(tokens)), jnp.int32(slot),
+                                      csm.attention_window(self.cfg, len(tokens)))
         one = lambda v, dtype: jnp.full(B, v, dtype)  # noqa: E731  (only the slot's entry is used)
         self.state = csm.set_sampling(self.state, rows, one(req.temperature, jnp.float32), one(req.topk, jnp.int32),
                                       one(req.seed, jnp.int32), one(frames, jnp.int32))

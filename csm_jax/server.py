@@ -12,7 +12,8 @@ the answer is 429 with Retry-After, never a hang. A client that disconnects free
 Voices: `voices_dir/NAME.wav` (any format soundfile reads) with `NAME.txt` (its transcript) and optionally
 `NAME.json` (`{"speaker": 1}`; speaker 0 otherwise), loaded and Mimi-encoded once at start-up and given to CSM
 as context, so `voice="NAME"` speaks in that voice. `voice="default"` (or none) uses no voice prompt.
-`seed` is an extension of OpenAI's API: the same seed gives the same audio.
+Extensions of OpenAI's body: `seed` (the same seed gives the same audio), `temperature` (0 = greedy) and
+`topk` for sampling, and `max_audio_ms` (a cap on the audio).
 
 Conversations (csm_jax.converse): GET /converse is a page that streams the microphone over the WebSocket
 /v1/converse and plays the reply as it streams back. Protocol: the client sends {"type": "start",
@@ -198,10 +199,16 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
         max_audio_ms = body.get("max_audio_ms", 10_000)
         if not isinstance(max_audio_ms, int) or isinstance(max_audio_ms, bool) or max_audio_ms < 80:
             return error(400, f"'max_audio_ms' must be an integer of at least 80 (one frame), got {max_audio_ms!r}")
+        temperature = body.get("temperature", 0.9)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 5:
+            return error(400, f"'temperature' must be a number from 0 (greedy) to 5, got {temperature!r}")
+        topk = body.get("topk", 50)
+        if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= 2048:
+            return error(400, f"'topk' must be an integer from 1 to 2048, got {topk!r}")
         context = voices.get(voice, [])
         speaker = context[0].speaker if context else 0
         job = Job(Request(text.strip(), speaker=speaker, context=list(context), seed=seed,
-                          max_audio_ms=max_audio_ms))
+                          temperature=float(temperature), topk=topk, max_audio_ms=max_audio_ms))
         if not worker.submit(job):
             return error(429, "the server is busy: too many requests waiting; retry shortly", **{"Retry-After": "1"})
 

@@ -140,3 +140,25 @@ def test_strict_loading(tmp_path_factory):
     pt.write_bytes(b"\x80\x02" + bytes(100))
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         load_csm(pt)
+
+
+def test_prefill_slot_touches_only_its_row(params):
+    """prefill_slot (one row computed, written into the batch) equals prefill with only that row selected."""
+    from csm_jax.csm import prefill_slot
+
+    st = GenState.create(CFG, 3)
+    tokens, mask, lengths = _batch([_text_prompt(9, 0), _text_prompt(5, 1), _text_prompt(7, 2)])
+    st = prefill(params, CFG, st, jnp.asarray(tokens), jnp.asarray(mask), lengths, jnp.ones(3, bool))
+    extra_t, extra_m = _text_prompt(6, 3)
+    rows = jnp.array([False, True, False])
+    t = np.zeros((3, 6, 33), np.int32)
+    m = np.zeros((3, 6, 33), bool)
+    t[1], m[1] = extra_t, extra_m
+    copy = jax.tree.map(jnp.copy, st)
+    ref = prefill(params, CFG, copy, jnp.asarray(t), jnp.asarray(m), jnp.array([0, 6, 0], jnp.int32), rows)
+    got = prefill_slot(params, CFG, st, jnp.asarray(extra_t[None]), jnp.asarray(extra_m[None]), jnp.int32(6),
+                       jnp.int32(1))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)

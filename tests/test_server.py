@@ -126,6 +126,15 @@ def test_formats(server):
     assert httpx.get(server + "/v1/models").json()["data"][0]["id"] == "csm-1b"
 
 
+def test_sampling_settings_in_the_body(server):
+    greedy = [_wav(_speech(server, input="Same words.", temperature=0, seed=s, max_audio_ms=480).content)
+              for s in (1, 2)]
+    np.testing.assert_array_equal(greedy[0], greedy[1])  # greedy: the seed does not matter
+    sampled = [_wav(_speech(server, input="Same words.", temperature=1.5, topk=2048, seed=s,
+                            max_audio_ms=480).content) for s in (1, 2)]
+    assert sampled[0].shape != sampled[1].shape or not np.array_equal(sampled[0], sampled[1])
+
+
 @pytest.mark.parametrize("body, message", [
     ({"input": "  "}, "'input' is empty"),
     ({"voice": "bob"}, "unknown voice 'bob'; available: default, alice"),
@@ -133,6 +142,8 @@ def test_formats(server):
     ({"input": "x" * 5000}, "limit is 4096"),
     ({"speed": 1.5}, "speed 1.5 is not supported"),
     ({"max_audio_ms": "long"}, "'max_audio_ms' must be an integer"),
+    ({"temperature": -1}, "'temperature' must be a number"),
+    ({"topk": 0}, "'topk' must be an integer from 1"),
 ])
 def test_bad_requests_get_4xx(server, body, message):
     r = _speech(server, **body)
