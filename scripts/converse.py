@@ -24,6 +24,7 @@ from typing import Annotated, Optional
 
 import tyro
 
+from csm_jax.audio import check_output_folder
 from csm_jax.converse import ConverseOptions
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".opus"}
@@ -75,7 +76,7 @@ def headless(args: Args, gen) -> None:
     import numpy as np
     import soundfile as sf
 
-    from csm_jax.audio import check_output_folder, to_mono, write_audio
+    from csm_jax.audio import to_mono, write_audio
 
     files = input_files(args.input)
     check_output_folder(args.out_dir)  # its parent must exist; the folder itself is made
@@ -166,13 +167,18 @@ def microphone(args: Args, gen) -> None:
         outdata[:n, 0], outdata[n:, 0] = buf[:n], 0
         state["buf"] = buf[n:]
 
-    session = LiveSession(conv, detector, emit)
     mic: queue.Queue = queue.Queue()
     dev_in = int(args.input_device) if args.input_device and args.input_device.isdigit() else args.input_device
     dev_out = int(args.output_device) if args.output_device and args.output_device.isdigit() else args.output_device
-    with sd.InputStream(sr, channels=1, dtype="float32", blocksize=sr // 10, device=dev_in,
-                        callback=lambda x, *_: mic.put(x[:, 0].copy())), \
-            sd.OutputStream(24_000, channels=1, dtype="float32", device=dev_out, callback=play):
+    try:
+        streams = (sd.InputStream(sr, channels=1, dtype="float32", blocksize=sr // 10, device=dev_in,
+                                  callback=lambda x, *_: mic.put(x[:, 0].copy())),
+                   sd.OutputStream(24_000, channels=1, dtype="float32", device=dev_out, callback=play))
+    except (sd.PortAudioError, ValueError) as e:
+        raise ValueError(f"no usable microphone or speaker ({e}); pick devices with --input-device / "
+                         "--output-device (python -m sounddevice lists them), or run headless with --input FILES") from e
+    session = LiveSession(conv, detector, emit)
+    with streams[0], streams[1]:
         print("listening: speak, pause to let CSM answer (Ctrl-C quits)", file=sys.stderr)
         try:
             while True:
@@ -186,6 +192,10 @@ def microphone(args: Args, gen) -> None:
 def main(args: Args) -> None:
     from csm_jax.generate import Generator
 
+    if args.input:  # cheap checks first, before loading models
+        input_files(args.input)
+        check_output_folder(args.out_dir)
+    args.voice_segments()
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     frames_per_call=args.frames_per_call)
     (headless if args.input else microphone)(args, gen)

@@ -186,3 +186,15 @@ def test_barge_in_stops_the_reply_and_takes_the_new_turn(gen, llm_server, asr_mo
     assert logs[0].interrupted and logs[0].audio_seconds < 8.0 * len(SENTENCES)
     assert "robot" in logs[1].user_text.lower() and not logs[1].interrupted
     assert kinds.index("barge_in") < kinds.index("turn")  # the barge-in ended turn 1's reply
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--input", "missing.wav"], "input not found: missing.wav"),
+    (["--input", "{wav}", "--voice", "{wav}"], "--voice needs --voice-text"),
+    (["--input", "{wav}", "--out-dir", "/nonexistent/dir/out"], "output folder does not exist"),
+])
+def test_script_bad_arguments(csm_dir, turns, extra, message):
+    extra = [a.format(wav=turns[0]) for a in extra]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "converse.py"), "--checkpoint", str(csm_dir), *extra],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
