@@ -147,7 +147,8 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
     from contextlib import asynccontextmanager
 
     worker = Worker(engine, max_queue)
-    live: set = set()
+    live: set = set()  # the conversations open now
+    counters = {"closed_mid_reply": 0}  # conversations whose client went away while a reply was being made
 
     @asynccontextmanager
     async def lifespan(app):
@@ -165,7 +166,8 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
 
     @app.get("/health")
     def health():
-        return {"status": "ok", **worker.stats(), "conversations": len(live)}
+        return {"status": "ok", **worker.stats(), "conversations": len(live),
+                "conversations_closed_mid_reply": counters["closed_mid_reply"]}
 
     @app.get("/v1/models")
     def models():
@@ -269,12 +271,12 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
         return StreamingResponse(body_bytes(), media_type=FORMATS[fmt])
 
     if conversations is not None:
-        _add_conversation_routes(app, conversations, live, max_conversations)
+        _add_conversation_routes(app, conversations, live, max_conversations, counters)
     app.state.worker = worker
     return app
 
 
-def _add_conversation_routes(app, factory, live: set, max_conversations: int) -> None:
+def _add_conversation_routes(app, factory, live: set, max_conversations: int, counters: dict) -> None:
     import asyncio
     from importlib.resources import files
 
@@ -357,6 +359,8 @@ def _add_conversation_routes(app, factory, live: set, max_conversations: int) ->
         finally:
             live.discard(placeholder)
             if session is not None:
+                if session.replying.is_set():
+                    counters["closed_mid_reply"] += 1
                 await asyncio.to_thread(session.close)  # stops the reply at its next frames and ends the worker
                 live.discard(session)
             emit("close", None)

@@ -38,19 +38,38 @@ def turn_wav(tmp_path_factory):
     return speak("Please tell me about the weather today.", tmp_path_factory.mktemp("web") / "turn.wav", 3.0)
 
 
-def test_page_in_chromium_talks_and_shows_the_transcript(server, turn_wav):
+def browse(server, wav, mode):
     require("Chromium", CHROMIUM is not None, "apt-get install chromium")
     require("playwright-core", PLAYWRIGHT.is_dir(), "bash scripts/test.sh installs it into .cache/node")
     env = dict(os.environ, PLAYWRIGHT_CORE_DIR=str(PLAYWRIGHT))
     r = subprocess.run(["node", str(ROOT / "tests" / "browser" / "converse_page.mjs"), server + "/converse",
-                        str(turn_wav), CHROMIUM, "300000"], capture_output=True, text=True, timeout=400, env=env)
+                        str(wav), CHROMIUM, "300000", mode], capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    page = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def wait_free(server, seconds=30):
+    deadline = time.time() + seconds
+    while httpx.get(server + "/health").json()["conversations"] != 0:
+        assert time.time() < deadline, "the conversation was not freed after the client went away"
+        time.sleep(0.2)
+
+
+def test_page_in_chromium_talks_and_shows_the_transcript(server, turn_wav):
+    page = browse(server, turn_wav, "converse")
     assert page["errors"] == 0 and page["turns"] == 1, page
     assert "weather" in page["user"][0].lower() and "today" in page["user"][0].lower()
     assert " ".join(t.removeprefix("CSM: ") for t in page["reply"]) == REPLY
     assert page["audioBytes"] > 2 * 1920  # 16-bit PCM of at least one 80 ms frame arrived and was played
-    assert httpx.get(server + "/health").json()["conversations"] == 0  # the page's Stop/close freed it
+    wait_free(server)  # the closed page freed its conversation
+
+
+def test_browser_closed_mid_reply_frees_the_conversation(server, turn_wav):
+    before = httpx.get(server + "/health").json()["conversations_closed_mid_reply"]
+    page = browse(server, turn_wav, "vanish")
+    assert page["audioBytes"] > 0 and page["errors"] == 0  # it went away when the reply had begun to stream
+    wait_free(server)
+    assert httpx.get(server + "/health").json()["conversations_closed_mid_reply"] == before + 1
 
 
 async def _ws(url):
@@ -83,11 +102,10 @@ def test_disconnect_mid_reply_frees_the_conversation(server, turn_wav):
         assert httpx.get(server + "/health").json()["conversations"] == 1
         ws.transport.abort()  # the client is gone without a goodbye
 
+    before = httpx.get(server + "/health").json()["conversations_closed_mid_reply"]
     asyncio.run(run())
-    deadline = time.time() + 30
-    while httpx.get(server + "/health").json()["conversations"] != 0:
-        assert time.time() < deadline, "the conversation was not freed after the client vanished"
-        time.sleep(0.2)
+    wait_free(server)
+    assert httpx.get(server + "/health").json()["conversations_closed_mid_reply"] == before + 1
     # ...and the server still talks to the next client.
     assert httpx.post(server + "/v1/audio/speech", json={"input": "Still here.", "max_audio_ms": 160},
                       timeout=300).status_code == 200

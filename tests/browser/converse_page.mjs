@@ -1,11 +1,13 @@
 // Drives the /converse page in headless Chromium with a WAV file as the microphone.
-// Usage: node converse_page.mjs URL WAV CHROMIUM [TIMEOUT_MS]
+// Usage: node converse_page.mjs URL WAV CHROMIUM [TIMEOUT_MS] [converse|vanish]
+// converse: waits for the first finished turn. vanish: closes the browser as soon as reply audio arrives
+// (a user closing the tab mid-reply).
 // Prints one JSON line: {turns, audioBytes, errors, user: [...], reply: [...], status}.
 import { createRequire } from "node:module";
 const require = createRequire(process.env.PLAYWRIGHT_CORE_DIR + "/");
 const { chromium } = require("playwright-core");
 
-const [url, wav, executablePath, timeout = "300000"] = process.argv.slice(2);
+const [url, wav, executablePath, timeout = "300000", mode = "converse"] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath,
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -18,9 +20,10 @@ try {
   page.on("console", (m) => console.error("page:", m.text()));
   await page.goto(url);
   await page.click("#start");
-  await page.waitForFunction(() => Number(document.getElementById("stats").dataset.turns) >= 1 ||
-                                   Number(document.getElementById("stats").dataset.errors) >= 1,
-                             null, { timeout: Number(timeout) });
+  await page.waitForFunction((mode) => {
+    const d = document.getElementById("stats").dataset;
+    return Number(mode === "vanish" ? d.audioBytes : d.turns) >= 1 || Number(d.errors) >= 1;
+  }, mode, { timeout: Number(timeout) });
   const out = await page.evaluate(() => ({
     turns: Number(document.getElementById("stats").dataset.turns),
     audioBytes: Number(document.getElementById("stats").dataset.audioBytes),
