@@ -279,3 +279,13 @@ def generate_frames(params, cfg: CsmConfig, state: GenState, num_frames: int, wi
     """
     state, (codes, valid) = jax.lax.scan(partial(_frame, params, cfg, window), state, None, length=num_frames)
     return state, jnp.moveaxis(codes, 0, 1), valid.T
+
+
+@partial(jax.jit, static_argnums=(1, 4, 5), donate_argnums=(2,))
+def generate_frames_rows(params, cfg: CsmConfig, state: GenState, rows, num_frames: int, window: int | None = None):
+    """`generate_frames` for the batch rows `rows` (R,) int only (distinct), the others untouched: when few
+    rows are busy, the step costs R rows' compute, not the whole batch's. -> (state, frames (R, F, C), valid (R, F))."""
+    sub = jax.tree.map(lambda a: a[rows], state)
+    sub, (codes, valid) = jax.lax.scan(partial(_frame, params, cfg, window), sub, None, length=num_frames)
+    state = jax.tree.map(lambda a, b: a.at[rows].set(b), state, sub)
+    return state, jnp.moveaxis(codes, 0, 1), valid.T

@@ -9,7 +9,8 @@
 Shape of the loop (JetStream's prefill / insert / generate): a request's prompt is prefilled as one row
 and written into its slot's KV cache (prompt lengths bucketed to powers of two, so compiles stay few; the
 slot index is traced, so any slot uses the same compiled function) while the other slots keep their state;
-each `step` advances every slot by K frames in one device call; a batched streaming Mimi decoder turns each slot's new frames into audio. A slot that finishes (end of speech, frame cap, or
+each `step` advances every busy slot by K frames in one device call (only the busy slots' rows, padded to
+a power of two, are computed); a batched streaming Mimi decoder turns each slot's new frames into audio. A slot that finishes (end of speech, frame cap, or
 `cancel`) is free at once for the next request. Sampling settings and seeds are per-slot arrays.
 """
 
@@ -105,8 +106,18 @@ class Engine:
         active = sorted(self.requests)
         self.ends[active] += self.K
         window = csm.attention_window(self.cfg, int(self.ends[active].max()))
-        self.state, frames, valid = csm.generate_frames(self.params, self.cfg, self.state, self.K, window)
-        frames, valid, done = np.asarray(frames), np.asarray(valid), np.asarray(self.state.done)
+        R = bucket(len(active), 1)  # run only the busy slots, padded with idle ones to a power of two
+        if R >= self.slots:
+            self.state, frames, valid = csm.generate_frames(self.params, self.cfg, self.state, self.K, window)
+            frames, valid = np.asarray(frames), np.asarray(valid)
+        else:
+            rows = active + [s for s in range(self.slots) if s not in self.requests][:R - len(active)]
+            self.state, sub_frames, sub_valid = csm.generate_frames_rows(
+                self.params, self.cfg, self.state, jnp.asarray(rows, jnp.int32), self.K, window)
+            frames = np.zeros((self.slots, self.K, self.cfg.num_codebooks), np.int32)
+            valid = np.zeros((self.slots, self.K), bool)
+            frames[rows], valid[rows] = np.asarray(sub_frames), np.asarray(sub_valid)
+        done = np.asarray(self.state.done)
         pcm = {s: [] for s in active}
         for k in range(self.K):
             if not valid[:, k].any():

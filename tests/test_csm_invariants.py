@@ -162,3 +162,27 @@ def test_prefill_slot_touches_only_its_row(params):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
+def test_generate_frames_rows_equals_the_whole_batch(params):
+    """Stepping only some rows gives those rows the frames the whole-batch step gives them, and leaves the
+    other rows exactly as they were."""
+    from csm_jax.csm import generate_frames_rows
+
+    def start():
+        st = GenState.create(CFG, 4)
+        st = prefill(params, CFG, st, *_batch([_text_prompt(6 + i, i) for i in range(4)]), jnp.ones(4, bool))
+        return set_sampling(st, jnp.ones(4, bool), jnp.full(4, 0.9), jnp.full(4, 50), jnp.arange(4), jnp.full(4, 9))
+
+    full, f_frames, f_valid = generate_frames(params, CFG, start(), 3)
+    st = start()
+    before = jax.tree.map(jnp.copy, st)
+    part, p_frames, p_valid = generate_frames_rows(params, CFG, st, jnp.array([2, 0]), 3)
+    np.testing.assert_array_equal(np.asarray(p_frames), np.asarray(f_frames)[[2, 0]])
+    np.testing.assert_array_equal(np.asarray(p_valid), np.asarray(f_valid)[[2, 0]])
+    for a, b, c in zip(jax.tree.leaves(part), jax.tree.leaves(full), jax.tree.leaves(before)):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b, c = (jax.random.key_data(x) for x in (a, b, c))
+        a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
+        np.testing.assert_allclose(a[[0, 2]], b[[0, 2]], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(a[[1, 3]], c[[1, 3]])
