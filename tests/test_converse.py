@@ -198,3 +198,62 @@ def test_script_bad_arguments(csm_dir, turns, extra, message):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "converse.py"), "--checkpoint", str(csm_dir), *extra],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
+ASOUNDRC = """
+pcm.!default {{ type asym playback.pcm "speaker" capture.pcm "microphone" }}
+pcm.microphone {{ type file slave.pcm "silent" file "/dev/null" infile "{mic}" format "raw" }}
+pcm.speaker {{ type file slave.pcm "silent" file "{speaker}" format "raw" }}
+pcm.silent {{ type null }}
+"""
+
+
+def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp_path):
+    """Microphone mode as a user runs it, with ALSA's file plugin as the sound card: the microphone reads a
+    recording (float32, 16 kHz), the speaker writes into a pipe this test reads."""
+    import signal
+
+    from converse_fixtures import require
+    from csm_jax.converse import resample
+
+    try:
+        import sounddevice  # noqa: F401  (needs the PortAudio library)
+        ok = Path("/usr/share/alsa/alsa.conf").is_file()
+    except OSError:
+        ok = False
+    require("PortAudio with ALSA", ok, "apt-get install libportaudio2")
+    audio, sr = sf.read(str(turns[0]), dtype="float32")
+    mic = tmp_path / "mic.raw"
+    np.concatenate([resample(audio, sr, 16000), np.zeros(16000 * 5, np.float32)]).astype("<f4").tofile(mic)
+    speaker = tmp_path / "speaker.fifo"
+    os.mkfifo(speaker)
+    conf = tmp_path / "asoundrc"
+    conf.write_text(ASOUNDRC.format(mic=mic, speaker=speaker))
+    heard = {"nonzero": 0}
+
+    def listen():  # the null device has no clock: playback runs as fast as it is read
+        with open(speaker, "rb") as f:
+            while chunk := f.read(1 << 16):
+                heard["nonzero"] += int(np.count_nonzero(np.frombuffer(chunk[: len(chunk) // 4 * 4], "<f4")))
+
+    reader = threading.Thread(target=listen, daemon=True)
+    reader.start()
+    env = dict(os.environ, ALSA_CONFIG_PATH=f"/usr/share/alsa/alsa.conf:{conf}")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "converse.py"), "--checkpoint", str(csm_dir),
+                             "--llm-url", llm_server.url, "--llm-model", llm_server.model, "--asr-model", asr_model,
+                             "--max-sentence-ms", "400"], stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("turn 1:"):
+                break
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(60)
+    finally:
+        proc.kill()
+    text = "".join(lines)
+    assert proc.returncode == 0, text[-3000:]
+    assert "listening" in text and "weather" in text.lower() and f"csm: {SENTENCES[0]}" in text, text[-3000:]
+    reader.join(10)
+    assert heard["nonzero"] > 1920  # the reply reached the speaker
