@@ -32,7 +32,7 @@ fi
 for tool in espeak-ng chromium; do
   command -v "$tool" >/dev/null || echo "note: $tool is not installed; the tests that need it will be skipped (apt-get install $tool)"
 done
-ldconfig -p 2>/dev/null | grep -q libportaudio.so ||
+ldconfig -p 2>/dev/null | grep libportaudio.so >/dev/null ||
   echo "note: PortAudio is not installed; the microphone-mode test will be skipped (apt-get install libportaudio2)"
 export CSM_JAX_TEST_TOKENIZER="$PWD/.cache/llama3/tokenizer.json"
 exec "$PY" -m pytest "$@"

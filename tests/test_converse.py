@@ -219,9 +219,9 @@ def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp
     try:
         import sounddevice  # noqa: F401  (needs the PortAudio library)
         ok = Path("/usr/share/alsa/alsa.conf").is_file()
-    except OSError:
+    except (ImportError, OSError):
         ok = False
-    require("PortAudio with ALSA", ok, "apt-get install libportaudio2")
+    require("sounddevice with PortAudio and ALSA", ok, "pip install sounddevice; apt-get install libportaudio2")
     audio, sr = sf.read(str(turns[0]), dtype="float32")
     mic = tmp_path / "mic.raw"
     np.concatenate([resample(audio, sr, 16000), np.zeros(16000 * 5, np.float32)]).astype("<f4").tofile(mic)
