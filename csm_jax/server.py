@@ -303,7 +303,10 @@ def _add_conversation_routes(app, factory, live: set, max_conversations: int, co
         loop = asyncio.get_running_loop()
 
         def emit(kind, value):
-            loop.call_soon_threadsafe(out.put_nowait, (kind, value))
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, (kind, value))
+            except RuntimeError:  # the connection's loop is gone: nobody is listening any more
+                pass
 
         async def sender():
             while True:
@@ -320,13 +323,20 @@ def _add_conversation_routes(app, factory, live: set, max_conversations: int, co
 
         send_task = asyncio.create_task(sender())
         try:
-            start = await ws.receive_json()
+            try:
+                start = await ws.receive_json()
+            except (ValueError, KeyError):  # not JSON, or a binary message
+                start = None
             sr = start.get("sample_rate") if isinstance(start, dict) and start.get("type") == "start" else None
             if not isinstance(sr, int) or not 8000 <= sr <= 192_000:
                 await ws.send_json({"type": "error", "message": "send {\"type\": \"start\", \"sample_rate\": "
                                                              "<8000..192000>} first"})
                 return
-            conv, detector = await asyncio.to_thread(factory, sr)
+            try:
+                conv, detector = await asyncio.to_thread(factory, sr)
+            except Exception as e:  # noqa: BLE001 - told to the client, the server goes on
+                await ws.send_json({"type": "error", "message": f"cannot start a conversation: {e}"})
+                return
             session = LiveSession(conv, detector, emit)
             live.add(session)
             live.discard(placeholder)

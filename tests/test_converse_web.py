@@ -118,6 +118,10 @@ def test_bad_messages_get_clear_errors(server):
         msg = json.loads(await ws.recv())
         assert msg["type"] == "error" and "sample_rate" in msg["message"]
         ws = await _ws(server)
+        await ws.send(b"\x00" * 64)  # audio before the start message
+        msg = json.loads(await ws.recv())
+        assert msg["type"] == "error" and "first" in msg["message"]
+        ws = await _ws(server)
         await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
         assert json.loads(await ws.recv())["type"] == "ready"
         await ws.send(b"\x00\x01\x02")
