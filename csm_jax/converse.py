@@ -346,12 +346,15 @@ class Conversation:
 
     def __init__(self, dialogue: Dialogue, llm: ChatClient, asr: Transcriber | None = None,
                  seed: int = 0, temperature: float = 0.9, topk: int = 50, max_sentence_ms: int = 10_000,
-                 user_speaker: int = 0, reply_speaker: int = 1, max_user_text_chars: int = 2000):
+                 user_speaker: int = 0, reply_speaker: int = 1, max_user_text_chars: int = 2000,
+                 max_history_messages: int = 40):
         self.dialogue, self.llm, self.asr = dialogue, llm, asr
         self.seed, self.temperature, self.topk, self.max_sentence_ms = seed, temperature, topk, max_sentence_ms
         self.user_speaker, self.reply_speaker = user_speaker, reply_speaker
-        self.max_user_text_chars = max_user_text_chars
-        self.history: list[dict] = []
+        if user_speaker == reply_speaker:
+            raise ValueError(f"the user and the assistant need different CSM speaker ids (both {user_speaker})")
+        self.max_user_text_chars, self.max_history_messages = max_user_text_chars, max_history_messages
+        self.history: list[dict] = []  # the chat sent to the LLM: the latest max_history_messages messages
         self.turns = 0
 
     def turn(self, audio: np.ndarray, sample_rate: int, on_audio: Callable[[np.ndarray], None] = lambda a: None,
@@ -441,6 +444,7 @@ class Conversation:
         log.reply_text = " ".join(log.sentences)
         if log.sentences:  # the LLM's history holds what was actually said
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": log.reply_text}]
+            self.history = self.history[-self.max_history_messages:]
         log.audio_seconds = round(samples / SAMPLE_RATE, 3)
         log.context_rows, log.appended_rows = d.pos, d.appended_rows - appended
         log.rebuilt, log.dropped_segments = d.rebuilds > rebuilds, d.dropped - dropped
@@ -555,6 +559,7 @@ class ConverseOptions:
     voice_text: str | None = None
     """Transcript of --voice (or a path to a .txt holding it)."""
     voice_speaker: int = 1
+    """CSM speaker id of the assistant (and of its voice prompt); the user is 0, or 1 when this is 0."""
     seed: int = 0
     temperature: float = 0.9
     topk: int = 50
@@ -588,7 +593,8 @@ class ConverseOptions:
             llm = ChatClient(self.llm_url, self.llm_model, self.llm_api_key_env, self.system_prompt,
                              self.llm_max_tokens, timeout_s=self.llm_timeout)
             conv = Conversation(Dialogue(gen, voice), llm, asr, self.seed, self.temperature, self.topk,
-                                self.max_sentence_ms)
+                                self.max_sentence_ms, user_speaker=0 if self.voice_speaker != 0 else 1,
+                                reply_speaker=self.voice_speaker)
             return conv, self.detector(sample_rate)
 
         return make

@@ -257,3 +257,14 @@ def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp
     assert "listening" in text and "weather" in text.lower() and f"csm: {SENTENCES[0]}" in text, text[-3000:]
     reader.join(10)
     assert heard["nonzero"] > 1920  # the reply reached the speaker
+
+
+def test_chat_history_is_bounded_and_speakers_differ(gen, llm_server):
+    conv = Conversation(Dialogue(gen), ChatClient(llm_server.url, llm_server.model), max_sentence_ms=160,
+                        max_history_messages=2)
+    conv.respond("First question?")
+    conv.respond("Second question?")
+    assert conv.history == [{"role": "user", "content": "Second question?"},
+                            {"role": "assistant", "content": REPLY}]
+    with pytest.raises(ValueError, match="different CSM speaker ids"):
+        Conversation(Dialogue(gen), conv.llm, user_speaker=1, reply_speaker=1)
