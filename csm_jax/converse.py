@@ -479,6 +479,8 @@ class LiveSession:
         audio = self.detector.flush()
         if audio is not None:
             self._event("turn_end", audio)
+        else:  # the button was released but no speech was heard
+            self.emit("no_words", None)
 
     def _event(self, kind: str, audio) -> None:
         if kind == "speech_start":

@@ -130,6 +130,9 @@ def test_bad_messages_get_clear_errors(server):
         assert "NaN" in json.loads(await ws.recv())["message"]
         await ws.send("hello")
         assert "unknown message" in json.loads(await ws.recv())["message"]
+        await ws.send(np.zeros(16000, "<f4").tobytes())  # a second of silence, then the button is released
+        await ws.send(json.dumps({"type": "end_turn"}))
+        assert json.loads(await ws.recv()) == {"type": "no_words"}
         await ws.close()
 
     asyncio.run(run())
