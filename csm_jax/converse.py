@@ -546,14 +546,19 @@ class ConverseOptions:
     llm_timeout: float = 30.0
     """Seconds to wait for the LLM before the turn fails (the conversation goes on)."""
     llm_max_tokens: int = 200
+    """Cap on the reply's length in tokens."""
     system_prompt: str = SYSTEM_PROMPT
+    """What the LLM is told to be (short spoken-style answers by default)."""
     asr_model: str = "tiny.en"
     """faster-whisper model: a name (tiny.en, base.en, small, ...) or a local CTranslate2 folder."""
     asr_device: str = "cpu"
+    """faster-whisper device: cpu, cuda or auto."""
     asr_compute_type: str = "int8"
+    """CTranslate2 compute type: int8, float16, float32, ..."""
     vad_model: str | None = None
     """silero_vad.onnx (default: the one in the silero-vad package)."""
     vad_threshold: float = 0.5
+    """Speech probability above which a 32 ms window counts as speech."""
     end_of_turn_ms: int = 600
     """Silence that ends the user's turn."""
     voice: str | None = None
@@ -563,7 +568,9 @@ class ConverseOptions:
     voice_speaker: int = 1
     """CSM speaker id of the assistant (and of its voice prompt); the user is 0, or 1 when this is 0."""
     seed: int = 0
+    """CSM sampling seed (each reply sentence derives its own from it)."""
     temperature: float = 0.9
+    """CSM sampling temperature (0 = greedy)."""
     topk: int = 50
     max_sentence_ms: int = 10_000
     """Cap on the audio of one reply sentence."""

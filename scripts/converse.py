@@ -2,6 +2,7 @@
 
 From the microphone (speaker out; headphones keep the reply out of the microphone):
   python scripts/converse.py --llm-url http://localhost:11434/v1 --llm-model llama3.2
+
 Headless, from audio files (each file is one or more user turns; replies and a transcript are written):
   python scripts/converse.py --input turn1.wav --input turn2.wav --out-dir replies/
   python scripts/converse.py --input my_turns/ --out-dir replies/          (a folder: its audio files, sorted)
