@@ -103,28 +103,23 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = S
     formats = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG"}
     if ext not in formats:
         raise ValueError(f"unsupported output extension '.{ext}' for {path}; use .wav, .flac or .ogg")
-    parent = check_output_folder(path)
     subtype = "PCM_16" if ext in ("wav", "flac") else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp.{ext}", dir=parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, format=formats[ext], subtype=subtype)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic_write(path, f".tmp.{ext}", lambda fh: sf.write(fh, np.clip(audio, -1.0, 1.0), sample_rate,
+                                                                   format=formats[ext], subtype=subtype))
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """np.save through a temporary file in the same folder and a rename: never a half-written .npy."""
-    path = Path(path)
+    return _atomic_write(Path(path), ".tmp.npy", lambda fh: np.save(fh, array))
+
+
+def _atomic_write(path: Path, suffix: str, write) -> Path:
+    """`write(file object)` into a temporary file beside `path`, renamed over it only when complete."""
     parent = check_output_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

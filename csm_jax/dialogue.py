@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from csm_jax import csm
-from csm_jax.generate import FRAME_MS, Generator, bucket
-from csm_jax.mimi import decode_step, init_decoder_state
+from csm_jax.generate import FRAME_MS, Generator, bucket, stream_decode
+from csm_jax.mimi import init_decoder_state
 from csm_jax.text import Segment, audio_rows, segment_rows, text_rows
 
 
@@ -166,13 +166,10 @@ class Dialogue:
                     self.params, self.cfg, self.state, K, csm.attention_window(self.cfg, self.pos + K))
                 frames = np.asarray(frames)[0][np.asarray(valid)[0]]
                 self.pos += len(frames)
-                chunk = []
-                for f in frames:
-                    made.append(f)
-                    dec, pcm = decode_step(mimi, dec, jnp.asarray(f[None]))
-                    chunk.append(np.asarray(pcm)[0])
-                if chunk:
-                    yield np.concatenate(chunk)
+                made.extend(frames)
+                dec, audio = stream_decode(mimi, dec, frames)
+                if audio.size:
+                    yield audio
         finally:
             codes = np.stack(made, 1).astype(np.int32) if made else np.zeros((32, 0), np.int32)
             end_t, end_m = audio_rows(codes[:, :0])  # the end-of-audio row only: the frames are in already

@@ -36,6 +36,16 @@ def bucket(n: int, lo: int = 16) -> int:
     return b
 
 
+def stream_decode(mimi: dict, dec, frames: np.ndarray):
+    """Streaming Mimi decode of one stream's new frames (F, 32) -> (decoder state, 24 kHz audio (1920 F,)),
+    with one transfer to the host for all of them."""
+    pcm = []
+    for f in frames:
+        dec, out = decode_step(mimi, dec, jnp.asarray(f[None]))
+        pcm.append(out[0])
+    return dec, np.asarray(jnp.concatenate(pcm)) if pcm else np.zeros(0, np.float32)
+
+
 def _as_list(x, n, name):
     if isinstance(x, (list, tuple)):
         if len(x) != n:
@@ -179,10 +189,6 @@ class Generator:
         dec = init_decoder_state(self.mimi, 1)
         while not bool(st.done.all()):
             st, frames, valid = self._frames(st)
-            frames, valid = np.asarray(frames)[0], np.asarray(valid)[0]
-            chunk = []
-            for f in frames[valid]:
-                dec, pcm = decode_step(self.mimi, dec, jnp.asarray(f[None]))
-                chunk.append(np.asarray(pcm)[0])
-            if chunk:
-                yield np.concatenate(chunk)
+            dec, audio = stream_decode(self.mimi, dec, np.asarray(frames)[0][np.asarray(valid)[0]])
+            if audio.size:
+                yield audio

@@ -147,15 +147,16 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
     from contextlib import asynccontextmanager
 
     worker = Worker(engine, max_queue)
-    live: set = set()  # the conversations open now
+    live: dict = {}  # the conversations open now: a token each -> its LiveSession (None while it starts)
     counters = {"closed_mid_reply": 0}  # conversations whose client went away while a reply was being made
 
     @asynccontextmanager
     async def lifespan(app):
         worker.start()
         yield
-        for session in list(live):
-            session.close(timeout=0)
+        for session in list(live.values()):
+            if session is not None:
+                session.close(timeout=0)
         worker.stopping.set()
         worker.join(timeout=30)
 
@@ -276,7 +277,7 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
     return app
 
 
-def _add_conversation_routes(app, factory, live: set, max_conversations: int, counters: dict) -> None:
+def _add_conversation_routes(app, factory, live: dict, max_conversations: int, counters: dict) -> None:
     import asyncio
     from importlib.resources import files
 
@@ -297,8 +298,8 @@ def _add_conversation_routes(app, factory, live: set, max_conversations: int, co
             await ws.close(1013, f"all {max_conversations} conversations are in use; try again later")
             return
         session = None
-        placeholder = object()
-        live.add(placeholder)
+        token = object()
+        live[token] = None
         out: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -337,9 +338,7 @@ def _add_conversation_routes(app, factory, live: set, max_conversations: int, co
             except Exception as e:  # noqa: BLE001 - told to the client, the server goes on
                 await ws.send_json({"type": "error", "message": f"cannot start a conversation: {e}"})
                 return
-            session = LiveSession(conv, detector, emit)
-            live.add(session)
-            live.discard(placeholder)
+            session = live[token] = LiveSession(conv, detector, emit)
             await ws.send_json({"type": "ready"})
             while True:
                 msg = await ws.receive()
@@ -367,12 +366,11 @@ def _add_conversation_routes(app, factory, live: set, max_conversations: int, co
         except WebSocketDisconnect:
             pass
         finally:
-            live.discard(placeholder)
             if session is not None:
                 if session.replying.is_set():
                     counters["closed_mid_reply"] += 1
                 await asyncio.to_thread(session.close)  # stops the reply at its next frames and ends the worker
-                live.discard(session)
+            live.pop(token, None)
             emit("close", None)
             try:
                 await asyncio.wait_for(send_task, 5)
