@@ -12,7 +12,7 @@ from csm_jax import llama
 from csm_jax.checkpoints import CheckpointError, load_csm
 from csm_jax.csm import (CsmConfig, GenState, embed_rows, generate_frames, init_params, prefill, reset_rows,
                          set_sampling)
-from csm_jax.sampling import sample
+from csm_jax.sampling import _kth_by_bisection, kth_largest, sample
 from csm_fixtures import build_hf_csm, save_hf_layout
 
 CFG = CsmConfig.tiny()
@@ -111,6 +111,25 @@ def test_sampling_rules():
     assert set(draws[:, 0]) == {3} and set(draws[:, 1]) == {0, 1, 2}
 
 
+def test_kth_largest_equals_a_sort():
+    """Both paths (top_k for k <= 64, bit bisection above) give exactly the k-th value of a descending sort,
+    with ties, -inf (masked codes), -0.0/+0.0 and logits of very different scales."""
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        B, V = 6, 2051
+        x = (rng.standard_normal((B, V)) * [1e-3, 1.0, 1e3][trial % 3]).astype(np.float32)
+        x[:, rng.integers(0, V, 50)] = x[:, :1]  # ties with the largest region
+        x[:, -3:] = -np.inf
+        x[0, :10], x[1, :10] = -0.0, 0.0
+        big = rng.integers(1, 2049, B)
+        small = rng.integers(1, 65, B)
+        for k in (big, small):
+            want = -np.sort(-x, axis=-1)[np.arange(B), k - 1]
+            assert np.array_equal(np.asarray(kth_largest(jnp.asarray(x), jnp.asarray(k)))[:, 0], want)
+        want = -np.sort(-x, axis=-1)[np.arange(B), small - 1]
+        assert np.array_equal(np.asarray(jax.jit(_kth_by_bisection)(jnp.asarray(x), jnp.asarray(small)))[:, 0], want)
+
+
 def test_strict_loading(tmp_path_factory):
     model = build_hf_csm(seed=1)
     d = save_hf_layout(model, tmp_path_factory.mktemp("c") / "hf", with_tokenizer=False)
@@ -186,3 +205,4 @@ def test_generate_frames_rows_equals_the_whole_batch(params):
         a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
         np.testing.assert_allclose(a[[0, 2]], b[[0, 2]], rtol=0, atol=1e-5)
         np.testing.assert_array_equal(a[[1, 3]], c[[1, 3]])
+
