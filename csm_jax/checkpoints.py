@@ -261,7 +261,7 @@ def csm_params_from_tensors(tensors: dict[str, np.ndarray], cfg, source: str, dt
     params = {
         "text_embed": jnp.asarray(text, dtype), "audio_embed": jnp.asarray(audio, dtype),
         "c0_head": jnp.asarray(c0, dtype), "projection": jnp.asarray(proj, dtype),
-        "audio_head": jnp.asarray(np.ascontiguousarray(np.swapaxes(head, 1, 2)), dtype),  # (31, V, Dd)
+        "audio_head": [jnp.asarray(np.ascontiguousarray(h.T), dtype) for h in head],  # 31 x (V, Dd)
         "backbone": _llama_params(st, cfg.backbone, layout, "backbone", dtype),
         "decoder": _llama_params(st, cfg.decoder, layout, "decoder", dtype),
     }

@@ -89,7 +89,7 @@ def _replace(cfg, **kw):
 def param_shapes(cfg: CsmConfig) -> dict:
     D, Dd, V, C = cfg.backbone.dim, cfg.decoder.dim, cfg.audio_vocab_size, cfg.num_codebooks
     return {"text_embed": (cfg.text_vocab_size, D), "audio_embed": (C * V, D), "c0_head": (V, D),
-            "projection": (Dd, D), "audio_head": (C - 1, V, Dd),
+            "projection": (Dd, D), "audio_head": [(V, Dd) for _ in range(C - 1)],
             "backbone": llama.param_shapes(cfg.backbone), "decoder": llama.param_shapes(cfg.decoder)}
 
 
@@ -221,19 +221,27 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     `sample_fn(logits (B, V), codebook index) -> codes (B,)`. Returns (codes (B, C-1), logits (B, C-1, V)).
     """
     B = h.shape[0]
-    dcfg, V = cfg.decoder, cfg.audio_vocab_size
+    dcfg, V, heads = cfg.decoder, cfg.audio_vocab_size, params["audio_head"]
     cache = llama.init_cache(dcfg, B, cfg.num_codebooks, h.dtype)
     x = linear(jnp.stack([h, params["audio_embed"][c0]], 1), params["projection"])  # (B, 2, Dd)
     pos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (B, 2))
-    out, cache = llama.forward(dcfg, params["decoder"], x, pos, cache)
-    logits = linear(out[:, -1], params["audio_head"][0], jnp.float32)
+    if B == 1 and jax.default_backend() == "cpu":
+        # XLA:CPU runs a 2-row matmul 2-3x slower than two 1-row ones: feed the two positions one by one.
+        out, cache = llama.forward(dcfg, params["decoder"], x[:, :1], pos[:, :1], cache)
+        out, cache = llama.forward(dcfg, params["decoder"], x[:, 1:], pos[:, 1:], cache)
+    else:
+        out, cache = llama.forward(dcfg, params["decoder"], x, pos, cache)
+    logits = linear(out[:, -1], heads[0], jnp.float32)
     c1 = sample_fn(logits, 1)
+    # One branch per head: each reads its own weight buffer (indexing a stacked (31, V, Dd) array copied the
+    # 8 MB slice every codebook before the matmul read it).
+    head_fns = [lambda o, w=w: linear(o, w, jnp.float32) for w in heads[1:]]
 
     def step(carry, i):
         cache, prev = carry
         x = linear(params["audio_embed"][prev + (i - 1) * V][:, None], params["projection"])
         out, cache = llama.forward(dcfg, params["decoder"], x, jnp.full((B, 1), i, jnp.int32), cache)
-        lg = linear(out[:, 0], params["audio_head"][i - 1], jnp.float32)
+        lg = jax.lax.switch(i - 2, head_fns, out[:, 0])
         c = sample_fn(lg, i)
         return (cache, c), (c, lg)
 

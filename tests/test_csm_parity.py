@@ -85,6 +85,11 @@ def test_depth_decoder_logits_teacher_forced(csm):
     _, ours = depth_decoder(ck.config, ck.params, jnp.asarray(h), teacher[:, 0], lambda lg, i: teacher[:, i])
     assert ours.shape == ref.shape == (2, 31, 2051)
     assert _rel(ours, ref) < RTOL, _rel(ours, ref)
+    # Batch 1 takes another path on CPU (the first two positions fed one by one).
+    for r in range(2):
+        _, alone = depth_decoder(ck.config, ck.params, jnp.asarray(h[r:r + 1]), teacher[r:r + 1, 0],
+                                 lambda lg, i: teacher[r:r + 1, i])
+        assert _rel(alone[0], ref[r]) < RTOL, (r, _rel(alone[0], ref[r]))
 
 
 def test_greedy_generation_matches(csm):
