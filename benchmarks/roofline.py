@@ -26,14 +26,17 @@ def _best_time(fn, *args, repeats: int = 5) -> float:
 
 
 def read_bandwidth_gbs(megabytes: int = 1024, dtype=jnp.float32) -> float:
-    """Bytes of a large matrix read per second (GB/s, 1e9): the best of a column reduction and a vector-matrix
-    product (the access pattern of batch-1 decoding). The matrix is far larger than the caches."""
+    """Bytes of a large matrix read per second (GB/s, 1e9): the best of a column reduction and two
+    vector-matrix products, one per weight layout ((in, out), and (out, in) as our models store weights: the
+    access pattern of batch-1 decoding). The matrix is far larger than the caches."""
     n = megabytes * 2**20 // jnp.dtype(dtype).itemsize
     x = jnp.ones((n // 4096, 4096), dtype)
     v = jnp.ones((1, n // 4096), dtype)
+    u = jnp.ones((1, 4096), dtype)
     reduce = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
     matvec = jax.jit(lambda v, a: v @ a)
-    t = min(_best_time(reduce, x), _best_time(matvec, v, x))
+    matvec_t = jax.jit(lambda u, a: jax.lax.dot_general(u, a, (((1,), (1,)), ((), ()))))
+    t = min(_best_time(reduce, x), _best_time(matvec, v, x), _best_time(matvec_t, u, x))
     return x.size * x.dtype.itemsize / t / 1e9
 
 
