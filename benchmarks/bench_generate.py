@@ -83,7 +83,7 @@ def run_ours(args, roof):
     import jax.numpy as jnp
 
     from csm_jax import csm, llama
-    from csm_jax.csm import CsmConfig, GenState, generate_frames, init_params, prefill, set_sampling
+    from csm_jax.csm import CsmConfig, GenState, generate_frames, init_params, prefill, prefill_pieces, set_sampling
 
     cfg = CsmConfig.csm_1b()
     dtype = jnp.dtype(args.dtype) if args.dtype else (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
@@ -128,8 +128,8 @@ def run_ours(args, roof):
 
         def start():
             st = GenState.create(cfg, B, dtype)
-            st = prefill(params, cfg, st, jnp.asarray(tokens), jnp.asarray(mask), jnp.full((B,), S, jnp.int32),
-                         jnp.ones(B, bool), win)
+            for t, m, n, w in prefill_pieces(cfg, tokens, mask, [S] * B):  # as the library prefills
+                st = prefill(params, cfg, st, t, m, n, jnp.ones(B, bool), w)
             return set_sampling(st, jnp.ones(B, bool), jnp.full(B, 0.9), jnp.full(B, 50), jnp.arange(B),
                                 jnp.full(B, args.frames + 1 + args.frames_per_call))
 

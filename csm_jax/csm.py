@@ -25,6 +25,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from csm_jax import llama
 from csm_jax.llama import LlamaConfig, linear
@@ -175,6 +176,31 @@ def attention_window(cfg: CsmConfig, last_position: int) -> int:
     while w < last_position:
         w *= 2
     return min(w, cfg.max_seq_len)
+
+
+PREFILL_CHUNK = 128
+PREFILL_STEP = 32
+
+
+def prefill_pieces(cfg: CsmConfig, tokens: np.ndarray, mask: np.ndarray, lengths, first_position: int = 0):
+    """Cuts prompts (B, S, 33) into the calls that `prefill` (or `prefill_slot`) runs one after another:
+    yields (tokens (B, P, 33), mask (B, P, 33), lengths (B,) int32, window). Pieces have PREFILL_CHUNK rows;
+    the last one is the rest rounded up to a multiple of PREFILL_STEP. A prompt of any length then computes
+    fewer than PREFILL_STEP padding rows (a 279-row history computes 288, not 512) and compiles one program
+    per piece size (four) and attention window, not one per prompt length. `first_position`: the position
+    the first row lands at (the highest of the rows touched)."""
+    lengths = np.asarray(lengths, np.int32)
+    longest = int(lengths.max()) if lengths.size else 0
+    B, C = tokens.shape[0], tokens.shape[2]
+    start = 0
+    while start < longest:
+        P = min(PREFILL_CHUNK, -(-(longest - start) // PREFILL_STEP) * PREFILL_STEP)
+        t, m = np.zeros((B, P, C), np.int32), np.zeros((B, P, C), bool)
+        piece_t, piece_m = tokens[:, start:start + P], mask[:, start:start + P]
+        t[:, :piece_t.shape[1]], m[:, :piece_m.shape[1]] = piece_t, piece_m
+        yield (jnp.asarray(t), jnp.asarray(m), jnp.asarray(np.clip(lengths - start, 0, P)),
+               attention_window(cfg, first_position + start + P))
+        start += P
 
 
 @partial(jax.jit, static_argnums=(1, 7), donate_argnums=(2,))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from csm_jax import csm
-from csm_jax.generate import FRAME_MS, Generator, bucket, stream_decode
+from csm_jax.generate import FRAME_MS, Generator, stream_decode
 from csm_jax.mimi import init_decoder_state
 from csm_jax.text import Segment, audio_rows, segment_rows, text_rows
 
@@ -88,13 +88,8 @@ class Dialogue:
             return
         if self.pos + n > self.capacity:
             raise AssertionError("the caller makes room first")
-        S = min(bucket(n), self.capacity)
-        t = np.zeros((1, S, tokens.shape[1]), np.int32)
-        m = np.zeros((1, S, tokens.shape[1]), bool)
-        t[0, :n], m[0, :n] = tokens, mask
-        window = csm.attention_window(self.cfg, self.pos + n)
-        self.state = csm.prefill(self.params, self.cfg, self.state, jnp.asarray(t), jnp.asarray(m),
-                                 jnp.array([n], jnp.int32), jnp.ones(1, bool), window)
+        for t, m, lengths, window in csm.prefill_pieces(self.cfg, tokens[None], mask[None], [n], self.pos):
+            self.state = csm.prefill(self.params, self.cfg, self.state, t, m, lengths, jnp.ones(1, bool), window)
         self.pos += n
 
     def _rebuild(self) -> None:

@@ -7,7 +7,7 @@
             send(event.request, event.audio, event.finished)       # 24 kHz chunk per slot per step
 
 Shape of the loop (JetStream's prefill / insert / generate): a request's prompt is prefilled as one row
-and written into its slot's KV cache (prompt lengths bucketed to powers of two, so compiles stay few; the
+and written into its slot's KV cache (in pieces of at most 128 rows, `csm.prefill_pieces`, so compiles stay few; the
 slot index is traced, so any slot uses the same compiled function) while the other slots keep their state;
 each `step` advances every busy slot by K frames in one device call (only the busy slots' rows, padded to
 a power of two, are computed); a batched streaming Mimi decoder turns each slot's new frames into audio. A slot that finishes (end of speech, frame cap, or
@@ -75,15 +75,11 @@ class Engine:
         tokens, mask, _ = build_prompt(self.gen.tokenizer, self.gen.context_codes(req.context), req.speaker,
                                        req.text, frames, self.cfg.max_seq_len)
         slot = free[0]
-        B, S = self.slots, min(bucket(len(tokens)), self.cfg.max_seq_len)
-        t = np.zeros((1, S, 33), np.int32)
-        m = np.zeros((1, S, 33), bool)
-        t[0, :len(tokens)], m[0, :len(tokens)] = tokens, mask
+        B = self.slots
         rows = jnp.zeros(B, bool).at[slot].set(True)
         self.state = csm.reset_rows(self.state, rows)
-        self.state = csm.prefill_slot(self.params, self.cfg, self.state, jnp.asarray(t), jnp.asarray(m),
-                                      jnp.int32(len(tokens)), jnp.int32(slot),
-                                      csm.attention_window(self.cfg, len(tokens)))
+        for t, m, length, window in csm.prefill_pieces(self.cfg, tokens[None], mask[None], [len(tokens)]):
+            self.state = csm.prefill_slot(self.params, self.cfg, self.state, t, m, length[0], jnp.int32(slot), window)
         one = lambda v, dtype: jnp.full(B, v, dtype)  # noqa: E731  (only the slot's entry is used)
         self.state = csm.set_sampling(self.state, rows, one(req.temperature, jnp.float32), one(req.topk, jnp.int32),
                                       one(req.seed, jnp.int32), one(frames, jnp.int32))

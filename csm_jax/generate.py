@@ -129,17 +129,15 @@ class Generator:
         prompts = [build_prompt(self.tokenizer, self.context_codes(ctx or []), spk, text, f,
                                 self.cfg.max_seq_len, drop_oldest, pinned)
                    for text, spk, ctx, f in zip(texts, speakers, contexts, frames)]
-        S = min(bucket(max(len(p[0]) for p in prompts)), self.cfg.max_seq_len)
-        tokens = np.zeros((n, S, 33), np.int32)
-        mask = np.zeros((n, S, 33), bool)
+        longest = max(len(p[0]) for p in prompts)
+        tokens = np.zeros((n, longest, 33), np.int32)
+        mask = np.zeros((n, longest, 33), bool)
         for i, (t, m, _) in enumerate(prompts):
             tokens[i, :len(t)], mask[i, :len(t)] = t, m
-        lengths = jnp.array([len(p[0]) for p in prompts], jnp.int32)
         rows = jnp.ones(n, bool)
         st = csm.GenState.create(self.cfg, n, self.params["c0_head"].dtype)
-        longest = max(len(p[0]) for p in prompts)
-        st = csm.prefill(self.params, self.cfg, st, jnp.asarray(tokens), jnp.asarray(mask), lengths, rows,
-                         csm.attention_window(self.cfg, longest))
+        for t, m, lengths, window in csm.prefill_pieces(self.cfg, tokens, mask, [len(p[0]) for p in prompts]):
+            st = csm.prefill(self.params, self.cfg, st, t, m, lengths, rows, window)
         self._next_position = longest  # every row's next position is below this
         return csm.set_sampling(st, rows, jnp.array(temps, jnp.float32), jnp.array(topks, jnp.int32),
                                 jnp.array(seeds, jnp.int32), jnp.array(frames, jnp.int32))

@@ -206,3 +206,33 @@ def test_generate_frames_rows_equals_the_whole_batch(params):
         np.testing.assert_allclose(a[[0, 2]], b[[0, 2]], rtol=0, atol=1e-5)
         np.testing.assert_array_equal(a[[1, 3]], c[[1, 3]])
 
+
+def test_prefill_in_pieces_equals_one_call(params):
+    """A long prompt prefilled in pieces (csm.prefill_pieces, as the generator, the engine and a dialogue do)
+    leaves the state one call over the whole prompt leaves: rows of different lengths, appended after an
+    earlier turn, so pieces start at other positions than 0 and a short row has no rows in the last piece."""
+    from csm_jax.csm import PREFILL_CHUNK, PREFILL_STEP, prefill_pieces
+
+    first = _batch([_text_prompt(37, 5), _text_prompt(11, 6)])
+    prompts = [_text_prompt(2 * PREFILL_CHUNK + 44, 7), _text_prompt(PREFILL_CHUNK + 3, 8)]
+    tokens, mask, lengths = (np.asarray(a) for a in _batch(prompts))
+
+    def start():
+        return prefill(params, CFG, GenState.create(CFG, 2), *first, jnp.ones(2, bool))
+
+    one = prefill(params, CFG, start(), jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths), jnp.ones(2, bool))
+    pieces = list(prefill_pieces(CFG, tokens, mask, lengths, first_position=37))
+    assert PREFILL_CHUNK == 128 and PREFILL_STEP == 32
+    assert [p[0].shape[1] for p in pieces] == [128, 128, 64]  # the rest (44 rows) rounded up to 64
+    assert [p[2].tolist() for p in pieces] == [[128, 128], [128, 3], [44, 0]]
+    st = start()
+    for t, m, n, window in pieces:
+        st = prefill(params, CFG, st, t, m, n, jnp.ones(2, bool), window)
+    assert st.pos.tolist() == one.pos.tolist() == [37 + 2 * PREFILL_CHUNK + 44, 11 + PREFILL_CHUNK + 3]
+    np.testing.assert_allclose(np.asarray(st.h), np.asarray(one.h), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(st.cache["pos"]), np.asarray(one.cache["pos"]))
+    for a, b in zip(st.cache["k"] + st.cache["v"], one.cache["k"] + one.cache["v"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    # A short prompt is one piece, rounded up to a multiple of 32.
+    short = list(prefill_pieces(CFG, tokens[:, :90], mask[:, :90], [90, 9]))
+    assert len(short) == 1 and short[0][0].shape[1] == 96 and short[0][2].tolist() == [90, 9]
