@@ -98,21 +98,16 @@ def time_reprefill(gen, d) -> float:
     import jax.numpy as jnp
 
     from csm_jax import csm
-    from csm_jax.generate import bucket
     from csm_jax.text import segment_rows
 
     parts = [segment_rows(gen.tokenizer, s) for s in d.segments]
     tokens, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    n = len(tokens)
-    S = min(bucket(n), gen.cfg.max_seq_len)
-    t, m = np.zeros((1, S, 33), np.int32), np.zeros((1, S, 33), bool)
-    t[0, :n], m[0, :n] = tokens, mask
-    args = (jnp.asarray(t), jnp.asarray(m), jnp.array([n], jnp.int32), jnp.ones(1, bool),
-            csm.attention_window(gen.cfg, n))
+    pieces = list(csm.prefill_pieces(gen.cfg, tokens[None], mask[None], [len(tokens)]))  # as the library does
 
     def run():
         st = csm.GenState.create(gen.cfg, 1, gen.params["c0_head"].dtype)
-        st = csm.prefill(gen.params, gen.cfg, st, *args[:4], args[4])
+        for t, m, n, window in pieces:
+            st = csm.prefill(gen.params, gen.cfg, st, t, m, n, jnp.ones(1, bool), window)
         st.h.block_until_ready()
 
     run()  # compile

@@ -3,6 +3,7 @@
   python benchmarks/bench_generate.py                       # batch sweep 1, 4, 16 on the default JAX backend
   python benchmarks/bench_generate.py --reference            # also transformers' generate, same work, same run
   python benchmarks/bench_generate.py --batches 1 --frames 16 --dtype bfloat16
+  python benchmarks/bench_generate.py --size tiny --batches 1 2 --frames 4   # a quick check that it runs
 
 The prompt is 64 text rows plus 2 s (25 frames) of context audio and its end-of-audio row; N frames are
 generated per row (frame cap N, so rows run to the cap). Per batch size: frames/s per stream and in total,
@@ -28,6 +29,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 @dataclasses.dataclass
 class Args:
+    size: str = "csm-1b"
+    """Random weights at full csm-1b size, or tiny (test widths: a quick check that the benchmark runs)."""
     batches: tuple[int, ...] = (1, 4, 16)
     """Batch sizes to sweep."""
     frames: int = 24
@@ -85,12 +88,12 @@ def run_ours(args, roof):
     from csm_jax import csm, llama
     from csm_jax.csm import CsmConfig, GenState, generate_frames, init_params, prefill, prefill_pieces, set_sampling
 
-    cfg = CsmConfig.csm_1b()
+    cfg = CsmConfig.tiny() if args.size == "tiny" else CsmConfig.csm_1b()
     dtype = jnp.dtype(args.dtype) if args.dtype else (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     t0 = time.perf_counter()
     params = init_params(cfg, jax.random.key(0), dtype)
     jax.block_until_ready(params)
-    print(f"random csm-1b parameters ({jnp.dtype(dtype).name}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"random {args.size} parameters ({jnp.dtype(dtype).name}) in {time.perf_counter() - t0:.1f} s", flush=True)
     bytes_frame, flops_row = weight_bytes_per_frame(params)
 
     # Component timings at batch 1: one backbone step, one depth-decoder pass.
@@ -183,10 +186,16 @@ def run_reference(args, batches):
             "original_max_position_embeddings": 1024}
     drope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.001953125, "high_freq_factor": 0.0078125,
              "original_max_position_embeddings": 16}
-    cfg = HFCsmConfig(rope_scaling=rope, depth_decoder_config={"rope_scaling": drope})
+    if args.size == "tiny":
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from csm_fixtures import tiny_hf_config
+
+        cfg = tiny_hf_config(codec=False)
+    else:
+        cfg = HFCsmConfig(rope_scaling=rope, depth_decoder_config={"rope_scaling": drope})
     t0 = time.perf_counter()
     model = CsmForConditionalGeneration(cfg).eval()
-    print(f"transformers csm-1b (random, fp32) in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"transformers {args.size} (random, fp32) in {time.perf_counter() - t0:.1f} s", flush=True)
     _, _, S = _prompt(1)
     out = {}
     for B in batches:
@@ -218,7 +227,7 @@ def main(args: Args) -> None:
     ours = run_ours(args, roof)
     ref = run_reference(args, args.reference_batches) if args.reference else {}
     base = ref.get(1, {}).get("frames_per_s_stream")
-    print(f"\nCSM-1B generation on {roof['backend']} ({roof['device']}, {os.cpu_count()} cpus), "
+    print(f"\nCSM ({args.size}) generation on {roof['backend']} ({roof['device']}, {os.cpu_count()} cpus), "
           f"roofline: {roof['read_gbs']:.1f} GB/s read, {roof['matmul_gflops']:.0f} GFLOP/s fp32 matmul")
     hdr = (f"{'B':>3s} {'fr/s/str':>9s} {'fr/s tot':>9s} {'RTF':>6s} {'bb ms':>7s} {'dd ms':>7s} {'TTFF s':>7s} "
            f"{'GB/s':>6s} {'%bw':>5s} {'GFLOP/s':>8s} {'%mm':>5s} {'comp':>4s}" + ("  vs tf B=1" if base else ""))
@@ -235,7 +244,7 @@ def main(args: Args) -> None:
     for B, r in ref.items():
         print(f"transformers B={B}: {r['frames_per_s_stream']:.3f} frames/s per stream, "
               f"{r['frames_per_s_total']:.3f} total, first frame {r['ttff_s']:.2f} s")
-    print(json.dumps({"roofline": roof, "ours": ours, "transformers": ref, "jax": jax.__version__}))
+    print(json.dumps({"size": args.size, "roofline": roof, "ours": ours, "transformers": ref, "jax": jax.__version__}))
 
 
 if __name__ == "__main__":
