@@ -92,8 +92,10 @@ def rms_norm(x, scale, eps):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, size: int, dtype) -> dict:
-    """An empty cache of `size` slots: {"k": [...], "v": [...] per layer (B, S, K, H), "pos": (B, S)}."""
-    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    """An empty cache of `size` slots: {"k": [...], "v": [...] per layer (B, K, S, H), "pos": (B, S)}.
+    Batch and kv-head lead so that the attention products read the cache in place (with (B, S, K, H) XLA
+    copied the whole window into that order, per layer and step)."""
+    shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
     return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
             "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
             "pos": jnp.full((batch, size), -1, jnp.int32)}
@@ -107,18 +109,18 @@ def _attention(cfg, p, x, pos, slots, cache_pos, k_cache, v_cache, inv_freq, win
     k = qkv[..., N * H:(N + K) * H].reshape(B, T, K, H)
     v = qkv[..., (N + K) * H:].reshape(B, T, K, H)
     q, k = rope(q, pos, inv_freq), rope(k, pos, inv_freq)
-    rows = jnp.arange(B)[:, None]
-    k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop")
+    at = (jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], slots[:, None, :])  # (B, K, T)
+    k_cache = k_cache.at[at].set(jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[at].set(jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), mode="drop")
     q = q.reshape(B, T, K, N // K, H)
-    ks, vs, ps = k_cache[:, :window], v_cache[:, :window], cache_pos[:, :window]
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, ks, preferred_element_type=jnp.float32) / math.sqrt(H)
+    ks, vs, ps = k_cache[:, :, :window], v_cache[:, :, :window], cache_pos[:, :window]
+    logits = jnp.einsum("btkgh,bksh->bkgts", q, ks, preferred_element_type=jnp.float32) / math.sqrt(H)
     visible = (ps[:, None, :] >= 0) & (ps[:, None, :] <= pos[:, :, None])  # (B, T, S)
     logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
     w = jax.nn.softmax(logits, axis=-1)
     # Padding queries (pos -1) see nothing; give them zeros rather than NaN.
     w = jnp.where(jnp.isnan(w), 0.0, w).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", w, vs).reshape(B, T, N * H)
+    out = jnp.einsum("bkgts,bksh->btkgh", w, vs).reshape(B, T, N * H)
     return linear(out, p["wo"]), k_cache, v_cache
 
 
