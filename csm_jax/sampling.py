@@ -51,7 +51,7 @@ def _kth_by_bisection(x, k):
         enough = jnp.sum(keys >= cand, axis=-1, keepdims=True) >= k[:, None]
         return jnp.where(enough, cand, t)
 
-    t = jax.lax.fori_loop(0, 32, bit, jnp.zeros(x.shape[:-1] + (1,), jnp.uint32), unroll=True)
+    t = jax.lax.fori_loop(0, 32, bit, jnp.zeros(x.shape[:-1] + (1,), jnp.uint32))
     return _from_sortable(t)
 
 
