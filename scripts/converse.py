@@ -128,6 +128,7 @@ def headless(args: Args, gen) -> None:
 
 def microphone(args: Args, gen) -> None:
     import queue
+    import threading
 
     import numpy as np
 
@@ -168,12 +169,22 @@ def microphone(args: Args, gen) -> None:
         outdata[:n, 0], outdata[n:, 0] = buf[:n], 0
         state["buf"] = buf[n:]
 
-    mic: queue.Queue = queue.Queue()
+    # At most 60 s of microphone audio waits for the turn detector; more is dropped (with one warning) rather
+    # than hoarded: a real microphone never gets there, a device without a clock (a file, ALSA's null) does.
+    mic: queue.Queue = queue.Queue(maxsize=600)
+    overflow = threading.Event()
+
+    def record(x, *_):
+        try:
+            mic.put_nowait(x[:, 0].copy())
+        except queue.Full:
+            overflow.set()
+
     dev_in = int(args.input_device) if args.input_device and args.input_device.isdigit() else args.input_device
     dev_out = int(args.output_device) if args.output_device and args.output_device.isdigit() else args.output_device
     try:
         streams = (sd.InputStream(sr, channels=1, dtype="float32", blocksize=sr // 10, device=dev_in,
-                                  callback=lambda x, *_: mic.put(x[:, 0].copy())),
+                                  callback=record),
                    sd.OutputStream(24_000, channels=1, dtype="float32", device=dev_out, callback=play))
     except (sd.PortAudioError, ValueError) as e:
         raise ValueError(f"no usable microphone or speaker ({e}); pick devices with --input-device / "
@@ -182,8 +193,13 @@ def microphone(args: Args, gen) -> None:
     with streams[0], streams[1]:
         print("listening: speak, pause to let CSM answer (Ctrl-C quits)", file=sys.stderr)
         try:
+            warned = False
             while True:
                 session.feed(mic.get())
+                if overflow.is_set() and not warned:
+                    warned = True
+                    print("warning: the microphone delivers audio faster than real time; dropping what cannot be "
+                          "processed", file=sys.stderr)
         except KeyboardInterrupt:
             pass
         finally:
