@@ -241,7 +241,9 @@ def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp
     env = dict(os.environ, ALSA_CONFIG_PATH=f"/usr/share/alsa/alsa.conf:{conf}", PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "converse.py"), "--checkpoint", str(csm_dir),
                              "--llm-url", llm_server.url, "--llm-model", llm_server.model, "--asr-model", asr_model,
-                             "--max-sentence-ms", "400"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--max-sentence-ms", "400"], stderr=subprocess.PIPE, text=True, env=env,
+                            # Ctrl-C as in a terminal, even where this runs in the background (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines, turn_done = [], threading.Event()
 
     def read_stderr():  # read to the end: a full pipe would block the script
