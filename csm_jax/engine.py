@@ -7,11 +7,12 @@
             send(event.request, event.audio, event.finished)       # 24 kHz chunk per slot per step
 
 Shape of the loop (JetStream's prefill / insert / generate): a request's prompt is prefilled as one row
-and written into its slot's KV cache (in pieces of at most 128 rows, `csm.prefill_pieces`, so compiles stay few; the
-slot index is traced, so any slot uses the same compiled function) while the other slots keep their state;
-each `step` advances every busy slot by K frames in one device call (only the busy slots' rows, padded to
-a power of two, are computed); a batched streaming Mimi decoder turns each slot's new frames into audio. A slot that finishes (end of speech, frame cap, or
-`cancel`) is free at once for the next request. Sampling settings and seeds are per-slot arrays.
+and written into its slot's KV cache (in pieces of at most 128 rows, `csm.prefill_pieces`, so compiles
+stay few; the slot index is traced, so any slot uses the same compiled function) while the other slots
+keep their state; each `step` advances every busy slot by K frames in one device call (only the busy
+slots' rows, padded to a power of two, are computed); a batched streaming Mimi decoder turns each slot's
+new frames into audio. A slot that finishes (end of speech, frame cap, or `cancel`) is free at once for
+the next request. Sampling settings and seeds are per-slot arrays.
 """
 
 from __future__ import annotations

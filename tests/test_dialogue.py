@@ -28,7 +28,6 @@ def fresh_hidden(gen, segments, speaker, text):
 
 
 def test_appended_turns_equal_full_prompt(gen):
-    rng = np.random.default_rng(0)
     voice = [Segment(1, "This is how I sound.", audio=speech_like(24000, 1))]
     user_audio = [speech_like(24000, 2), speech_like(12000, 3)]
     d = Dialogue(gen, voice)
