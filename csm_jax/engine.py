@@ -58,6 +58,12 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.ends = np.zeros(slots, np.int64)  # per slot: every position it will write is below this
 
+    def reset(self) -> None:
+        """Every slot free with a fresh state (after a failed step left the state half-written)."""
+        self.state = csm.GenState.create(self.cfg, self.slots, self.params["c0_head"].dtype)
+        self.mimi_state = init_decoder_state(self.gen.mimi, self.slots)
+        self.requests.clear()
+
     def free_slots(self) -> list[int]:
         return [s for s in range(self.slots) if s not in self.requests]
 
