@@ -84,7 +84,12 @@ def _check_safetensors_header(path: Path) -> None:
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as numpy arrays; bf16/fp16 are widened to float32."""
+    """All tensors of one safetensors file as numpy arrays in the dtype stored (bf16 as ml_dtypes.bfloat16).
+
+    Nothing is cast here: the loaders cast each model's parameters to its one compute dtype
+    (`compute_dtype`), after deriving any tensor computed from several (Mimi's codebooks) in float32.
+    """
+    import ml_dtypes  # noqa: F401 - a jax dependency; registers bfloat16 with numpy so bf16 files load
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -95,18 +100,33 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, TypeError) as e:
-        if "bfloat16" not in str(e) and "bf16" not in str(e).lower():
-            raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
-    # numpy has no bfloat16: read through ml_dtypes (a jax dependency) and widen.
-    import ml_dtypes
-    from safetensors import safe_open
+        raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
 
-    out: dict[str, np.ndarray] = {}
-    with safe_open(str(path), framework="flax") as fh:
-        for k in fh.keys():
-            out[k] = np.asarray(fh.get_tensor(k)).astype(np.float32)
-    del ml_dtypes
-    return out
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(dtype=None, model: str = "csm"):
+    """The one dtype a model's parameters are cast to, whatever dtype its files store (fp32, bf16, fp16).
+
+    `dtype` None or "auto" means the model's default: for CSM float32 on CPU (XLA:CPU bf16 matmuls are very
+    slow) and bfloat16 on GPU/TPU; for Mimi always float32. Otherwise a name or dtype among COMPUTE_DTYPES.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        if model == "mimi" or jax.default_backend() == "cpu":
+            return jnp.dtype(jnp.float32)
+        return jnp.dtype(jnp.bfloat16)
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(COMPUTE_DTYPES)}") from e
+    if dt.name not in COMPUTE_DTYPES:
+        raise ValueError(f"{model} cannot compute in {dt.name}: use one of auto, {', '.join(COMPUTE_DTYPES)} "
+                         "(checkpoints stored in float16 load into either)")
+    return dt
 
 
 def read_safetensors_files(files: Sequence[Path]) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
@@ -229,10 +249,11 @@ def detect_csm_layout(keys) -> str:
 
 
 def csm_params_from_tensors(tensors: dict[str, np.ndarray], cfg, source: str, dtype=None):
-    """Our CSM parameters from checkpoint tensors of either layout (strict). -> (params, codec tensors or None)."""
+    """Our CSM parameters from checkpoint tensors of either layout, in any float dtype (strict), cast to
+    `compute_dtype(dtype)`. -> (params, the codec_model.* tensors as stored or None)."""
     import jax.numpy as jnp
 
-    dtype = dtype or jnp.float32
+    dtype = compute_dtype(dtype, "csm")
     layout = detect_csm_layout(tensors.keys())
     st = StrictTensors(tensors, source)
     D, Dd, V, C = cfg.backbone.dim, cfg.decoder.dim, cfg.audio_vocab_size, cfg.num_codebooks
@@ -278,11 +299,8 @@ class CsmCheckpoint:
 
 
 def default_dtype():
-    """fp32 on CPU (XLA:CPU bf16 matmuls are very slow), bf16 on GPU/TPU."""
-    import jax
-    import jax.numpy as jnp
-
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    """CSM's default compute dtype: fp32 on CPU (XLA:CPU bf16 matmuls are very slow), bf16 on GPU/TPU."""
+    return compute_dtype(None, "csm")
 
 
 def load_csm(id_or_path: str | os.PathLike = "sesame/csm-1b", dtype=None) -> CsmCheckpoint:
@@ -305,6 +323,6 @@ def load_csm(id_or_path: str | os.PathLike = "sesame/csm-1b", dtype=None) -> Csm
         raise CheckpointError(f"{id_or_path}: config.json is not a CSM config ({e})") from e
     tensors, _ = read_safetensors_files(weights)
     source = str(weights[0]) if len(weights) == 1 else f"{id_or_path} ({len(weights)} files)"
-    params, codec = csm_params_from_tensors(tensors, cfg, source, dtype or default_dtype())
+    params, codec = csm_params_from_tensors(tensors, cfg, source, compute_dtype(dtype, "csm"))
     tok = next((str(f) for f in files if f.name == "tokenizer.json"), None)
     return CsmCheckpoint(cfg, params, codec, tok, source)

@@ -8,17 +8,20 @@ Layouts (detected from the key names, never guessed):
            CSM checkpoint once the prefix is stripped.
 Our parameters keep the interleaved order, so hf q/k rows are un-permuted exactly. Convolutions become
 (K, C_in/groups, C_out) kernels; transposed convolutions (K, C_in, C_out), each tap a matmul.
+Files may store fp32, bf16 or fp16: the parameters are built as numpy arrays in the stored dtype (the
+codebooks derived in float32) and cast once, at the end, to the one compute dtype (float32 by default).
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from csm_jax.checkpoints import (CheckpointError, StrictTensors, read_config, read_safetensors_files,
-                                 resolve_files)
+from csm_jax.checkpoints import (CheckpointError, StrictTensors, compute_dtype, read_config,
+                                 read_safetensors_files, resolve_files)
 from csm_jax.mimi.model import MimiConfig
 from csm_jax.mimi.seanet import DEC_STRIDES, ENC_STRIDES
 
@@ -94,9 +97,8 @@ def detect_layout(keys) -> str:
 
 
 def _conv_params(st, key, shape, transpose=_conv):
-    p = {"w": jnp.asarray(transpose(st.take(f"{key}.weight", shape)))}
-    p["b"] = jnp.asarray(st.take(f"{key}.bias", (shape[0] if transpose is _conv else shape[1],)))
-    return p
+    return {"w": transpose(st.take(f"{key}.weight", shape)),
+            "b": st.take(f"{key}.bias", (shape[0] if transpose is _conv else shape[1],))}
 
 
 def _transformer(st, prefix, layout):
@@ -124,8 +126,7 @@ def _transformer(st, prefix, layout):
             "w1": st.take(f"{f1}.weight", (FF, D)).T, "w2": st.take(f"{f2}.weight", (D, FF)).T,
             "ls1": st.take(ls1, (D,)), "ls2": st.take(ls2, (D,)),
         }
-        layers.append({k2: (jnp.asarray(np.ascontiguousarray(v)) if not isinstance(v, dict)
-                            else {a: jnp.asarray(b) for a, b in v.items()}) for k2, v in lp.items()})
+        layers.append(lp)
     return layers
 
 
@@ -134,25 +135,28 @@ def _quantizer(st, n):
         out = []
         for s in range(count):
             k = f"{prefix}.{n['books']}.{s}.{n['book']}"
-            total = st.take(f"{k}.{n['sum']}", (CODEBOOK, CODE_DIM))
-            usage = st.take(f"{k}.cluster_usage", (CODEBOOK,))
+            # In float32 whatever the file stores: a bf16/fp16 quotient would round once more.
+            total = st.take(f"{k}.{n['sum']}", (CODEBOOK, CODE_DIM)).astype(np.float32)
+            usage = st.take(f"{k}.cluster_usage", (CODEBOOK,)).astype(np.float32)
             st.take(f"{k}.{n['flag']}", (1,))
-            out.append(total / np.maximum(usage, 1e-5)[:, None])  # EuclideanCodebook.embedding, eps 1e-5
-        return jnp.asarray(np.stack(out).astype(np.float32))
+            out.append(total / np.maximum(usage, np.float32(1e-5))[:, None])  # EuclideanCodebook.embedding
+        return np.stack(out)
 
     q = {}
     for name, count in (("first", 1), ("rest", N_Q - 1)):
         prefix = n[f"q.{name}"]
         q[name] = {
-            "in": jnp.asarray(st.take(f"{prefix}.input_proj.weight", (CODE_DIM, D, 1))[:, :, 0].T.copy()),
-            "out": jnp.asarray(st.take(f"{prefix}.output_proj.weight", (D, CODE_DIM, 1))[:, :, 0].T.copy()),
+            "in": st.take(f"{prefix}.input_proj.weight", (CODE_DIM, D, 1))[:, :, 0].T,
+            "out": st.take(f"{prefix}.output_proj.weight", (D, CODE_DIM, 1))[:, :, 0].T,
             "codebooks": books(prefix, count),
         }
     return q
 
 
-def mimi_params_from_tensors(tensors: dict[str, np.ndarray], source: str, dtype=jnp.float32):
-    """Our Mimi parameters from a dict of checkpoint tensors in either layout (strict). -> (MimiConfig, params)."""
+def mimi_params_from_tensors(tensors: dict[str, np.ndarray], source: str, dtype=None):
+    """Our Mimi parameters from a dict of checkpoint tensors in either layout and any float dtype (strict),
+    cast to `compute_dtype(dtype, "mimi")` (None: float32). -> (MimiConfig, params)."""
+    dtype = compute_dtype(dtype, "mimi")
     layout = detect_layout(tensors.keys())
     st = StrictTensors(tensors, source)
     n = _names(layout)
@@ -178,17 +182,15 @@ def mimi_params_from_tensors(tensors: dict[str, np.ndarray], source: str, dtype=
     params = {
         "encoder": enc,
         "encoder_transformer": _transformer(st, prefix_tr.format("encoder"), layout),
-        "downsample": {"w": jnp.asarray(_conv(st.take(n["downsample"], (D, D, 4))))},
+        "downsample": {"w": _conv(st.take(n["downsample"], (D, D, 4)))},
         "quantizer": _quantizer(st, n),
-        "upsample": {"w": jnp.asarray(_convtr(st.take(n["upsample"], (D, 1, 4)), groups=D))},
+        "upsample": {"w": _convtr(st.take(n["upsample"], (D, 1, 4)), groups=D)},
         "decoder_transformer": _transformer(st, prefix_tr.format("decoder"), layout),
         "decoder": dec,
     }
     st.finish()
-    if dtype != jnp.float32:
-        import jax
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-    return MimiConfig(), params
+    # The one cast: every parameter, whatever its stored dtype, to the compute dtype.
+    return MimiConfig(), jax.tree.map(lambda x: jnp.asarray(np.ascontiguousarray(x), dtype), params)
 
 
 def _check_hf_config(config: dict | None, source: str) -> None:
@@ -203,8 +205,11 @@ def _check_hf_config(config: dict | None, source: str) -> None:
         raise CheckpointError(f"{source}: unsupported Mimi config: {detail}")
 
 
-def load_mimi(id_or_path: str | os.PathLike = "kyutai/mimi", dtype=jnp.float32):
-    """Loads Mimi from a hub repo id, a local folder or a .safetensors file. -> (MimiConfig, params)."""
+def load_mimi(id_or_path: str | os.PathLike = "kyutai/mimi", dtype=None):
+    """Loads Mimi from a hub repo id, a local folder or a .safetensors file stored in fp32, bf16 or fp16.
+
+    `dtype`: the compute dtype of the parameters (and so of streaming state and activations): None = float32,
+    or "bfloat16". -> (MimiConfig, params)."""
     files = resolve_files(id_or_path, ["*.safetensors", "config.json"])
     weights = [f for f in files if f.name != "config.json"]
     if not weights:

@@ -5,8 +5,10 @@
   decode: codes -> RVQ decode (B, T, 512) -> depthwise stride-2 transposed-conv upsample (B, 2T, 512)
           -> transformer (25 Hz) -> SEANet decoder -> audio (B, 1920 T)
 
-Parameters are a plain dict (see `csm_jax.mimi.checkpoint` for how files map onto it). Streaming state is a
-dict of arrays, carried through jitted steps and donated; rows are independent streams.
+Parameters are a plain dict (see `csm_jax.mimi.checkpoint` for how files map onto it), all of one compute
+dtype (float32 unless bfloat16 was asked for at load time); activations and streaming state take that dtype
+too, while audio in and out is float32. Streaming state is a dict of arrays, carried through jitted steps and
+donated; rows are independent streams.
 """
 
 from __future__ import annotations
@@ -45,8 +47,13 @@ def _check_audio_batch(audio):
         raise ValueError("Mimi cannot encode empty audio (0 samples)")
 
 
+def compute_dtype(params):
+    """The dtype Mimi computes in: that of its parameters (one for all, chosen when they were loaded)."""
+    return params["decoder"]["in"]["w"].dtype
+
+
 def _latent(params, audio):
-    h, _ = seanet.encoder(params["encoder"], audio[:, :, None].astype(jnp.float32))
+    h, _ = seanet.encoder(params["encoder"], audio[:, :, None].astype(compute_dtype(params)))
     pos = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
     h, _ = tr.transformer(params["encoder_transformer"], h, pos)
     return conv1d(params["downsample"], h, stride=2, replicate=True)
@@ -78,7 +85,7 @@ def _decode(params, codes):
     pos = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
     h, _ = tr.transformer(params["decoder_transformer"], h, pos)
     y, _ = seanet.decoder(params["decoder"], h)
-    return y[:, :, 0]
+    return y[:, :, 0].astype(jnp.float32)
 
 
 def decode(params, codes):
@@ -93,23 +100,29 @@ def decode(params, codes):
 # ----------------------------------------------------------------------------------------------- streaming
 
 
+def _as(dtype, buffers):
+    return jax.tree.map(lambda x: x.astype(dtype), buffers)
+
+
 def init_encoder_state(params, batch_size: int):
-    """Fresh state for `batch_size` independent encoder streams (shapes taken from `params`)."""
+    """Fresh state for `batch_size` independent encoder streams (shapes and dtype taken from `params`)."""
+    dt = compute_dtype(params)
     return {
-        "seanet": seanet.init_encoder_state(params["encoder"], batch_size),
-        "transformer": tr.init_caches(params["encoder_transformer"], batch_size),
-        "down": jnp.zeros((batch_size, 2, params["downsample"]["w"].shape[1]), jnp.float32),
+        "seanet": _as(dt, seanet.init_encoder_state(params["encoder"], batch_size)),
+        "transformer": tr.init_caches(params["encoder_transformer"], batch_size, dt),
+        "down": jnp.zeros((batch_size, 2, params["downsample"]["w"].shape[1]), dt),
         "offset": jnp.zeros((batch_size,), jnp.int32),
         "first": jnp.ones((batch_size,), bool),
     }
 
 
 def init_decoder_state(params, batch_size: int):
-    """Fresh state for `batch_size` independent decoder streams (shapes taken from `params`)."""
+    """Fresh state for `batch_size` independent decoder streams (shapes and dtype taken from `params`)."""
+    dt = compute_dtype(params)
     return {
-        "seanet": seanet.init_decoder_state(params["decoder"], batch_size),
-        "transformer": tr.init_caches(params["decoder_transformer"], batch_size),
-        "up": jnp.zeros((batch_size, 2, params["upsample"]["w"].shape[2]), jnp.float32),
+        "seanet": _as(dt, seanet.init_decoder_state(params["decoder"], batch_size)),
+        "transformer": tr.init_caches(params["decoder_transformer"], batch_size, dt),
+        "up": jnp.zeros((batch_size, 2, params["upsample"]["w"].shape[2]), dt),
         "offset": jnp.zeros((batch_size,), jnp.int32),
         "first": jnp.ones((batch_size,), bool),
     }
@@ -130,7 +143,7 @@ def _keep_rows(new, old, active):
 @partial(jax.jit, static_argnames=("num_codebooks",), donate_argnums=(1,))
 def _encode_step(params, state, chunk, active, num_codebooks):
     B = chunk.shape[0]
-    h, sean = seanet.encoder(params["encoder"], chunk[:, :, None].astype(jnp.float32), state["seanet"])
+    h, sean = seanet.encoder(params["encoder"], chunk[:, :, None].astype(compute_dtype(params)), state["seanet"])
     pos = state["offset"][:, None] + jnp.arange(h.shape[1], dtype=jnp.int32)
     h, caches = tr.transformer(params["encoder_transformer"], h, pos, state["transformer"])
     # The downsample is replicate-padded: a stream's first step sees its first latent twice on the left.
@@ -163,7 +176,7 @@ def _decode_step(params, state, codes, active):
     y, sean = seanet.decoder(params["decoder"], h, state["seanet"])
     new = {"seanet": sean, "transformer": caches, "up": up,
            "offset": state["offset"] + h.shape[1], "first": jnp.zeros_like(state["first"])}
-    return _keep_rows(new, state, active), y[:, :, 0]
+    return _keep_rows(new, state, active), y[:, :, 0].astype(jnp.float32)
 
 
 def decode_step(params, state, codes_frame, active=None):
