@@ -113,12 +113,27 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return _atomic_write(Path(path), ".tmp.npy", lambda fh: np.save(fh, array))
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, suffix: str, write) -> Path:
     """`write(file object)` into a temporary file beside `path`, renamed over it only when complete."""
     parent = check_output_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: give open()'s usual mode
             write(fh)
         os.replace(tmp, path)
     except BaseException:
