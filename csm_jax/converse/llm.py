@@ -1,0 +1,113 @@
+"""The LLM: an OpenAI-compatible /chat/completions client with streamed text (Ollama, llama.cpp, vLLM, OpenAI),
+and the cutting of its streamed reply into sentences, each spoken while the LLM writes the next."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from typing import Iterator
+
+SYSTEM_PROMPT = ("You are a friendly voice assistant in a spoken conversation. Answer in one to three short "
+                 "sentences of plain spoken English: no lists, no markdown, no emoji, no stage directions.")
+
+
+class LLMError(RuntimeError):
+    """The LLM endpoint failed; the message says how (and the conversation goes on)."""
+
+
+class ChatClient:
+    """An OpenAI-compatible chat-completions client with streamed text.
+
+    base_url: e.g. http://localhost:11434/v1 (Ollama), http://localhost:8080/v1 (llama.cpp server),
+    https://api.openai.com/v1. The API key is read from the environment variable `api_key_env`."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                 system_prompt: str = SYSTEM_PROMPT, max_tokens: int = 200, temperature: float = 0.7,
+                 timeout_s: float = 30.0):
+        import httpx
+
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.system_prompt = model, system_prompt
+        self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
+        key = os.environ.get(api_key_env, "")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
+
+    def stream(self, history: list[dict], stop: threading.Event | None = None) -> Iterator[str]:
+        """Text deltas of the reply to `history` (a list of {"role", "content"}), as they arrive."""
+        import httpx
+
+        body = {"model": self.model, "stream": True, "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "messages": [{"role": "system", "content": self.system_prompt}, *history]}
+        try:
+            with self.http.stream("POST", self.url, json=body, headers=self.headers) as r:
+                if r.status_code >= 400:
+                    detail = r.read().decode(errors="replace")[:300]
+                    raise LLMError(f"the LLM at {self.url} answered {r.status_code}: {detail}")
+                for line in r.iter_lines():
+                    if stop is not None and stop.is_set():
+                        return
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    try:
+                        msg = json.loads(data)
+                    except ValueError as e:
+                        raise LLMError(f"the LLM at {self.url} sent a malformed stream line: {data[:120]}") from e
+                    if "error" in msg:
+                        raise LLMError(f"the LLM at {self.url} failed: {msg['error']}")
+                    for choice in msg.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            yield text
+        except httpx.ConnectError as e:
+            raise LLMError(f"cannot reach the LLM at {self.url} ({e}); start it or pass the right --llm-url") from e
+        except httpx.TimeoutException as e:
+            raise LLMError(f"the LLM at {self.url} did not answer within {self.timeout_s:g} s; "
+                           "it may be overloaded or loading a model: try again, or raise --llm-timeout") from e
+        except httpx.HTTPError as e:
+            raise LLMError(f"the connection to the LLM at {self.url} failed: {e}") from e
+
+
+_CLEAN = [(re.compile(r"[*_`#>]+"), ""), (re.compile(r"\s+"), " ")]
+_END = re.compile(r"[.!?…](?:[\"'”’)\]]*)(?=\s)|\n\s*\n")
+
+
+class SentenceCutter:
+    """Cuts streamed text into sentences: a sentence ends at . ! ? … (and closing quotes) followed by white
+    space, or at a blank line; one longer than `max_chars` is cut at its last comma or space."""
+
+    def __init__(self, max_chars: int = 250, min_chars: int = 2):
+        self.buf, self.max_chars, self.min_chars = "", max_chars, min_chars
+
+    def feed(self, delta: str) -> list[str]:
+        self.buf += delta
+        out = []
+        while True:
+            m = _END.search(self.buf)
+            if m is None or m.end() > self.max_chars:
+                if len(self.buf) <= self.max_chars:
+                    break
+                cut = max(self.buf.rfind(", ", 0, self.max_chars), self.buf.rfind(" ", 0, self.max_chars))
+                cut = cut + 1 if cut > 0 else self.max_chars
+            else:
+                cut = m.end()
+            s, self.buf = _clean(self.buf[:cut]), self.buf[cut:]
+            if len(s) >= self.min_chars:
+                out.append(s)
+        return out
+
+    def flush(self) -> list[str]:
+        s, self.buf = _clean(self.buf), ""
+        return [s] if len(s) >= self.min_chars and re.search(r"\w", s) else []
+
+
+def _clean(s: str) -> str:
+    for pat, rep in _CLEAN:
+        s = pat.sub(rep, s)
+    return s.strip()
