@@ -38,6 +38,14 @@ def check_audio(audio: np.ndarray, what: str = "audio") -> np.ndarray:
     return audio
 
 
+def resample(audio: np.ndarray, sample_rate: int, target_sr: int) -> np.ndarray:
+    """Mono audio at `sample_rate` -> float32 at `target_sr` (soxr "HQ"); as it is when the rates agree."""
+    audio = np.asarray(audio, np.float32)
+    if int(sample_rate) == int(target_sr):
+        return audio
+    return soxr.resample(audio, int(sample_rate), int(target_sr), quality="HQ").astype(np.float32)
+
+
 def to_mono(samples: np.ndarray, sample_rate: int, target_sr: int = SAMPLE_RATE, what: str = "audio") -> np.ndarray:
     """(L,) or (L, channels) samples at `sample_rate` -> mono float32 (L',) at `target_sr`.
 
@@ -56,7 +64,7 @@ def to_mono(samples: np.ndarray, sample_rate: int, target_sr: int = SAMPLE_RATE,
     if int(sample_rate) <= 0:
         raise ValueError(f"{what}: invalid sample rate {sample_rate}")
     if int(sample_rate) != target_sr:
-        audio = soxr.resample(audio, int(sample_rate), target_sr, quality="HQ").astype(np.float32)
+        audio = resample(audio, sample_rate, target_sr)
         if audio.size == 0:
             raise ValueError(f"{what}: too short to resample from {sample_rate} Hz to {target_sr} Hz")
     return audio

@@ -138,7 +138,7 @@ def test_user_audio_codes_in_context_and_long_turn(gen, llm_server, asr_model, t
     log = conv.turn(audio, sr)
     import jax.numpy as jnp
 
-    from csm_jax.converse import resample
+    from csm_jax.audio import resample
     from csm_jax.mimi import encode
 
     user = d.segments[1]
@@ -214,7 +214,7 @@ def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp
     import signal
 
     from converse_fixtures import require
-    from csm_jax.converse import resample
+    from csm_jax.audio import resample
 
     try:
         import sounddevice  # noqa: F401  (needs the PortAudio library)

@@ -23,8 +23,8 @@ from csm_jax.converse.asr import Transcriber
 from csm_jax.converse.llm import SYSTEM_PROMPT, ChatClient, LLMError, SentenceCutter
 from csm_jax.converse.options import ConverseOptions, Serialized
 from csm_jax.converse.session import Conversation, LiveSession, TurnLog
-from csm_jax.converse.vad import VAD_RATE, TurnDetector, TurnEvent, VoiceActivity, default_vad_model, resample
+from csm_jax.converse.vad import VAD_RATE, TurnDetector, TurnEvent, VoiceActivity, default_vad_model
 
 __all__ = ["VAD_RATE", "SYSTEM_PROMPT", "VoiceActivity", "TurnEvent", "TurnDetector", "default_vad_model",
            "Transcriber", "ChatClient", "LLMError", "SentenceCutter", "Conversation", "LiveSession", "TurnLog",
-           "Serialized", "ConverseOptions", "resample"]
+           "Serialized", "ConverseOptions"]

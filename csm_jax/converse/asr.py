@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from csm_jax.audio import check_audio
-from csm_jax.converse.vad import VAD_RATE, resample
+from csm_jax.audio import check_audio, resample
+from csm_jax.converse.vad import VAD_RATE
 
 
 class Transcriber:

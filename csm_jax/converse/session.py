@@ -14,10 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from csm_jax.audio import SAMPLE_RATE, check_audio
+from csm_jax.audio import SAMPLE_RATE, check_audio, resample
 from csm_jax.converse.asr import Transcriber
 from csm_jax.converse.llm import ChatClient, SentenceCutter
-from csm_jax.converse.vad import TurnDetector, resample
+from csm_jax.converse.vad import TurnDetector
 from csm_jax.dialogue import Dialogue, codes_digest
 from csm_jax.text import FRAME_SAMPLES, Segment
 

@@ -12,14 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from csm_jax.audio import resample
+
 VAD_RATE = 16_000
-
-
-def resample(audio: np.ndarray, sr: int, target: int) -> np.ndarray:
-    import soxr
-
-    audio = np.asarray(audio, np.float32)
-    return audio if sr == target else soxr.resample(audio, sr, target, "HQ").astype(np.float32)
 
 
 def default_vad_model() -> Path:
