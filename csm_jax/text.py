@@ -123,19 +123,53 @@ def build_prompt(tok: Tokenizer, context: list[Segment], speaker: int, text: str
     return tokens, mask, dropped
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"'”’)\]])\s+")
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s)|\n\s*\n")
+
+
+class SentenceCutter:
+    """Sentences from text that arrives in pieces (an LLM's streamed reply); `split_sentences` is the same rule
+    over a whole text. A sentence ends at . ! ? … (and any closing quotes or brackets) followed by white
+    space, or at a blank line; one longer than `max_chars` is cut at its last ", " or space (in a word that
+    long, at `max_chars`). Runs of white space become one space; a piece without a letter or digit is dropped.
+    No abbreviation rules: "Dr. Smith" is two sentences."""
+
+    def __init__(self, max_chars: int = 250):
+        if max_chars < 1:
+            raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+        self.buf, self.max_chars = "", max_chars
+
+    def feed(self, text: str) -> list[str]:
+        """The sentences `text` completes (a sentence's end is known once the white space after it arrives)."""
+        self.buf += text
+        out = []
+        while True:
+            m = _SENTENCE_END.search(self.buf)
+            if m is None or m.end() > self.max_chars:
+                if len(self.buf) <= self.max_chars:
+                    break
+                cut = max(self.buf.rfind(", ", 0, self.max_chars), self.buf.rfind(" ", 0, self.max_chars))
+                cut = cut + 1 if cut > 0 else self.max_chars
+            else:
+                cut = m.end()
+            out += _sentence(self.buf[:cut])
+            self.buf = self.buf[cut:]
+        return out
+
+    def flush(self) -> list[str]:
+        """The rest, at the end of the text."""
+        rest, self.buf = self.buf, ""
+        return _sentence(rest)
+
+
+def _sentence(piece: str) -> list[str]:
+    piece = " ".join(piece.split())
+    return [piece] if re.search(r"\w", piece) else []
 
 
 def split_sentences(text: str, max_chars: int = 300) -> list[str]:
-    """Splits text at sentence ends; a sentence longer than `max_chars` is split further at commas or spaces."""
-    out = []
-    for s in _SENTENCE_END.split(check_text(text)):
-        s = s.strip()
-        while len(s) > max_chars:
-            cut = max(s.rfind(", ", 0, max_chars), s.rfind(" ", 0, max_chars))
-            cut = cut if cut > 0 else max_chars
-            out.append(s[:cut + 1].strip())
-            s = s[cut + 1:].strip()
-        if s:
-            out.append(s)
+    """The sentences of `text` by SentenceCutter's rule; raises ValueError when it has no words to speak."""
+    cutter = SentenceCutter(max_chars)
+    out = cutter.feed(check_text(text)) + cutter.flush()
+    if not out:
+        raise ValueError(f"no words to speak in {text.strip()[:80]!r}: give text with letters or digits")
     return out

@@ -15,7 +15,7 @@ import soundfile as sf
 
 from converse_fixtures import speak
 from csm_jax.converse import (ChatClient, Conversation, LiveSession, SentenceCutter, Transcriber, TurnDetector,
-                              VoiceActivity)
+                              VoiceActivity, without_markdown)
 from csm_jax.dialogue import Dialogue, codes_digest
 from csm_jax.generate import Generator
 from csm_jax.text import Segment
@@ -38,12 +38,15 @@ def turns(tmp_path_factory):
 
 
 def test_sentence_cutter():
+    """The LLM's stream as the conversation cuts it: markdown marks out, then sentences as they complete."""
     c = SentenceCutter(max_chars=40)
     out = []
     for delta in ["Hel", "lo there", ". How", " are you", "?", " I'm *fine*", ", thanks!\n\nA", " list"]:
-        out += c.feed(delta)
+        out += c.feed(without_markdown(delta))
     assert out == ["Hello there.", "How are you?", "I'm fine, thanks!"]
     assert c.flush() == ["A list"]
+    c = SentenceCutter()  # marks go before the cutting, so "**Sure.**" ends a sentence; a rule has no words
+    assert c.feed(without_markdown("**Sure.** Here\n\n---\n\nit is. ")) == ["Sure.", "Here", "it is."]
     c = SentenceCutter(max_chars=20)
     assert c.feed("one two three four five six seven eight") == ["one two three four"]  # cut at a space
     assert c.flush() == ["five six seven eight"] and SentenceCutter().flush() == []

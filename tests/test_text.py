@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from csm_jax.text import Segment, Tokenizer, build_prompt, split_sentences
+from csm_jax.text import Segment, SentenceCutter, Tokenizer, build_prompt, split_sentences
 
 TOKENIZER = os.environ.get("CSM_JAX_TEST_TOKENIZER", "")
 
@@ -80,8 +80,21 @@ def test_empty_text(tok):
 
 
 def test_split_sentences():
+    """One rule with the conversation's streamed cutter (tests/test_converse.py: test_sentence_cutter)."""
     assert split_sentences('Hello there. "How are you?" she asked!  Fine') == [
         "Hello there.", '"How are you?"', "she asked!", "Fine"]
     long = "word, " * 100
     parts = split_sentences(long, max_chars=120)
     assert all(len(p) <= 120 for p in parts) and " ".join(parts).split() == long.split()
+    # A blank line ends a sentence; white space runs (line breaks too) become one space.
+    assert split_sentences("Chapter One\n\nIt was  late,\nand dark.") == ["Chapter One", "It was late, and dark."]
+    assert split_sentences("He said (\"no.\") Then left.") == ['He said ("no.")', "Then left."]
+    assert split_sentences("x" * 25, max_chars=10) == ["x" * 10, "x" * 10, "x" * 5]  # a word that long
+    assert split_sentences("Yes. ... No!") == ["Yes.", "No!"]  # a piece without words is not spoken
+    with pytest.raises(ValueError, match="no words to speak"):
+        split_sentences("... !")
+    # The same sentences whether the text comes whole or in pieces.
+    text = 'One, two. "Three?" Four!\n\nFive ' + "six " * 40
+    c = SentenceCutter(max_chars=60)
+    pieces = [p for i in range(0, len(text), 7) for p in c.feed(text[i:i + 7])] + c.flush()
+    assert pieces == split_sentences(text, max_chars=60)

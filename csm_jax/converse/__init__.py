@@ -14,17 +14,18 @@ Parts, one file each, each usable alone:
               TurnDetector: streaming end-of-turn detection over it (speech start, then enough silence)
   asr.py      Transcriber: faster-whisper (a model name such as "tiny.en", or a local CTranslate2 folder)
   llm.py      ChatClient: OpenAI-compatible /chat/completions with streamed text (Ollama, llama.cpp, vLLM,
-              OpenAI); SentenceCutter: incremental sentence boundaries over the streamed text
+              OpenAI), cut into sentences by csm_jax.text.SentenceCutter (split_sentences' rule, incremental)
   session.py  Conversation (one turn: ASR -> LLM -> CSM), LiveSession (a microphone stream, barge-in), TurnLog
   options.py  ConverseOptions: the settings the scripts share, and a factory of conversations
 """
 
 from csm_jax.converse.asr import Transcriber
-from csm_jax.converse.llm import SYSTEM_PROMPT, ChatClient, LLMError, SentenceCutter
+from csm_jax.converse.llm import SYSTEM_PROMPT, ChatClient, LLMError, without_markdown
 from csm_jax.converse.options import ConverseOptions, Serialized
 from csm_jax.converse.session import Conversation, LiveSession, TurnLog
 from csm_jax.converse.vad import VAD_RATE, TurnDetector, TurnEvent, VoiceActivity, default_vad_model
+from csm_jax.text import SentenceCutter
 
 __all__ = ["VAD_RATE", "SYSTEM_PROMPT", "VoiceActivity", "TurnEvent", "TurnDetector", "default_vad_model",
-           "Transcriber", "ChatClient", "LLMError", "SentenceCutter", "Conversation", "LiveSession", "TurnLog",
-           "Serialized", "ConverseOptions"]
+           "Transcriber", "ChatClient", "LLMError", "without_markdown", "SentenceCutter", "Conversation",
+           "LiveSession", "TurnLog", "Serialized", "ConverseOptions"]

@@ -1,5 +1,5 @@
-"""The LLM: an OpenAI-compatible /chat/completions client with streamed text (Ollama, llama.cpp, vLLM, OpenAI),
-and the cutting of its streamed reply into sentences, each spoken while the LLM writes the next."""
+"""The LLM: an OpenAI-compatible /chat/completions client with streamed text (Ollama, llama.cpp, vLLM, OpenAI).
+Its reply is cut into sentences by csm_jax.text.SentenceCutter, each spoken while the LLM writes the next."""
 
 from __future__ import annotations
 
@@ -74,40 +74,10 @@ class ChatClient:
             raise LLMError(f"the connection to the LLM at {self.url} failed: {e}") from e
 
 
-_CLEAN = [(re.compile(r"[*_`#>]+"), ""), (re.compile(r"\s+"), " ")]
-_END = re.compile(r"[.!?…](?:[\"'”’)\]]*)(?=\s)|\n\s*\n")
+_MARKDOWN = re.compile(r"[*_`#>]+")
 
 
-class SentenceCutter:
-    """Cuts streamed text into sentences: a sentence ends at . ! ? … (and closing quotes) followed by white
-    space, or at a blank line; one longer than `max_chars` is cut at its last comma or space."""
-
-    def __init__(self, max_chars: int = 250, min_chars: int = 2):
-        self.buf, self.max_chars, self.min_chars = "", max_chars, min_chars
-
-    def feed(self, delta: str) -> list[str]:
-        self.buf += delta
-        out = []
-        while True:
-            m = _END.search(self.buf)
-            if m is None or m.end() > self.max_chars:
-                if len(self.buf) <= self.max_chars:
-                    break
-                cut = max(self.buf.rfind(", ", 0, self.max_chars), self.buf.rfind(" ", 0, self.max_chars))
-                cut = cut + 1 if cut > 0 else self.max_chars
-            else:
-                cut = m.end()
-            s, self.buf = _clean(self.buf[:cut]), self.buf[cut:]
-            if len(s) >= self.min_chars:
-                out.append(s)
-        return out
-
-    def flush(self) -> list[str]:
-        s, self.buf = _clean(self.buf), ""
-        return [s] if len(s) >= self.min_chars and re.search(r"\w", s) else []
-
-
-def _clean(s: str) -> str:
-    for pat, rep in _CLEAN:
-        s = pat.sub(rep, s)
-    return s.strip()
+def without_markdown(text: str) -> str:
+    """`text` without markdown's marks (* _ ` # >), which a voice would read out; a stream's pieces can be
+    cleaned one by one, as it deletes single characters."""
+    return _MARKDOWN.sub("", text)

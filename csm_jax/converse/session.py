@@ -16,10 +16,10 @@ import numpy as np
 
 from csm_jax.audio import SAMPLE_RATE, check_audio, resample
 from csm_jax.converse.asr import Transcriber
-from csm_jax.converse.llm import ChatClient, SentenceCutter
+from csm_jax.converse.llm import ChatClient, without_markdown
 from csm_jax.converse.vad import TurnDetector
 from csm_jax.dialogue import Dialogue, codes_digest
-from csm_jax.text import FRAME_SAMPLES, Segment
+from csm_jax.text import FRAME_SAMPLES, Segment, SentenceCutter
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Conversation:
             cutter = SentenceCutter()
             try:
                 for delta in self.llm.stream(messages, cancel):
-                    for s in cutter.feed(delta):
+                    for s in cutter.feed(without_markdown(delta)):
                         sentences.put((s, time.monotonic()))
                 for s in cutter.flush():
                     sentences.put((s, time.monotonic()))
