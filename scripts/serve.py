@@ -5,7 +5,13 @@
        -d '{"model": "csm-1b", "input": "Hello!", "voice": "alice"}' -o hello.wav
 
 Voices folder: NAME.wav (any audio format) + NAME.txt (its transcript) + optional NAME.json ({"speaker": 1}).
-Requests beyond the slots wait in a bounded queue (--max-queue); when it is full the answer is 429.
+Requests beyond the slots wait in a bounded queue (--max-queue); when slots and queue are all taken the
+answer is 429. Limits against careless or hostile clients (all errors are JSON in OpenAI's shape): bodies
+over --max-body-kb get 413 before they are read whole; a request's headers, and then its body, must arrive
+within --request-timeout seconds (slower connections are closed, slow bodies get 408); headers are at most
+16 KB; idle keep-alive connections close after --keep-alive-timeout seconds; seeds are 0 .. 2**32-1. A failed
+engine step ends the requests in flight with an error (503), /health answers 503 until the engine is reset
+and checked. On SIGTERM new and waiting requests get 503, the rest get --shutdown-grace seconds to finish.
 
 With --converse, http://HOST:PORT/converse is a page to talk to CSM from the browser (microphone in, speech
 out, transcript shown): speech recognition, an OpenAI-compatible LLM (--llm-url, --llm-model) and CSM, with
@@ -44,6 +50,18 @@ class Args(ConverseOptions):
     """Serve the /converse page and the /v1/converse WebSocket (needs the converse extra)."""
     max_conversations: int = 2
     """Conversations at once (each holds its own CSM context)."""
+    max_body_kb: int = 64
+    """Largest request body in KB (1024 bytes); larger ones get 413 before they are read whole."""
+    request_timeout: float = 10.0
+    """Seconds for a request's headers to arrive (else the connection is closed), then for its body (else 408)."""
+    keep_alive_timeout: float = 5.0
+    """Seconds an idle keep-alive connection stays open."""
+    shutdown_grace: float = 8.0
+    """On SIGTERM: seconds requests already in a slot get to finish (then 503, or the stream ends)."""
+    ws_start_timeout: float = 10.0
+    """Seconds a /v1/converse WebSocket has to send its start message (else closed, code 1008)."""
+    ws_idle_timeout: float = 300.0
+    """Seconds a conversation may send nothing while no reply plays (else closed, code 1008)."""
 
 
 def main(args: Args) -> None:
@@ -56,8 +74,12 @@ def main(args: Args) -> None:
     voices = load_voices(args.voices_dir, gen)
     factory = args.factory(gen) if args.converse else None
     app = create_app(Engine(gen, args.slots, args.frames_per_call), voices, args.max_queue,
-                     conversations=factory, max_conversations=args.max_conversations)
-    serve(app, args.host, args.port)
+                     conversations=factory, max_conversations=args.max_conversations,
+                     max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
+                     shutdown_grace=args.shutdown_grace, ws_start_timeout=args.ws_start_timeout,
+                     ws_idle_timeout=args.ws_idle_timeout)
+    serve(app, args.host, args.port, header_timeout=args.request_timeout, keep_alive=args.keep_alive_timeout,
+          shutdown_grace=args.shutdown_grace)
 
 
 if __name__ == "__main__":
