@@ -23,6 +23,7 @@ from csm_jax import csm
 from csm_jax.audio import check_audio
 from csm_jax.checkpoints import load_csm
 from csm_jax.mimi import (decode, decode_step, encode, init_decoder_state, load_mimi, mimi_params_from_tensors)
+from csm_jax.quantize import quantize_csm
 from csm_jax.text import FRAME_SAMPLES, Segment, Tokenizer, build_prompt
 
 FRAME_MS = 80
@@ -58,8 +59,9 @@ class Generator:
     """A loaded CSM + Mimi + tokenizer, ready to speak."""
 
     def __init__(self, checkpoint: str = "sesame/csm-1b", mimi: str | None = None, tokenizer: str | None = None,
-                 dtype=None, frames_per_call: int = 8):
+                 dtype=None, frames_per_call: int = 8, quantize: str | None = None):
         self.ckpt = load_csm(checkpoint, dtype)
+        self.ckpt.params = quantize_csm(self.ckpt.params, quantize)  # "int8": csm_jax.quantize; None: as loaded
         self.cfg, self.params = self.ckpt.config, self.ckpt.params
         if self.ckpt.codec_tensors is not None and mimi is None:
             _, self.mimi = mimi_params_from_tensors(self.ckpt.codec_tensors, f"{self.ckpt.source} (codec_model.*)")
@@ -74,10 +76,10 @@ class Generator:
 
     @classmethod
     def from_parts(cls, cfg: csm.CsmConfig, params: dict, mimi_params: dict, tokenizer: str,
-                   frames_per_call: int = 8) -> "Generator":
+                   frames_per_call: int = 8, quantize: str | None = None) -> "Generator":
         """A generator over parameters already in memory (random weights for benchmarks, fine-tuned ones)."""
         gen = cls.__new__(cls)
-        gen.ckpt, gen.cfg, gen.params, gen.mimi = None, cfg, params, mimi_params
+        gen.ckpt, gen.cfg, gen.params, gen.mimi = None, cfg, quantize_csm(params, quantize), mimi_params
         gen.tokenizer, gen.frames_per_call = Tokenizer(tokenizer), frames_per_call
         return gen
 

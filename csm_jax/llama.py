@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from csm_jax.quantize import Int8Weight
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -81,8 +83,16 @@ def rope(x, pos, inv_freq):
 
 def linear(x, w, out_dtype=None):
     """x (..., in) times a weight stored as (out, in), PyTorch's layout. XLA:CPU runs this contraction
-    1.6x faster than x @ w_(in, out) at batch 16 (and no slower at batch 1)."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+    1.6x faster than x @ w_(in, out) at batch 16 (and no slower at batch 1).
+
+    `w` may be an int8 `Int8Weight` (csm_jax.quantize): x · q^T accumulates in fp32 with q converted to x's
+    dtype inside the product (XLA fuses the conversion: only the int8 bytes are read), then each output
+    channel is multiplied by its scale."""
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    if isinstance(w, Int8Weight):
+        y = jax.lax.dot_general(x, w.q.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+        return (y * w.scale.astype(jnp.float32)).astype(out_dtype or x.dtype)
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
 
 
 def rms_norm(x, scale, eps):

@@ -21,7 +21,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import tyro
 
@@ -45,6 +45,9 @@ class Args(ConverseOptions):
     """Llama-3 tokenizer.json when the checkpoint has none."""
     frames_per_call: int = 4
     """Frames generated per device call (smaller: earlier first audio)."""
+    quantize: Literal["none", "int8"] = "none"
+    """int8: weight-only int8 (per-channel scales, computed at load) for the large matmul weights: half the bytes of
+    bf16 per frame; codes differ a little from the unquantized model's (see benchmarks/README.md)."""
     input_device: Optional[str] = None
     """Microphone mode: sounddevice input device (name or index); default device otherwise."""
     output_device: Optional[str] = None
@@ -214,7 +217,7 @@ def main(args: Args) -> None:
         check_output_folder(args.out_dir)
     args.voice_segments()
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    frames_per_call=args.frames_per_call)
+                    frames_per_call=args.frames_per_call, quantize=args.quantize)
     (headless if args.input else microphone)(args, gen)
 
 

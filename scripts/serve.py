@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from csm_jax.converse import ConverseOptions
 
@@ -42,6 +42,9 @@ class Args(ConverseOptions):
     """Requests that may wait for a slot; more get 429."""
     frames_per_call: int = 4
     """Frames per engine step (smaller: lower latency to first audio)."""
+    quantize: Literal["none", "int8"] = "none"
+    """int8: weight-only int8 (per-channel scales, computed at load) for the large matmul weights: half the bytes of
+    bf16 per frame; codes differ a little from the unquantized model's (see benchmarks/README.md)."""
     mimi: Optional[str] = None
     """Mimi checkpoint when the CSM checkpoint has none inside."""
     tokenizer: Optional[Path] = None
@@ -70,7 +73,7 @@ def main(args: Args) -> None:
     from csm_jax.server import create_app, load_voices, serve
 
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    frames_per_call=args.frames_per_call)
+                    frames_per_call=args.frames_per_call, quantize=args.quantize)
     voices = load_voices(args.voices_dir, gen)
     factory = args.factory(gen) if args.converse else None
     app = create_app(Engine(gen, args.slots, args.frames_per_call), voices, args.max_queue,

@@ -58,6 +58,9 @@ class Args:
     """Frames generated per device call."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Parameter dtype; auto = float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU/TPU."""
+    quantize: Literal["none", "int8"] = "none"
+    """int8: weight-only int8 (per-channel scales, computed at load) for the large matmul weights: half the bytes of
+    bf16 per frame; codes differ a little from the unquantized model's (see benchmarks/README.md)."""
 
 
 def _plan(args: Args) -> tuple[list[str], list[Path]]:
@@ -113,7 +116,8 @@ def main(args: Args) -> None:
     import jax.numpy as jnp
 
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call)
+                    dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call,
+                    quantize=args.quantize)
     context = gen.context_codes(context)  # encode the prompts once
     bar = tqdm(total=len(texts), unit="utt", desc="synthesizing")
     for start in range(0, len(texts), args.batch_size):

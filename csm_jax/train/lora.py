@@ -33,13 +33,16 @@ def check_targets(targets) -> tuple[str, ...]:
     return targets
 
 
-def init_lora(cfg, key, rank: int, targets=TARGETS, dtype=jnp.float32) -> dict:
-    """Fresh adapters for every layer of the backbone and the depth decoder (`cfg` a CsmConfig)."""
+def init_lora(cfg, key, rank: int, targets=TARGETS, dtype=jnp.float32, parts=("backbone", "decoder")) -> dict:
+    """Fresh adapters for every layer of the backbone and the depth decoder (`cfg` a CsmConfig); a part
+    left out of `parts` gets None (no adapters: that transformer stays as it is)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     targets = check_targets(targets)
-    out = {}
+    out = {"backbone": None, "decoder": None}
     for part, lcfg in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
+        if part not in parts:
+            continue
         rows = target_rows(lcfg)
         layers = []
         for _ in range(lcfg.num_layers):
@@ -71,6 +74,8 @@ def merge(cfg, params: dict, lora: dict, scale: float) -> dict:
     """Base parameters with the adapters folded in: W[rows] += scale · B A (in fp32, cast back)."""
     out = dict(params)
     for part, lcfg in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
+        if not lora.get(part):
+            continue
         rows = target_rows(lcfg)
         layers = []
         for p, ad in zip(params[part]["layers"], lora[part]):
@@ -87,6 +92,6 @@ def merge(cfg, params: dict, lora: dict, scale: float) -> dict:
 
 def lora_info(lora: dict) -> tuple[int, tuple[str, ...]]:
     """(rank, targets) of an adapter tree."""
-    layer = lora["backbone"][0]
+    layer = (lora.get("backbone") or lora["decoder"])[0]
     first = next(iter(layer.values()))
     return int(first["a"].shape[0]), tuple(layer)

@@ -1,0 +1,156 @@
+"""Fine-tune CSM on your recordings: full fine-tuning or LoRA, checkpoints, resume, export.
+
+  python scripts/finetune.py --data my_voice/ --out runs/my_voice --steps 2000
+  python scripts/finetune.py --data dialogues.jsonl --out runs/lora --lora-rank 16 --learning-rate 2e-4
+  python scripts/finetune.py --data my_voice/ --out runs/my_voice --steps 2000 --resume
+
+--data is a folder of NAME.wav + NAME.txt (+ optional NAME.json {"speaker": 1}) or a JSONL manifest, one
+{"audio", "text", "speaker", "context": [earlier turns]} per line. The audio is Mimi-encoded once into
+OUT/cache (reused by later runs); bad examples (unreadable, empty, longer than the model's 2048 positions)
+are listed and skipped. A held-out part (--eval-fraction) gives the eval loss. Progress shows loss, frames/s
+and the ETA; OUT/metrics.jsonl has one JSON line per step. Checkpoints (orbax) go to OUT/checkpoints every
+--checkpoint-every steps, keeping the last --keep; --resume continues exactly where the last one left off.
+At the end the model (LoRA merged) is exported to OUT/export in transformers' layout with config, tokenizer
+and Mimi: load it with `Generator("OUT/export")`, scripts/synthesize.py --checkpoint OUT/export, or
+transformers' CsmForConditionalGeneration.from_pretrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import tyro
+
+from csm_jax.train.lora import TARGETS
+
+
+@dataclasses.dataclass
+class Args:
+    data: Path
+    """Training data: a folder of NAME.wav + NAME.txt (+ NAME.json) or a .jsonl manifest."""
+    out: Path
+    """Output folder: cache/, checkpoints/, metrics.jsonl, export/."""
+    checkpoint: str = "sesame/csm-1b"
+    """Base model: hub repo id or local folder in transformers' layout (its Mimi and config are exported)."""
+    mimi: Optional[str] = None
+    """Mimi checkpoint for encoding when the base has none inside (Sesame's layout; export then needs a
+    transformers-layout base)."""
+    tokenizer: Optional[Path] = None
+    """Llama-3 tokenizer.json when the base has none."""
+    cache: Optional[Path] = None
+    """Mimi-code cache folder (default OUT/cache); shared between runs on the same data."""
+    steps: int = 1000
+    """Optimizer updates."""
+    batch_size: int = 4
+    """Examples per micro-batch (padded to a common, bucketed length)."""
+    accumulate: int = 1
+    """Micro-batches per update."""
+    learning_rate: float = 2e-5
+    """Peak learning rate (LoRA usually wants ~1e-4 to 2e-4)."""
+    warmup_steps: int = 50
+    """Linear warmup, then cosine decay to learning_rate * min_lr_ratio at --steps."""
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (matrices only)."""
+    clip_norm: float = 1.0
+    """Global gradient-norm clipping."""
+    depth_ratio: float = 1 / 16
+    """Compute amortization: the part of the audio frames the depth decoder trains on (1 = all)."""
+    context_loss: bool = True
+    """Train on the audio of context turns too (transformers' processor does); --no-context-loss: only the utterance."""
+    lora_rank: int = 0
+    """LoRA rank; 0 = full fine-tuning."""
+    lora_alpha: float = 16.0
+    """LoRA scale is alpha / rank."""
+    lora_targets: tuple[str, ...] = TARGETS
+    """Projections that get adapters, in both transformers."""
+    freeze_backbone: bool = False
+    """Train only the depth decoder side (decoder, projection, audio heads); the backbone, embeddings and
+    codebook-0 head stay as they are."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: float32 on CPU, bfloat16 on GPU/TPU. Weights and optimizer state stay float32."""
+    remat: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    eval_fraction: float = 0.05
+    """Part of the examples held out for the eval loss (at least one; 0 = none)."""
+    eval_every: int = 100
+    """Eval loss every this many steps (and at the end)."""
+    checkpoint_every: int = 100
+    """Checkpoint every this many steps (and at the end)."""
+    keep: int = 3
+    """Checkpoints kept."""
+    resume: bool = False
+    """Continue from the last checkpoint in OUT/checkpoints with the same settings."""
+    seed: int = 0
+    """Seed of the data order, the held-out split, the amortization draws and LoRA's init."""
+    encode_batch: int = 8
+    """Audio files Mimi-encodes at once."""
+    export: bool = True
+    """Export to OUT/export at the end (--no-export: checkpoints only)."""
+    export_dtype: Literal["float32", "bfloat16"] = "float32"
+    stop_after: Optional[int] = None
+    """Stop after this many steps of this run (checkpointed; continue later with --resume)."""
+
+
+def main(args: Args) -> None:
+    import jax.numpy as jnp
+
+    from csm_jax.checkpoints import load_csm
+    from csm_jax.mimi import load_mimi, mimi_params_from_tensors
+    from csm_jax.text import Tokenizer
+    from csm_jax.train import data as D
+    from csm_jax.train.export import export_hf
+    from csm_jax.train.trainer import RunOptions, TrainConfig, fit, joined
+
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
+                     learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+                     weight_decay=args.weight_decay, clip_norm=args.clip_norm, depth_ratio=args.depth_ratio,
+                     context_loss=args.context_loss, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                     lora_targets=tuple(args.lora_targets), freeze_backbone=args.freeze_backbone,
+                     compute_dtype=args.compute_dtype, remat=args.remat, seed=args.seed).check()
+    if not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
+    ckpt = load_csm(args.checkpoint, jnp.float32)
+    if ckpt.codec_tensors is not None and args.mimi is None:
+        _, mimi = mimi_params_from_tensors(ckpt.codec_tensors, f"{ckpt.source} (codec_model.*)")
+    else:
+        _, mimi = load_mimi(args.mimi or "kyutai/mimi")
+    tok_file = args.tokenizer or ckpt.tokenizer_file
+    if tok_file is None:
+        raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer (Llama-3's tokenizer.json)")
+    tok = Tokenizer(tok_file)
+    cache = args.cache or args.out / "cache"
+    D.build_cache(args.data, cache, mimi, tok, ckpt.config.max_seq_len, args.encode_batch,
+                  log=lambda s: print(s, file=sys.stderr))
+    names, rows = D.load_index(cache, tok, args.context_loss)
+    train_idx, eval_idx = D.split_eval(len(rows), args.eval_fraction, args.seed)
+    print(f"{len(train_idx)} training and {len(eval_idx)} held-out examples, "
+          f"{sum(int((rows[i].labels[:, 0] != D.IGNORE).sum()) for i in train_idx)} training frames", file=sys.stderr)
+    run = RunOptions(out_dir=args.out, checkpoint_every=args.checkpoint_every, keep=args.keep,
+                     eval_every=args.eval_every, resume=args.resume, stop_after=args.stop_after,
+                     base=str(args.checkpoint))
+    cfg = ckpt.config
+    trainable, frozen, history = fit(cfg, ckpt.params, [rows[i] for i in train_idx], [rows[i] for i in eval_idx],
+                                     tc, run, log=lambda s: print(s, file=sys.stderr))
+    del history
+    lines = (args.out / "metrics.jsonl").read_text().splitlines() if (args.out / "metrics.jsonl").exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    if last:
+        print(json.dumps({k: last[k] for k in ("step", "loss", "eval_loss") if k in last}))
+    done = last.get("step", 0) >= tc.steps
+    if args.export and done:
+        params, _ = joined(cfg, trainable, frozen, tc, merged=True)
+        path = export_hf(args.out / "export", cfg, params, args.checkpoint, str(tok_file), dtype=args.export_dtype)
+        print(f"exported to {path}", file=sys.stderr)
+    elif not done:
+        print(f"stopped at step {last.get('step', 0)} of {tc.steps}; continue with --resume", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from csm_jax.cli import run
+
+    run(main, Args, __doc__)
