@@ -26,9 +26,9 @@ LAYER_WEIGHTS = ("wqkv", "wo", "w13", "w2")
 @partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=[])
 @dataclass
 class Int8Weight:
-    """A weight (out, in) stored as int8 values q (out, in) and per-output-channel scales (out,): W ≈ q * scale[:, None].
-
-    `scale` keeps the dtype of the weight it replaced, so `dtype` still says what the model computes in."""
+    """A weight (out, in) stored as int8 values q (out, in) and per-output-channel scales (out,):
+    W ≈ q * scale[:, None]. `scale` keeps the dtype of the weight it replaced, so `dtype` still says what the
+    model computes in (bf16 holds every int8 value exactly, so q converts to it without loss)."""
 
     q: jax.Array
     scale: jax.Array
@@ -129,8 +129,8 @@ def greedy_agreement(cfg, ref_params: dict, test_params: dict, num_frames: int, 
 @partial(jax.jit, static_argnums=(1,))
 def _greedy_run(params, cfg, prompt, forced, teacher_forced):
     """One stream: prompt (P,) text tokens, then F = len(forced) greedy frames, each fed back the codes
-    `forced` (F, C) when `teacher_forced` (a traced bool: one compilation serves both), else its own. -> (greedy codes (F, C), c0 logits (F, V), depth
-    logits (F, C - 1, V))."""
+    `forced` (F, C) when `teacher_forced` (a traced bool: one compilation serves both), else its own.
+    -> (greedy codes (F, C), c0 logits (F, V), depth logits (F, C - 1, V))."""
     from csm_jax import csm, llama
 
     C, P, F = cfg.num_codebooks, prompt.shape[0], forced.shape[0]
