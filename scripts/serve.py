@@ -13,23 +13,35 @@ within --request-timeout seconds (slower connections are closed, slow bodies get
 engine step ends the requests in flight with an error (503), /health answers 503 until the engine is reset
 and checked. On SIGTERM new and waiting requests get 503, the rest get --shutdown-grace seconds to finish.
 
-With --converse, http://HOST:PORT/converse is a page to talk to CSM from the browser (microphone in, speech
-out, transcript shown): speech recognition, an OpenAI-compatible LLM (--llm-url, --llm-model) and CSM, with
-the conversation's own audio as CSM context (the options are scripts/converse.py's).
-  python scripts/serve.py --converse --llm-url http://localhost:11434/v1 --llm-model llama3.2
+With the `converse` subcommand, http://HOST:PORT/converse is also a page to talk to CSM from the browser:
+microphone in, speech out, transcript shown; speech recognition, an OpenAI-compatible LLM and CSM, with the
+conversation's own audio as CSM context. Its options, scripts/converse.py's and --max-conversations, follow
+it; `serve.py converse --help` lists them.
+  python scripts/serve.py converse --llm-url http://localhost:11434/v1 --llm-model llama3.2
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
+
+import tyro
 
 from csm_jax.converse import ConverseOptions
 
 
 @dataclasses.dataclass
-class Args(ConverseOptions):
+class Conversations(ConverseOptions):
+    """Also serve the /converse page and the /v1/converse WebSocket: talk to CSM (needs the converse extra)."""
+
+    max_conversations: int = 2
+    """Conversations at once (each holds its own CSM context)."""
+
+
+@tyro.conf.configure(tyro.conf.OmitSubcommandPrefixes, tyro.conf.CascadeSubcommandArgs)
+@dataclasses.dataclass
+class Args:
     checkpoint: str = "sesame/csm-1b"
     """Hub repo id or local folder."""
     voices_dir: Optional[Path] = None
@@ -49,10 +61,9 @@ class Args(ConverseOptions):
     """Mimi checkpoint when the CSM checkpoint has none inside."""
     tokenizer: Optional[Path] = None
     """Llama-3 tokenizer.json when the checkpoint has none."""
-    converse: bool = False
-    """Serve the /converse page and the /v1/converse WebSocket (needs the converse extra)."""
-    max_conversations: int = 2
-    """Conversations at once (each holds its own CSM context)."""
+    converse: Union[Annotated[None, tyro.conf.subcommand("off")],
+                    Annotated[Conversations, tyro.conf.subcommand("converse")]] = None
+    """Conversations: `converse` and its options after it (`serve.py converse --help`)."""
     max_body_kb: int = 64
     """Largest request body in KB (1024 bytes); larger ones get 413 before they are read whole."""
     request_timeout: float = 10.0
@@ -75,9 +86,10 @@ def main(args: Args) -> None:
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     frames_per_call=args.frames_per_call, quantize=args.quantize)
     voices = load_voices(args.voices_dir, gen)
-    factory = args.factory(gen) if args.converse else None
+    conv = args.converse
+    factory = conv.factory(gen) if conv else None
     app = create_app(Engine(gen, args.slots, args.frames_per_call), voices, args.max_queue,
-                     conversations=factory, max_conversations=args.max_conversations,
+                     conversations=factory, max_conversations=conv.max_conversations if conv else 0,
                      max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
                      shutdown_grace=args.shutdown_grace, ws_start_timeout=args.ws_start_timeout,
                      ws_idle_timeout=args.ws_idle_timeout)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def server(csm_dir, tmp_path_factory, llm_server, asr_model):
-    proc, url = _start(csm_dir, tmp_path_factory, "--converse", "--llm-url", llm_server.url, "--llm-model",
+    proc, url = _start(csm_dir, tmp_path_factory, "converse", "--llm-url", llm_server.url, "--llm-model",
                        llm_server.model, "--asr-model", asr_model, "--max-sentence-ms", "2000",
                        "--max-conversations", "1")
     yield url
@@ -46,6 +47,20 @@ def browse(server, wav, mode):
                         str(wav), CHROMIUM, "300000", mode], capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_conversation_options_only_with_the_converse_subcommand():
+    """serve.py's own options do not include the twenty of conversations; `serve.py converse` has them."""
+    def help_text(*args):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), *args, "--help"],
+                           capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="200"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    plain, converse = help_text(), help_text("converse")
+    flags = ("--llm-url STR", "--asr-model STR", "--voice-text {None}|STR", "--max-conversations INT")
+    assert "--slots INT" in plain and "converse" in plain and not any(f in plain for f in flags)
+    assert "--slots INT" in converse and all(f in converse for f in flags)
 
 
 def wait_free(server, seconds=30):
