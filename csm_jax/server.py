@@ -378,9 +378,8 @@ def parse_speech(body, voices: dict, max_frames: int) -> tuple[Request, str, boo
         raise BadRequest(f"'topk' must be an integer from 1 to 2048, got {_show.repr(topk)}", "topk")
     context = voices.get(voice, [])
     speaker = context[0].speaker if context else 0
-    # Seeds above 2**31-1 go in as the int32 of the same 32 bits (the engine's seed array is int32).
-    request = Request(text.strip(), speaker=speaker, context=list(context), seed=seed - 2**32 if seed >= 2**31 else
-                      seed, temperature=float(temperature), topk=topk, max_audio_ms=max_audio_ms)
+    request = Request(text.strip(), speaker=speaker, context=list(context), seed=seed,
+                      temperature=float(temperature), topk=topk, max_audio_ms=max_audio_ms)
     return request, fmt, stream
 
 
