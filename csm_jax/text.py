@@ -5,6 +5,9 @@ A segment (one turn: a speaker id, its text, and optionally its audio) becomes
   audio rows: one per 80 ms Mimi frame (32 codes in columns 0..31), then one all-zero end-of-audio row.
 A prompt is the context segments in order, then the target utterance's text rows only; generation starts
 from its last row. Prompt rows plus the frames to generate must fit the backbone's 2048 positions.
+
+Long text is spoken a sentence at a time, cut by one rule: SentenceCutter as the text streams in (an LLM's
+reply), split_sentences over a whole text.
 """
 
 from __future__ import annotations
