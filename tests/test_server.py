@@ -292,7 +292,7 @@ def test_capacity_is_slots_plus_queue_and_clients_that_leave_free_their_places(s
         t.join()
     assert [r.status_code for r in results] == [200] * 12, [r.text[:200] for r in results if r.status_code != 200]
     # Long requests hold the 4 slots (two streamed, two not) and the 8 queue places; the 13th gets 429.
-    socks = [_send(server, {"input": f"A long answer {i}.", "max_audio_ms": 60000, "seed": i,
+    socks = [_send(server, {"input": f"A long answer {i}.", "max_audio_ms": 100_000, "seed": i,
                             "stream": i % 2 == 0}) for i in range(4)]
     _wait(server, "4 busy slots", lambda h: h["busy_slots"] == 4, 120)
     socks += [_send(server, {"input": f"Waiting {i}.", "max_audio_ms": 60000, "stream": i % 2 == 0})
@@ -302,15 +302,14 @@ def test_capacity_is_slots_plus_queue_and_clients_that_leave_free_their_places(s
     _error(r.status_code, r.headers["content-type"], r.content, 429, "busy")
     assert r.headers["retry-after"] == "1"
     # Waiting clients that leave free their places at once; clients in a slot, streamed or not, their slot
-    # (after the engine step under way).
+    # after the engine step under way (well before their 100 s of audio could be done).
     for s in socks[4:]:
         s.close()
-    t0 = time.time()
     h = _wait(server, "queue emptied", lambda h: h["queued"] == 0, 5)
-    assert h["busy_slots"] == 4 and time.time() - t0 < 2, h
+    assert h["busy_slots"] == 4, h
     for s in socks[:4]:
         s.close()
-    _wait(server, "slots freed", lambda h: h["busy_slots"] == 0, 20)
+    _wait(server, "slots freed", lambda h: h["busy_slots"] == 0, 5)
     assert _speech(server, max_audio_ms=160).status_code == 200
 
 
