@@ -57,26 +57,27 @@ def conv1d_step(p, x, buf, stride: int = 1, dilation: int = 1):
 def _transposed_full(x, w, stride, groups):
     """conv_transpose1d without trimming: (B, T, C_in) -> (B, (T - 1) * stride + k, C_out).
 
-    `w` (k, C_in, C_out), or (k, 1, C) when depthwise, with w[j, c, o] = torch_weight[c, o, j]. Every input
-    frame emits k outputs at once (one matmul), which are overlap-added at stride offsets: no zero-stuffed
-    input as a dilated convolution would read.
+    `w` (k, C_in, C_out), or (k, 1, C) when depthwise, with w[j, c, o] = torch_weight[c, o, j]. With
+    m = k / stride, output block b (the `stride` samples from b * stride) is sum_i x[b - i] · w[i * stride:
+    (i + 1) * stride]: an ordinary convolution of m taps over the input (zero-padded by m - 1 on both sides)
+    with stride * C_out output channels, reshaped to time. No zero-stuffed input as a dilated convolution
+    would read, and no per-frame (k, C_out) patches to overlap-add: the only intermediate is the output.
     """
     k = w.shape[0]
     if k % stride:
         raise NotImplementedError(f"transposed conv with kernel {k} not a multiple of stride {stride}")
     B, T, _ = x.shape
-    if groups == 1:
-        P = jnp.einsum("btc,jco->btjo", x, w)
-    elif groups == x.shape[-1] and w.shape[1] == 1:
-        P = x[:, :, None, :] * w[:, 0, :]
-    else:
-        raise NotImplementedError("grouped transposed conv other than depthwise")
     m = k // stride
-    P = P.reshape(B, T, m, stride, P.shape[-1])
-    y = jnp.zeros((B, T + m - 1, stride, P.shape[-1]), P.dtype)
-    for i in range(m):
-        y = y.at[:, i:i + T].add(P[:, :, i])
-    return y.reshape(B, (T + m - 1) * stride, P.shape[-1])
+    if groups == 1:
+        C = w.shape[2]
+        taps = w.reshape(m, stride, w.shape[1], C)[::-1].transpose(0, 2, 1, 3).reshape(m, w.shape[1], stride * C)
+        y = _conv(jnp.pad(x, ((0, 0), (m - 1, m - 1), (0, 0))), taps)  # (B, T + m - 1, stride * C)
+        return y.reshape(B, (T + m - 1) * stride, C)
+    if groups == x.shape[-1] and w.shape[1] == 1:  # depthwise (Mimi's 25 Hz upsample): small, as patches
+        P = (x[:, :, None, :] * w[:, 0, :]).reshape(B, T, m, stride, x.shape[-1])
+        y = sum(jnp.pad(P[:, :, i], ((0, 0), (i, m - 1 - i), (0, 0), (0, 0))) for i in range(m))
+        return y.reshape(B, (T + m - 1) * stride, x.shape[-1])
+    raise NotImplementedError("grouped transposed conv other than depthwise")
 
 
 def conv_transpose1d(p, x, stride: int, groups: int = 1):
@@ -95,7 +96,7 @@ def conv_transpose1d_step(p, x, tail, stride: int, groups: int = 1):
     k = p["w"].shape[0]
     y = _transposed_full(x, p["w"], stride, groups)
     ov = k - stride
-    y = y.at[:, :ov].add(tail)
+    y = y + jnp.pad(tail.astype(y.dtype), ((0, 0), (0, y.shape[1] - ov), (0, 0)))
     out, new_tail = y[:, : y.shape[1] - ov], y[:, y.shape[1] - ov:]
     return (out + p["b"] if "b" in p else out), new_tail
 

@@ -6,6 +6,11 @@
 RoPE rotates interleaved pairs (x[2i], x[2i+1]) at absolute positions (the checkpoint's native layout);
 attention is causal with a sliding window: key s is visible to query t iff 0 <= pos_t - pos_s < 250.
 
+One-shot attention over more than 2 * CONTEXT steps (20 s) runs in blocks of CONTEXT queries, each against
+its own block and the one before (the window needs at most CONTEXT - 1 earlier keys): scores take
+O(T * CONTEXT) memory instead of the O(T^2) of a full (T, T) product, which for 10 minutes (T = 15,000) was
+7 GB per layer.
+
 Streaming keeps a ring of `context` keys/values per layer with the absolute position each slot holds
 (-1 = empty). New keys are attended together with the ring before they are written into it, so a step
 of several time steps sees exactly the window a one-shot pass sees.
@@ -53,6 +58,34 @@ def _attend(q, k, v, pos_q, pos_k):
     return jnp.einsum("bnts,bsnh->btnh", w, v).reshape(B, T, N * H)
 
 
+def _attend_blocks(q, k, v, pos):
+    """One-shot `_attend` for consecutive positions (pos[:, t] = pos[:, 0] + t), in blocks of CONTEXT queries.
+
+    Block c's queries see keys of blocks c - 1 and c only, which holds every key of their window; the mask
+    is still built from positions, so the visible keys are exactly those of the full product. -> (B, T, N*H).
+    """
+    B, T, N, H = q.shape
+    Q = CONTEXT
+    n = -(-T // Q)
+    pad = ((0, 0), (0, n * Q - T), (0, 0), (0, 0))
+    qb, kb, vb = (jnp.pad(a, pad).reshape(B, n, Q, N, H) for a in (q, k, v))
+    pb = jnp.pad(pos, ((0, 0), (0, n * Q - T)), constant_values=-1).reshape(B, n, Q)
+
+    def with_previous(a, fill):  # (B, n, Q, ...) -> (B, n, 2Q, ...): block c - 1 then block c
+        prev = jnp.concatenate([jnp.full_like(a[:, :1], fill), a[:, :-1]], axis=1)
+        return jnp.concatenate([prev, a], axis=2)
+
+    ks, vs, ps = with_previous(kb, 0), with_previous(vb, 0), with_previous(pb, -1)
+    delta = pb[:, :, :, None] - ps[:, :, None, :]  # (B, n, Q, 2Q)
+    visible = (ps[:, :, None, :] >= 0) & (delta >= 0) & (delta < CONTEXT)
+    logits = jnp.einsum("bcqnh,bcsnh->bcnqs", qb, ks) / math.sqrt(H)
+    logits = jnp.where(visible[:, :, None], logits.astype(jnp.float32), -jnp.inf)
+    # Padding queries (pos -1) see nothing: zeros rather than NaN, then dropped.
+    w = jnp.nan_to_num(jax.nn.softmax(logits, axis=-1)).astype(v.dtype)
+    out = jnp.einsum("bcnqs,bcsnh->bcqnh", w, vs).reshape(B, n * Q, N * H)
+    return out[:, :T]
+
+
 def _layer(p, x, pos, cache=None):
     B, T, D = x.shape
     h = layer_norm(p["norm1"], x)
@@ -61,7 +94,8 @@ def _layer(p, x, pos, cache=None):
     v = (h @ p["wv"]).reshape(B, T, NUM_HEADS, -1)
     q, k = rope_interleaved(q, pos), rope_interleaved(k, pos)
     if cache is None:
-        a = _attend(q, k, v, pos, pos)
+        # Up to two windows the full (T, T) product is no larger than the blocks' (T, 2 * CONTEXT).
+        a = _attend(q, k, v, pos, pos) if T <= 2 * CONTEXT else _attend_blocks(q, k, v, pos)
         new_cache = None
     else:
         ck, cv, cpos = cache
@@ -77,7 +111,8 @@ def _layer(p, x, pos, cache=None):
 
 
 def transformer(layers, x, pos, caches=None):
-    """x (B, T, D) at positions pos (B, T). caches: per-layer (k, v, pos) rings, or None for one-shot."""
+    """x (B, T, D) at positions pos (B, T). caches: per-layer (k, v, pos) rings, or None for one-shot (then
+    positions must be consecutive along T, as an unbroken clip's are)."""
     new = []
     for i, p in enumerate(layers):
         with jax.named_scope(f"layer{i}"):
