@@ -65,8 +65,15 @@ class Generator:
         self.cfg, self.params = self.ckpt.config, self.ckpt.params
         if self.ckpt.codec_tensors is not None and mimi is None:
             _, self.mimi = mimi_params_from_tensors(self.ckpt.codec_tensors, f"{self.ckpt.source} (codec_model.*)")
+        elif mimi is not None:
+            _, self.mimi = load_mimi(mimi)
         else:
-            _, self.mimi = load_mimi(mimi or "kyutai/mimi")
+            try:
+                _, self.mimi = load_mimi("kyutai/mimi")
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{self.ckpt.source} holds no Mimi weights (no codec_model.*: Sesame's "
+                                        f"layout), so Mimi comes from kyutai/mimi, but {e}. Offline, pass a local "
+                                        "Mimi checkpoint (file or folder) as `mimi` (--mimi)") from e
         tok = tokenizer or self.ckpt.tokenizer_file
         if tok is None:
             raise FileNotFoundError(f"{checkpoint} has no tokenizer.json: pass the Llama-3 tokenizer.json "

@@ -5,13 +5,15 @@
 
 Input audio may be any format soundfile reads, at any sample rate and channel count: it is mixed down to
 mono and resampled to 24 kHz. Decoded audio is written at 24 kHz (.wav, .flac or .ogg by extension).
+The checkpoint may store fp32, bf16 or fp16 weights; Mimi computes in float32 unless --dtype bfloat16.
+A transformers CSM checkpoint works too: its codec_model.* part is its Mimi.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import tyro
@@ -26,9 +28,12 @@ class Encode:
     codes: tyro.conf.Positional[Path]
     """Output .npy file."""
     checkpoint: str = "kyutai/mimi"
-    """Hub repo id, local folder or .safetensors file (Kyutai's or transformers' layout)."""
+    """Hub repo id, local folder or .safetensors file (Kyutai's or transformers' layout, or a transformers CSM
+    checkpoint)."""
     num_codebooks: int = 32
     """Codebooks to keep, 1 to 32 (CSM uses 32)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype, whatever the file stores (in bfloat16 many codes differ from float32's)."""
 
 
 @dataclasses.dataclass
@@ -40,7 +45,10 @@ class Decode:
     audio: tyro.conf.Positional[Path]
     """Output audio file (.wav, .flac or .ogg)."""
     checkpoint: str = "kyutai/mimi"
-    """Hub repo id, local folder or .safetensors file (Kyutai's or transformers' layout)."""
+    """Hub repo id, local folder or .safetensors file (Kyutai's or transformers' layout, or a transformers CSM
+    checkpoint)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype, whatever the file stores (the audio is written from float32 either way)."""
 
 
 Command = Union[Annotated[Encode, tyro.conf.subcommand("encode")], Annotated[Decode, tyro.conf.subcommand("decode")]]
@@ -74,13 +82,13 @@ def main(cmd: Command) -> None:
         x = audio_io.load_audio(cmd.audio)
         if cmd.codes.suffix != ".npy":
             raise ValueError(f"output must be a .npy file, got {cmd.codes}")
-        _, params = load_mimi(cmd.checkpoint)
+        _, params = load_mimi(cmd.checkpoint, cmd.dtype)
         codes = np.asarray(encode(params, jnp.asarray(x[None]), num_codebooks=cmd.num_codebooks))[0]
         audio_io.save_npy(cmd.codes, codes)
         print(f"{cmd.audio}: {len(x) / 24000:.2f} s -> {cmd.codes}: codes {codes.shape} int32")
     else:
         codes = _load_codes(cmd.codes)
-        _, params = load_mimi(cmd.checkpoint)
+        _, params = load_mimi(cmd.checkpoint, cmd.dtype)
         y = np.asarray(decode(params, jnp.asarray(codes[None])))[0]
         audio_io.write_audio(cmd.audio, y)
         print(f"{cmd.codes}: codes {codes.shape} -> {cmd.audio}: {len(y) / 24000:.2f} s at 24 kHz")

@@ -3,9 +3,11 @@
   pip install torch        # only this script needs it
   python scripts/convert_ckpt.py path/to/ckpt.pt path/to/out_folder
 
-The output folder gets model.safetensors (Sesame's original key names, unchanged) and, unless one is
-already there, the config.json that Sesame's hub mixin writes for csm-1b. Load it with
-`csm_jax.checkpoints.load_csm(out_folder)`.
+The output folder gets model.safetensors (Sesame's original key names and the stored dtypes, fp32, bf16 or
+fp16, unchanged) and, unless one is already there, the config.json that Sesame's hub mixin writes for
+csm-1b. Load it with `csm_jax.checkpoints.load_csm(out_folder)`, which casts to the compute dtype. To speak
+with it, the scripts also need the Llama-3 tokenizer.json (in the folder, or --tokenizer) and Mimi (--mimi,
+by default kyutai/mimi from the hub).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def main(args: Args) -> None:
     if not config.exists():
         config.write_text(json.dumps({"audio_num_codebooks": 32, "audio_vocab_size": 2051, "backbone_flavor": "llama-1B",
                                       "decoder_flavor": "llama-100M", "text_vocab_size": 128256}, indent=2))
-    print(f"{args.ckpt} -> {args.out / 'model.safetensors'} ({len(sd)} tensors)")
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
+    print(f"{args.ckpt} -> {args.out / 'model.safetensors'} ({len(sd)} tensors, {', '.join(dtypes)})")
 
 
 if __name__ == "__main__":

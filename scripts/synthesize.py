@@ -8,8 +8,12 @@ Each utterance is split into sentences, generated in order, each with the earlie
 context (the oldest sentences leave when the 2048-row budget is reached), so a paragraph keeps one voice.
 Utterances are generated `--batch-size` at a time on the device.
 `--context AUDIO TRANSCRIPT SPEAKER` (repeatable) puts earlier turns before every utterance: voice prompting.
-Outputs are written only when complete (no partial files). The default checkpoint, sesame/csm-1b, is gated
-on the hub: accept its license and run `huggingface-cli login` first.
+Outputs are written only when complete (no partial files). If decoding or writing fails after generation,
+the utterances' Mimi codes are saved as .npy beside the intended WAVs (decode them later with
+scripts/codec.py) and the script exits with status 1 and a one-line error naming them.
+The default checkpoint, sesame/csm-1b, is gated on the hub: accept its license and run
+`huggingface-cli login` first. Checkpoints stored in fp32, bf16 or fp16 all load; --dtype picks the compute
+dtype. Offline (HF_HUB_OFFLINE=1), give a local folder and, for Sesame's layout, --mimi.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ class Args:
     max_audio_ms: int = 10_000
     """Longest audio per sentence, in milliseconds (80 ms per frame)."""
     checkpoint: str = "sesame/csm-1b"
-    """Hub repo id or local folder (Sesame's or transformers' layout)."""
+    """Hub repo id or local folder (Sesame's or transformers' layout; weights in fp32, bf16 or fp16)."""
     mimi: Optional[str] = None
-    """Mimi checkpoint when the CSM checkpoint has none inside (default kyutai/mimi)."""
+    """Mimi checkpoint (hub id, folder or .safetensors file) when the CSM checkpoint has none inside
+    (Sesame's layout); default kyutai/mimi from the hub."""
     tokenizer: Optional[Path] = None
     """Llama-3 tokenizer.json when the checkpoint has none."""
     save_codes: bool = False
@@ -57,7 +62,8 @@ class Args:
     frames_per_call: int = 8
     """Frames generated per device call."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Parameter dtype; auto = float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU/TPU."""
+    """CSM's compute dtype, whatever the file stores; auto = float32 on CPU (bf16 matmuls are slow there),
+    bfloat16 on GPU/TPU. Mimi decodes in float32."""
     quantize: Literal["none", "int8"] = "none"
     """int8: weight-only int8 (per-channel scales, computed at load) for the large matmul weights: half the bytes of
     bf16 per frame; codes differ a little from the unquantized model's (see benchmarks/README.md)."""
@@ -133,18 +139,50 @@ def main(args: Args) -> None:
                                        pinned=len(context))
             for i, c in zip(rows, codes):
                 done[i].append(c)
+        codes = {i: np.concatenate(done[i], axis=1) for i in idx}
         for i in idx:
-            codes = np.concatenate(done[i], axis=1)
-            wav = gen.decode_codes(codes)
-            if wav.size == 0:
-                tqdm.write(f"warning: utterance {i} ended before any audio (EOS at the first frame); writing silence")
-                wav = np.zeros(1920, np.float32)
-            if args.save_codes:
-                audio_io.save_npy(outs[i].with_suffix(".npy"), codes)
-            audio_io.write_audio(outs[i], wav)
+            try:
+                wav = gen.decode_codes(codes[i])
+                if wav.size == 0:
+                    tqdm.write(f"warning: utterance {i} ended before any audio (EOS at the first frame); "
+                               "writing silence")
+                    wav = np.zeros(1920, np.float32)
+                if args.save_codes:
+                    audio_io.save_npy(outs[i].with_suffix(".npy"), codes[i])
+                audio_io.write_audio(outs[i], wav)
+            except Exception as e:  # noqa: BLE001 - whatever failed, the generated codes must survive
+                bar.close()
+                _keep_codes_and_exit(args, gen, [(j, outs[j], codes[j]) for j in idx if j >= i], e)
             tqdm.write(f"{outs[i]}: {len(wav) / 24000:.2f} s")
             bar.update(1)
     bar.close()
+
+
+def _keep_codes_and_exit(args: Args, gen, pending, error: Exception) -> None:
+    """After generation something failed: save each pending utterance's codes beside its WAV, say so in one
+    line, and exit with status 1."""
+    import sys
+
+    from csm_jax import audio as audio_io
+
+    saved = []
+    for _, out, codes in pending:
+        try:
+            saved.append(str(audio_io.save_npy(out.with_suffix(".npy"), codes)))
+        except Exception:  # noqa: BLE001 - e.g. the folder became unwritable: report what was kept
+            pass
+    reason = (str(error).strip().splitlines() or [""])[0]
+    mimi = args.mimi or (args.checkpoint if gen.ckpt is not None and gen.ckpt.codec_tensors is not None
+                         else "kyutai/mimi")
+    first = pending[0][1]
+    if saved:
+        kept = (f"the generated Mimi codes are saved in {', '.join(saved)}; decode them with "
+                f"`python scripts/codec.py decode {saved[0]} {first} --checkpoint {mimi}`")
+    else:
+        kept = "saving the generated codes failed too"
+    print(f"error: utterance {pending[0][0]} was generated, but decoding or writing {first} failed "
+          f"({type(error).__name__}: {reason}); {kept}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

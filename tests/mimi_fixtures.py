@@ -113,3 +113,17 @@ def hf_mimi_from_tensors(tensors: dict):
     model.eval()
     # transformers 5 renames the flat file layout when loading from disk; load through save/load to use it.
     return model, tensors
+
+
+def rounded_copy(model, dtype):
+    """A copy of a moshi Mimi whose parameters and buffers are rounded to `dtype` (torch's rounding) and kept in
+    float32: the reference for a checkpoint saved in that dtype. The cached codebooks are dropped so moshi
+    derives them again from the rounded statistics."""
+    import copy
+
+    out = copy.deepcopy(model)
+    out.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
+    for module in out.modules():
+        if hasattr(module, "embedding_sum"):
+            module.register_buffer("_embedding", None, persistent=False)
+    return out

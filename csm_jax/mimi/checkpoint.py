@@ -206,7 +206,8 @@ def _check_hf_config(config: dict | None, source: str) -> None:
 
 
 def load_mimi(id_or_path: str | os.PathLike = "kyutai/mimi", dtype=None):
-    """Loads Mimi from a hub repo id, a local folder or a .safetensors file stored in fp32, bf16 or fp16.
+    """Loads Mimi from a hub repo id, a local folder or a .safetensors file stored in fp32, bf16 or fp16: Mimi's
+    own checkpoint in either layout, or a transformers CSM checkpoint (its codec_model.* part).
 
     `dtype`: the compute dtype of the parameters (and so of streaming state and activations): None = float32,
     or "bfloat16". -> (MimiConfig, params)."""
@@ -216,7 +217,12 @@ def load_mimi(id_or_path: str | os.PathLike = "kyutai/mimi", dtype=None):
         raise FileNotFoundError(f"no .safetensors file found in {id_or_path}")
     if len(weights) > 1 and any(f.name.startswith("tokenizer-") for f in weights):
         weights = [f for f in weights if f.name.startswith("tokenizer-")]
-    _check_hf_config(read_config(files), str(id_or_path))
+    config = read_config(files)
     tensors, origin = read_safetensors_files(weights)
     source = str(weights[0]) if len(weights) == 1 else f"{id_or_path} ({len(weights)} files)"
+    codec = {k[len("codec_model."):]: v for k, v in tensors.items() if k.startswith("codec_model.")}
+    if codec:  # a transformers CSM checkpoint: its Mimi is codec_model.*, described by codec_config
+        tensors, source = codec, f"{source} (codec_model.*)"
+        config = (config or {}).get("codec_config")
+    _check_hf_config(config, str(id_or_path))
     return mimi_params_from_tensors(tensors, source, dtype)
