@@ -95,19 +95,17 @@ def turn_files(args: Args, tmp: Path) -> list[Path]:
 
 def time_reprefill(gen, d) -> float:
     """Our from-scratch prefill of everything the dialogue holds (Sesame's per-utterance way)."""
-    import jax.numpy as jnp
-
     from csm_jax import csm
     from csm_jax.text import segment_rows
 
     parts = [segment_rows(gen.tokenizer, s) for s in d.segments]
     tokens, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    pieces = list(csm.prefill_pieces(gen.cfg, tokens[None], mask[None], [len(tokens)]))  # as the library does
+    pieces = list(csm.prefill_pieces(tokens[None], mask[None], [len(tokens)]))  # as the engine does
 
     def run():
-        st = csm.GenState.create(gen.cfg, 1, gen.params["c0_head"].dtype)
-        for t, m, n, window in pieces:
-            st = csm.prefill(gen.params, gen.cfg, st, t, m, n, jnp.ones(1, bool), window)
+        st = csm.GenState.create(gen.cfg, 1, gen.params["text_embed"].dtype)
+        for t, m, n in pieces:
+            st = csm.prefill(gen.params, gen.cfg, st, t, m, n)
         st.h.block_until_ready()
 
     run()  # compile
@@ -154,7 +152,7 @@ def main(args: Args) -> None:
 
     gen = build_generator(args)
     ref = reference_backbone(args) if args.reference else None
-    conv = Conversation(Dialogue(gen), ChatClient(args.llm_url, args.llm_model), Transcriber(args.asr_model),
+    conv = Conversation(Dialogue(gen.engine(1)), ChatClient(args.llm_url, args.llm_model), Transcriber(args.asr_model),
                         max_sentence_ms=args.max_sentence_ms)
     stages = ["asr_s", "context_s", "llm_first_sentence_s", "first_audio_s", "total_s"]
     rows = []

@@ -13,13 +13,15 @@ A frame whose 32 codes are all 0 is end-of-speech: it is not emitted nor fed bac
 its row stops. Codes 2048..2050 exist in the 2051-entry audio vocabulary but not in Mimi's 2048-entry
 codebooks: they are masked before sampling, never emitted.
 
-Everything per row is an array (positions, sampling settings, PRNG keys, frame caps), so one compiled
-function serves any mix of requests; `generate_frames` runs K frames in one dispatch (lax.scan) with the
-31 codebooks in an inner lax.scan.
+A batch entry of the generation state is a slot: one stream with its own cache, position, sampling settings,
+PRNG key and frame cap, all arrays, so one compiled function serves any mix of requests. The state carries
+everything the loop needs: attention windows are chosen on the device from the positions, never by the host.
+`generate_frames` runs F frames in one dispatch (lax.scan) with the 31 codebooks in an inner lax.scan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -82,8 +84,6 @@ class CsmConfig:
 
 
 def _replace(cfg, **kw):
-    import dataclasses
-
     return dataclasses.replace(cfg, **kw)
 
 
@@ -111,8 +111,9 @@ def init_params(cfg: CsmConfig, key, dtype=jnp.float32) -> dict:
                                                         "temperature", "topk", "key"], meta_fields=[])
 @dataclass
 class GenState:
-    """Per-row generation state. cache: backbone ring (capacity max_seq_len); h (B, D): final hidden of the
-    last row fed; pos (B,): next position; done (B,): row finished (EOS, frame cap, or never started)."""
+    """Generation state of B slots (independent streams). cache: backbone ring (capacity max_seq_len); h (B, D):
+    final hidden of the last row fed; pos (B,): next position (the attention window follows from it);
+    done (B,): finished (EOS, frame cap, full cache, or never started)."""
 
     cache: dict
     h: jax.Array
@@ -134,27 +135,54 @@ class GenState:
                         topk=jnp.full((B,), 50, jnp.int32), key=jax.random.split(jax.random.key(0), B))
 
 
-@partial(jax.jit, donate_argnums=(0,))
-def reset_rows(state: GenState, rows) -> GenState:
-    """Rows where `rows` is True become empty (no context, position 0, done)."""
-    r1 = rows[:, None]
-    cache = dict(state.cache, pos=jnp.where(r1, -1, state.cache["pos"]))
-    return GenState(cache=cache, h=jnp.where(r1, 0, state.h), pos=jnp.where(rows, 0, state.pos),
-                    done=state.done | rows, n_frames=jnp.where(rows, 0, state.n_frames), max_frames=state.max_frames,
-                    temperature=state.temperature, topk=state.topk, key=state.key)
+def _per_slot(state: GenState, slots) -> GenState:
+    """The state of the slots `slots` (R,) (batch indices): per-slot fields gathered, the cache left whole
+    (the model reads and writes only those slots of it)."""
+    if slots is None:
+        return state
+    return GenState(cache=state.cache, h=state.h[slots], pos=state.pos[slots], done=state.done[slots],
+                    n_frames=state.n_frames[slots], max_frames=state.max_frames[slots],
+                    temperature=state.temperature[slots], topk=state.topk[slots], key=state.key[slots])
+
+
+def _put_slots(state: GenState, sub: GenState, slots) -> GenState:
+    """Writes the per-slot fields of `sub` (R slots) back at `slots`; the cache is `sub`'s."""
+    if slots is None:
+        return sub
+    put = lambda a, b: a.at[slots].set(b)  # noqa: E731
+    return GenState(cache=sub.cache, h=put(state.h, sub.h), pos=put(state.pos, sub.pos),
+                    done=put(state.done, sub.done), n_frames=put(state.n_frames, sub.n_frames),
+                    max_frames=put(state.max_frames, sub.max_frames),
+                    temperature=put(state.temperature, sub.temperature), topk=put(state.topk, sub.topk),
+                    key=state.key.at[slots].set(sub.key))
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def set_sampling(state: GenState, rows, temperature, topk, seeds, max_frames) -> GenState:
-    """For rows where `rows` is True: sampling settings, a fresh PRNG stream from `seeds` (B,) int, a frame
-    cap, and the row is (re)started: n_frames 0, not done. temperature 0 means greedy."""
+def reset_slots(state: GenState, slots) -> GenState:
+    """The slots `slots` (R,) int become empty: no context, position 0, done. Other slots are untouched."""
+    cache = dict(state.cache, pos=state.cache["pos"].at[slots].set(-1))
+    return GenState(cache=cache, h=state.h.at[slots].set(0), pos=state.pos.at[slots].set(0),
+                    done=state.done.at[slots].set(True), n_frames=state.n_frames.at[slots].set(0),
+                    max_frames=state.max_frames, temperature=state.temperature, topk=state.topk, key=state.key)
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def stop_slots(state: GenState, slots) -> GenState:
+    """The slots `slots` (R,) int are done: they generate no more (their cache is kept)."""
+    return dataclasses.replace(state, done=state.done.at[slots].set(True))
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def set_sampling(state: GenState, slots, temperature, topk, seeds, max_frames) -> GenState:
+    """For the slots `slots` (R,) int: sampling settings (R,), a fresh PRNG stream from `seeds` (R,), a
+    frame cap, and the row is (re)started: n_frames 0, not done. temperature 0 means greedy. Seeds are taken
+    modulo 2**32 (they seed a uint32 key); callers that promise distinct seeds check the range."""
     keys = jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
-    keep = lambda new, old: jnp.where(rows, new, old)  # noqa: E731
-    return GenState(cache=state.cache, h=state.h, pos=state.pos, done=keep(max_frames <= 0, state.done),
-                    n_frames=keep(0, state.n_frames), max_frames=keep(max_frames.astype(jnp.int32), state.max_frames),
-                    temperature=keep(temperature.astype(jnp.float32), state.temperature),
-                    topk=keep(topk.astype(jnp.int32), state.topk),
-                    key=jax.vmap(lambda r, n, o: jax.lax.select(r, n, o))(rows, keys, state.key))
+    put = lambda a, b: a.at[slots].set(b)  # noqa: E731
+    return GenState(cache=state.cache, h=state.h, pos=state.pos, done=put(state.done, max_frames <= 0),
+                    n_frames=put(state.n_frames, 0), max_frames=put(state.max_frames, max_frames.astype(jnp.int32)),
+                    temperature=put(state.temperature, temperature.astype(jnp.float32)),
+                    topk=put(state.topk, topk.astype(jnp.int32)), key=state.key.at[slots].set(keys))
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -169,71 +197,60 @@ def embed_rows(cfg: CsmConfig, params, tokens, mask):
     return x + text * mask[..., -1:].astype(text.dtype)
 
 
-def attention_window(cfg: CsmConfig, last_position: int) -> int:
-    """The static attention window for a call whose positions stay below `last_position`: a power of two
-    (>= 128) or the whole cache. Bucketed so that a growing conversation compiles only a few times."""
-    w = 128
-    while w < last_position:
-        w *= 2
-    return min(w, cfg.max_seq_len)
-
-
 PREFILL_CHUNK = 128
 PREFILL_STEP = 32
 
 
-def prefill_pieces(cfg: CsmConfig, tokens: np.ndarray, mask: np.ndarray, lengths, first_position: int = 0):
-    """Cuts prompts (B, S, 33) into the calls that `prefill` (or `prefill_slot`) runs one after another:
-    yields (tokens (B, P, 33), mask (B, P, 33), lengths (B,) int32, window). Pieces have PREFILL_CHUNK rows;
-    the last one is the rest rounded up to a multiple of PREFILL_STEP. A prompt of any length then computes
-    fewer than PREFILL_STEP padding rows (a 279-row history computes 288, not 512) and compiles one program
-    per piece size (four) and attention window, not one per prompt length. `first_position`: the position
-    the first row lands at (the highest of the rows touched)."""
+def prefill_pieces(tokens: np.ndarray, mask: np.ndarray, lengths):
+    """Cuts prompts (R, S, 33) into the calls that `prefill` runs one after another: yields (tokens (R, P, 33),
+    mask (R, P, 33), lengths (R,) int32). Pieces have PREFILL_CHUNK rows; the last one is the rest rounded up
+    to a multiple of PREFILL_STEP. A prompt of any length then computes fewer than PREFILL_STEP padding rows
+    (a 279-row history computes 288, not 512) and compiles one program per piece size (four) and batch."""
     lengths = np.asarray(lengths, np.int32)
     longest = int(lengths.max()) if lengths.size else 0
-    B, C = tokens.shape[0], tokens.shape[2]
+    R, C = tokens.shape[0], tokens.shape[2]
     start = 0
     while start < longest:
-        P = min(PREFILL_CHUNK, -(-(longest - start) // PREFILL_STEP) * PREFILL_STEP)
-        t, m = np.zeros((B, P, C), np.int32), np.zeros((B, P, C), bool)
+        P = piece_rows(longest - start)
+        t, m = np.zeros((R, P, C), np.int32), np.zeros((R, P, C), bool)
         piece_t, piece_m = tokens[:, start:start + P], mask[:, start:start + P]
         t[:, :piece_t.shape[1]], m[:, :piece_m.shape[1]] = piece_t, piece_m
-        yield (jnp.asarray(t), jnp.asarray(m), jnp.asarray(np.clip(lengths - start, 0, P)),
-               attention_window(cfg, first_position + start + P))
+        # device_put, not jnp.asarray: a plain transfer, never a (tiny) compiled program per new shape
+        yield jax.device_put(t), jax.device_put(m), jax.device_put(np.clip(lengths - start, 0, P).astype(np.int32))
         start += P
 
 
-@partial(jax.jit, static_argnums=(1, 7), donate_argnums=(2,))
-def prefill(params, cfg: CsmConfig, state: GenState, tokens, mask, lengths, rows, window: int | None = None) -> GenState:
-    """Appends rows to the selected rows' caches at their current positions.
+def piece_rows(remaining: int) -> int:
+    """Rows of the next prefill piece when `remaining` prompt rows are left (see `prefill_pieces`)."""
+    return min(PREFILL_CHUNK, -(-remaining // PREFILL_STEP) * PREFILL_STEP)
 
-    tokens (B, S, 33), mask (B, S, 33), lengths (B,) valid rows per batch row (the rest is padding),
-    rows (B,) which batch rows to touch. The hidden state of each one's last new row becomes its `h`.
-    Positions must stay below the cache capacity (max_seq_len); the caller checks the budget.
-    `window` (static, optional): every position of this call is below it (see `attention_window`).
+
+def piece_sizes() -> list[int]:
+    """Every piece size `prefill_pieces` makes (for compiling ahead of time)."""
+    return list(range(PREFILL_STEP, PREFILL_CHUNK + 1, PREFILL_STEP))
+
+
+@partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
+def prefill(params, cfg: CsmConfig, state: GenState, tokens, mask, lengths, slots=None) -> GenState:
+    """Appends prompt rows to the slots `slots` (R,) int (batch indices; default: all, R = B) at their current
+    positions: tokens (R, P, 33), mask (R, P, 33), lengths (R,) valid rows each (the rest is padding). The
+    hidden state of each one's last new row becomes its `h`. Only those slots of the cache are read and
+    written: inserting a request costs its own prefill, not the batch's. Positions must stay below the
+    cache capacity (max_seq_len); the caller checks the budget.
     """
-    S = tokens.shape[1]
-    idx = jnp.arange(S, dtype=jnp.int32)
-    valid = rows[:, None] & (idx[None] < lengths[:, None])
-    pos = jnp.where(valid, state.pos[:, None] + idx[None], -1)
-    x = embed_rows(cfg, params, tokens, mask).astype(state.h.dtype)
-    h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache, window)
+    sub = _per_slot(state, slots)
+    P = tokens.shape[1]
+    idx = jnp.arange(P, dtype=jnp.int32)
+    valid = idx[None] < lengths[:, None]
+    pos = jnp.where(valid, sub.pos[:, None] + idx[None], -1)
+    x = embed_rows(cfg, params, tokens, mask).astype(sub.h.dtype)
+    h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, sub.cache, slots)
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    touched = rows & (lengths > 0)
-    return GenState(cache=cache, h=jnp.where(touched[:, None], last, state.h),
-                    pos=jnp.where(touched, state.pos + lengths, state.pos), done=state.done,
-                    n_frames=state.n_frames, max_frames=state.max_frames, temperature=state.temperature,
-                    topk=state.topk, key=state.key)
-
-
-@partial(jax.jit, static_argnums=(1, 7), donate_argnums=(2,))
-def prefill_slot(params, cfg: CsmConfig, state: GenState, tokens, mask, length, slot,
-                 window: int | None = None) -> GenState:
-    """`prefill` for one batch row: tokens (1, S, 33), mask (1, S, 33), length () valid rows, slot () int.
-    Only that row's cache is read, computed and written (an insert costs one row's prefill, not the batch's)."""
-    sub = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), state)
-    sub = prefill(params, cfg, sub, tokens, mask, jnp.reshape(length, (1,)), jnp.ones(1, bool), window)
-    return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, slot, axis=0), state, sub)
+    touched = lengths > 0
+    sub = GenState(cache=cache, h=jnp.where(touched[:, None], last, sub.h), pos=sub.pos + lengths,
+                   done=sub.done, n_frames=sub.n_frames, max_frames=sub.max_frames, temperature=sub.temperature,
+                   topk=sub.topk, key=sub.key)
+    return _put_slots(state, sub, slots)
 
 
 def backbone_logits(params, h):
@@ -276,7 +293,7 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     return codes, jnp.concatenate([logits[:, None], jnp.moveaxis(lgs, 0, 1)], 1)
 
 
-def _frame(params, cfg: CsmConfig, window, state: GenState, _):
+def _frame(params, cfg: CsmConfig, slots, state: GenState, _):
     B = state.h.shape[0]
     keys = jax.vmap(jax.random.split)(state.key)  # (B, 2) keys
     frame_key, next_key = keys[:, 0], keys[:, 1]
@@ -294,7 +311,7 @@ def _frame(params, cfg: CsmConfig, window, state: GenState, _):
     mask = jnp.concatenate([jnp.ones((B, 1, cfg.num_codebooks), bool), jnp.zeros((B, 1, 1), bool)], -1)
     x = embed_rows(cfg, params, row, mask).astype(state.h.dtype)
     pos = jnp.where(valid, state.pos, -1)[:, None]
-    h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache, window)
+    h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache, slots)
     n_frames = state.n_frames + valid
     full = state.pos + valid >= state.cache["pos"].shape[1]  # the ring would wrap: stop at max_seq_len rows
     new = GenState(cache=cache, h=jnp.where(valid[:, None], h[:, 0], state.h), pos=state.pos + valid,
@@ -303,23 +320,16 @@ def _frame(params, cfg: CsmConfig, window, state: GenState, _):
     return new, (codes, valid)
 
 
-@partial(jax.jit, static_argnums=(1, 3, 4), donate_argnums=(2,))
-def generate_frames(params, cfg: CsmConfig, state: GenState, num_frames: int, window: int | None = None):
-    """Runs `num_frames` frames for every row on the device. -> (state, frames (B, F, C) int32, valid (B, F)).
+def run_frames(params, cfg: CsmConfig, state: GenState, num_frames: int, slots=None):
+    """`num_frames` frames for the slots `slots` (R,) int (batch indices; default: all), the others untouched
+    (traceable; `generate_frames` is its jitted form). -> (state, frames (R, F, C) int32, valid (R, F)).
 
-    A row that is done produces invalid frames and leaves its cache untouched. The state is donated.
-    `window` (static, optional): all positions written in this call are below it (see `attention_window`),
-    so attention reads only that many cache slots.
+    A slot that is done produces invalid frames and leaves its cache untouched. When few slots are busy, only
+    they are computed: the step costs R slots' compute, not the whole batch's.
     """
-    state, (codes, valid) = jax.lax.scan(partial(_frame, params, cfg, window), state, None, length=num_frames)
-    return state, jnp.moveaxis(codes, 0, 1), valid.T
+    sub = _per_slot(state, slots)
+    sub, (codes, valid) = jax.lax.scan(partial(_frame, params, cfg, slots), sub, None, length=num_frames)
+    return _put_slots(state, sub, slots), jnp.moveaxis(codes, 0, 1), valid.T
 
 
-@partial(jax.jit, static_argnums=(1, 4, 5), donate_argnums=(2,))
-def generate_frames_rows(params, cfg: CsmConfig, state: GenState, rows, num_frames: int, window: int | None = None):
-    """`generate_frames` for the batch rows `rows` (R,) int only (distinct), the others untouched: when few
-    rows are busy, the step costs R rows' compute, not the whole batch's. -> (state, frames (R, F, C), valid (R, F))."""
-    sub = jax.tree.map(lambda a: a[rows], state)
-    sub, (codes, valid) = jax.lax.scan(partial(_frame, params, cfg, window), sub, None, length=num_frames)
-    state = jax.tree.map(lambda a, b: a.at[rows].set(b), state, sub)
-    return state, jnp.moveaxis(codes, 0, 1), valid.T
+generate_frames = partial(jax.jit, static_argnums=(1, 3), donate_argnums=(2,))(run_frames)

@@ -1,35 +1,40 @@
-"""A conversation's CSM context kept in the backbone's KV cache, appended turn by turn.
+"""A conversation's CSM context kept in an engine slot's KV cache, appended turn by turn.
 
-    d = Dialogue(gen, voice=[Segment(1, "Transcript of the voice prompt.", audio=prompt_24k)])
+    engine = gen.engine(slots=8)                                # shared with requests and other conversations
+    d = Dialogue(engine, voice=[Segment(1, "Transcript of the voice prompt.", audio=prompt_24k)])
     d.add(Segment(0, "what the user said", audio=user_24k))     # user's words and audio: rows appended
     for chunk in d.speak("A sentence of the reply."):           # generated as speaker 1, streamed
         play(chunk)                                              # the reply's frames stay in the cache
+    d.close()                                                    # frees the slot
 
-The cache holds exactly the rows Sesame's generator would build from the whole history (text rows, audio
-rows, and the all-zero end-of-audio row of every segment), but each turn only appends its own rows:
-nothing is prefilled twice while the history fits. The voice prompt is pinned at the front.
+A dialogue holds one engine slot for its whole life (csm_jax.engine `hold`), so many conversations share the
+device's batch with plain requests. The slot's cache holds exactly the rows Sesame's generator would build
+from the whole history (text rows, audio rows, and the all-zero end-of-audio row of every segment), but each
+turn only appends its own rows: nothing is prefilled twice while the history fits. The voice prompt is pinned
+at the front.
 
 Positions beyond the trained 2048 are never used. When a new turn (plus the reply it reserves room for)
-would pass position 2048, the oldest non-pinned segments leave and the cache is rebuilt by one prefill of
+would pass position 2048, the oldest non-pinned segments leave and the slot is rebuilt by one prefill of
 what remains (voice prompt first, at position 0), so every position stays inside the range the model was
 trained on and the rows keep the order and relative positions they had. A rebuild costs one prefill of at
 most 2048 rows; it happens once per that many rows of conversation, not per turn. A user turn that alone
 cannot fit keeps its most recent audio frames.
+
+When no thread drives the engine (`engine.driven` unset), `speak` steps it itself: conversations and
+requests on the same engine advance together whoever steps.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-import jax.numpy as jnp
 import numpy as np
 
-from csm_jax import csm
-from csm_jax.generate import FRAME_MS, Generator, stream_decode
-from csm_jax.mimi import init_decoder_state
+from csm_jax.engine import Engine, Event, check_seed, frames_for
 from csm_jax.text import Segment, audio_rows, segment_rows, text_rows
 
 
@@ -45,22 +50,31 @@ class ContextEntry:
 
 
 class Dialogue:
-    """One conversation's backbone state (batch 1) and the segments it holds, oldest first."""
+    """One conversation's slot in an engine and the segments its cache holds, oldest first."""
 
-    def __init__(self, gen: Generator, voice: list[Segment] | None = None):
-        self.gen, self.cfg, self.params = gen, gen.cfg, gen.params
-        self.capacity = self.cfg.max_seq_len
-        self.pinned = [self._entry(s) for s in gen.context_codes(voice or [])]
+    def __init__(self, engine: Engine, voice: list[Segment] | None = None):
+        self.engine, self.model = engine, engine.model
+        self.capacity = engine.cfg.max_seq_len
+        self.pinned = [self._entry(s) for s in self.model.context_codes(voice or [])]
         if sum(e.rows for e in self.pinned) >= self.capacity // 2:
             raise ValueError(f"the voice prompt takes {sum(e.rows for e in self.pinned)} of the model's "
                              f"{self.capacity} positions; use a shorter clip (10 s or less is plenty)")
         self.history: list[ContextEntry] = []
-        self.state = csm.GenState.create(self.cfg, 1, self.params["c0_head"].dtype)
-        self.pos = 0
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.slot: int | None = None
+        self.closed = False
+        self.pos = 0  # rows in the slot's cache: the next row's position
         self.rebuilds = 0  # times the cache was rebuilt because the history outgrew it
         self.dropped = 0  # history segments that left the context
         self.appended_rows = 0  # rows appended by turns (rebuilds not counted)
-        self._rebuild()
+        self._slot()
+
+    def close(self) -> None:
+        """Frees the slot (the conversation is over)."""
+        self.closed = True
+        if self.slot is not None:
+            self.engine.release(self.slot)
+            self.slot = None
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -80,23 +94,34 @@ class Dialogue:
         return out
 
     def _entry(self, seg: Segment) -> ContextEntry:
-        return ContextEntry(seg, len(segment_rows(self.gen.tokenizer, seg)[0]))
+        return ContextEntry(seg, len(segment_rows(self.model.tokenizer, seg)[0]))
+
+    def _slot(self) -> int:
+        """The held slot; a new one, rebuilt from the segments, if the engine lost it (a failed step)."""
+        if self.closed:
+            raise RuntimeError("this dialogue is closed")
+        if self.slot is not None and self.engine.holder(self.slot) is not self:
+            self.slot = None  # the engine failed a step and started afresh
+        if self.slot is None:
+            self.events = queue.Queue()
+            slot = self.engine.hold(self, self.events.put)
+            if slot is None:
+                raise RuntimeError(f"all {self.engine.slots} engine slots are in use; try again when one is free")
+            self.slot = slot
+            self._rebuild()
+        return self.slot
 
     def _prefill(self, tokens: np.ndarray, mask: np.ndarray) -> None:
-        n = len(tokens)
-        if n == 0:
-            return
-        if self.pos + n > self.capacity:
+        if self.pos + len(tokens) > self.capacity:
             raise AssertionError("the caller makes room first")
-        for t, m, lengths, window in csm.prefill_pieces(self.cfg, tokens[None], mask[None], [n], self.pos):
-            self.state = csm.prefill(self.params, self.cfg, self.state, t, m, lengths, jnp.ones(1, bool), window)
-        self.pos += n
+        self.engine.extend(self._slot(), tokens, mask)
+        self.pos += len(tokens)
 
     def _rebuild(self) -> None:
         """Empties the cache and prefills the pinned prompt and the kept history from position 0."""
-        self.state = csm.reset_rows(self.state, jnp.ones(1, bool))
+        self.engine.clear(self._slot())
         self.pos = 0
-        parts = [segment_rows(self.gen.tokenizer, e.segment) for e in self.pinned + self.history]
+        parts = [segment_rows(self.model.tokenizer, e.segment) for e in self.pinned + self.history]
         if parts:
             self._prefill(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
@@ -120,7 +145,7 @@ class Dialogue:
         """Appends a finished turn (its audio Mimi-encoded here when given as audio). `reserve`: rows to keep
         free after it (the reply about to be generated), so the reply does not force a second rebuild.
         A turn too long to fit even alone keeps its most recent frames. Returns the segment as stored."""
-        seg = self.gen.context_codes([segment])[0]
+        seg = self.model.context_codes([segment])[0]
         entry = self._entry(seg)
         room = self.capacity - sum(e.rows for e in self.pinned) - reserve
         if entry.rows > room and seg.codes is not None:
@@ -132,7 +157,7 @@ class Dialogue:
             seg = Segment(seg.speaker, seg.text, None, seg.codes[:, -keep:])
             entry = self._entry(seg)
         self._make_room(entry.rows + reserve)
-        self._prefill(*segment_rows(self.gen.tokenizer, seg))
+        self._prefill(*segment_rows(self.model.tokenizer, seg))
         self.appended_rows += entry.rows
         self.history.append(entry)
         return seg
@@ -142,32 +167,53 @@ class Dialogue:
         """Generates `text` in the conversation's context and streams 24 kHz audio chunks. The frames made
         (all of them, or those made before `cancel` was set or the consumer stopped) stay in the cache
         as this speaker's segment, closed by the end-of-audio row."""
-        if not max_audio_ms or max_audio_ms < FRAME_MS:
-            raise ValueError(f"max_audio_ms must be at least {FRAME_MS} (one frame), got {max_audio_ms}")
-        max_frames = int(max_audio_ms // FRAME_MS)
-        tokens, mask = text_rows(self.gen.tokenizer.segment_ids(speaker, text))
+        max_frames = frames_for(max_audio_ms)
+        check_seed(seed)
+        tokens, mask = text_rows(self.model.tokenizer.segment_ids(speaker, text))
         self._make_room(len(tokens) + max_frames + 1)
         self._prefill(tokens, mask)
         self.appended_rows += len(tokens)
-        self.state = csm.set_sampling(self.state, jnp.ones(1, bool), jnp.array([temperature], jnp.float32),
-                                      jnp.array([topk], jnp.int32), jnp.array([seed], jnp.int32),
-                                      jnp.array([max_frames], jnp.int32))
-        mimi, K = self.gen.mimi, self.gen.frames_per_call
-        dec = init_decoder_state(mimi, 1)
+        slot = self._slot()
+        self.engine.start(slot, seed, temperature, topk, max_frames)
         made: list[np.ndarray] = []
+        finished = stopped = False
+        error = None
         try:
-            while not bool(self.state.done[0]) and not (cancel is not None and cancel.is_set()):
-                self.state, frames, valid = csm.generate_frames(
-                    self.params, self.cfg, self.state, K, csm.attention_window(self.cfg, self.pos + K))
-                frames = np.asarray(frames)[0][np.asarray(valid)[0]]
-                self.pos += len(frames)
-                made.extend(frames)
-                dec, audio = stream_decode(mimi, dec, frames)
-                if audio.size:
-                    yield audio
+            while not finished:
+                if cancel is not None and cancel.is_set() and not stopped:
+                    self.engine.stop(slot)
+                    stopped = True
+                ev = self._next_event()
+                made.append(ev.codes)
+                finished, error = ev.finished, ev.error
+                if error is not None:
+                    # The engine started afresh: this slot is gone. The next turn holds a new one and
+                    # rebuilds the context (without this reply).
+                    self.slot = None
+                    self.pos -= len(tokens)
+                    raise RuntimeError(f"generation failed: {error}")
+                if ev.audio.size and not stopped:
+                    yield ev.audio
         finally:
-            codes = np.stack(made, 1).astype(np.int32) if made else np.zeros((32, 0), np.int32)
-            end_t, end_m = audio_rows(codes[:, :0])  # the end-of-audio row only: the frames are in already
-            self._prefill(end_t, end_m)
-            self.appended_rows += len(made) + 1
-            self.history.append(self._entry(Segment(speaker, text, None, codes)))
+            if not finished:  # the consumer stopped early: end the reply, keep what the cache holds
+                self.engine.stop(slot)
+                while not finished:
+                    ev = self._next_event()
+                    made.append(ev.codes)
+                    finished, error = ev.finished, ev.error
+            if error is None:
+                codes = np.concatenate(made).T.astype(np.int32) if made else np.zeros((32, 0), np.int32)
+                self.pos += codes.shape[1]
+                end_t, end_m = audio_rows(codes[:, :0])  # the end-of-audio row only: the frames are in already
+                self._prefill(end_t, end_m)
+                self.appended_rows += codes.shape[1] + 1
+                self.history.append(self._entry(Segment(speaker, text, None, codes)))
+
+    def _next_event(self) -> Event:
+        """This slot's next event: waits for the thread driving the engine, or steps it when none does."""
+        while True:
+            try:
+                return self.events.get(timeout=0.05 if self.engine.driven.is_set() else 0)
+            except queue.Empty:
+                if not self.engine.driven.is_set():
+                    self.engine.step()

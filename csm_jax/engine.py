@@ -1,37 +1,76 @@
-"""A continuous-batching engine: a fixed number of slots on the device, requests inserted as slots free up.
+"""The engine: one set of slots on the device that every request, stream and conversation shares.
 
-    engine = Engine(generator, slots=8)
-    engine.submit(Request("Hello there.", speaker=0, seed=1))      # -> slot, or None when all are busy
+    engine = Engine(model, slots=64, frames_per_call=4)
+    engine.warmup()                                          # compiles every program it can run
+    slot = engine.submit(Request("Hello there.", seed=1))    # -> slot, or None when every slot is busy
     while engine.busy():
-        for slot, event in engine.step().items():                  # K frames for every active slot
-            send(event.request, event.audio, event.finished)       # 24 kHz chunk per slot per step
+        for slot, event in engine.step().items():            # K frames per generating slot, decoded
+            send(event.owner, event.audio, event.finished)
 
-Shape of the loop (JetStream's prefill / insert / generate): a request's prompt is prefilled as one row
-and written into its slot's KV cache (in pieces of at most 128 rows, `csm.prefill_pieces`, so compiles
-stay few; the slot index is traced, so any slot uses the same compiled function) while the other slots
-keep their state; each `step` advances every busy slot by K frames in one device call (only the busy
-slots' rows, padded to a power of two, are computed); a batched streaming Mimi decoder turns each slot's
-new frames into audio. A slot that finishes (end of speech, frame cap, or `cancel`) is free at once for
-the next request. Sampling settings and seeds are per-slot arrays.
+Seams, as JetStream's prefill / insert / generate:
+  prefill + insert  requests submitted since the last step are prefilled together (bucketed by count, in
+                    pieces of at most 128 rows: `csm.prefill_pieces`) straight into their slots: only those
+                    slots' rows of the cache are read and written, the other slots' caches are not copied.
+  generate          one device program runs K frames for the generating slots (only those, padded to a
+                    power of two) and decodes them with the streaming Mimi decoder: one host copy of PCM, codes
+                    and flags per step.
+  pipelining        `step` dispatches the next program before it copies the previous one's results to the host,
+                    so the host never waits on the step it just dispatched. A finished slot is seen one step
+                    late: that costs one masked step for it, never a code.
+Held slots (`hold`) are conversations: a slot and its KV cache kept across turns; `extend` appends rows at its
+position, `start` generates from there, `stop` ends a reply early, `release` frees it.
+
+The generation state (csm.GenState) carries every slot's position, and attention windows follow from it on
+the device: no position is mirrored on the host. One lock serialises the calls, so any thread may call in;
+`driven` is set while some thread steps the engine in a loop (then others wait for their events instead).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from csm_jax import csm
-from csm_jax.generate import Generator, bucket
 from csm_jax.mimi import decode_step, init_decoder_state, reset_state_rows
 from csm_jax.text import Segment, build_prompt
 
 FRAME_MS = 80
+FRAME_SAMPLES = 1920
+MAX_SEED = 2**32 - 1  # seeds key a uint32 PRNG stream
+
+
+def bucket(n: int, lo: int = 1) -> int:
+    """Next power of two >= n (>= lo): padded sizes keep the number of compiled programs small."""
+    b = lo
+    while b < n:
+        b *= 2
+    return b
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
+def frames_for(max_audio_ms) -> int:
+    """Frames in `max_audio_ms` of audio (80 ms each); at least one."""
+    if isinstance(max_audio_ms, bool) or not isinstance(max_audio_ms, (int, float, np.integer)) \
+            or not max_audio_ms >= FRAME_MS:
+        raise ValueError(f"max_audio_ms must be at least {FRAME_MS} (one frame), got {max_audio_ms!r}")
+    return int(max_audio_ms // FRAME_MS)
 
 
 @dataclass
 class Request:
+    """One utterance to speak in a fresh slot: its text after `context` (earlier turns, a voice prompt)."""
+
     text: str
     speaker: int = 0
     context: list[Segment] = field(default_factory=list)
@@ -39,103 +78,357 @@ class Request:
     temperature: float = 0.9
     topk: int = 50
     max_audio_ms: int = 10_000
+    drop_oldest: bool = False  # drop the oldest context segments when the prompt would not fit
 
 
 @dataclass
 class Event:
-    request: Request
+    """What one step made for one slot."""
+
+    owner: object  # the Request, or the holder of a held slot
     audio: np.ndarray  # new 24 kHz samples (possibly empty)
     codes: np.ndarray  # the new frames' codes (frames, 32)
     finished: bool
+    error: str | None = None  # the step failed (then finished is True)
+
+
+@dataclass
+class _Owner:
+    owner: object
+    on_event: Callable[[Event], None] | None
+    held: bool
+    run: int = 0  # counts the slot's generations: a step's results belong to the run it was dispatched in
+
+
+@dataclass
+class _InFlight:
+    slots: list[int]  # the generating slots, in the program's row order
+    owners: dict  # slot -> (the _Owner it had when the step was dispatched, its run then)
+    out: tuple  # device arrays: pcm (R, K * 1920), codes (R, K, C), valid (R, K), done (R,)
+
+
+@partial(jax.jit, static_argnums=(1, 6), donate_argnums=(3, 4))
+def generate_audio(params, cfg: csm.CsmConfig, mimi, state: csm.GenState, mimi_state, slots, num_frames: int):
+    """`num_frames` frames for the slots `slots` (R,) int (None: all) and their streaming Mimi decode, in one
+    program. -> (state, mimi_state, (pcm (R, F * 1920) float32, codes (R, F, C) int32, valid (R, F), done (R,))).
+    Invalid frames (a finished slot) leave the Mimi state as it was; their PCM is meaningless."""
+    state, codes, valid = csm.run_frames(params, cfg, state, num_frames, slots)
+    sub = mimi_state if slots is None else jax.tree.map(lambda a: a[slots], mimi_state)
+    pcm = []
+    for f in range(num_frames):
+        sub, y = decode_step(mimi, sub, codes[:, f], active=valid[:, f])
+        pcm.append(y)
+    mimi_state = sub if slots is None else jax.tree.map(lambda a, b: a.at[slots].set(b), mimi_state, sub)
+    done = state.done if slots is None else state.done[slots]
+    return state, mimi_state, (jnp.concatenate(pcm, 1), codes, valid, done)
 
 
 class Engine:
-    def __init__(self, gen: Generator, slots: int = 4, frames_per_call: int = 4):
-        self.gen, self.cfg, self.params = gen, gen.cfg, gen.params
-        self.slots, self.K = slots, frames_per_call
-        self.state = csm.GenState.create(self.cfg, slots, self.params["c0_head"].dtype)
-        self.mimi_state = init_decoder_state(gen.mimi, slots)
-        self.requests: dict[int, Request] = {}
-        self.ends = np.zeros(slots, np.int64)  # per slot: every position it will write is below this
+    """Slots on the device, shared by plain requests (`submit`) and held conversations (`hold`)."""
 
-    def reset(self) -> None:
-        """Every slot free with a fresh state (after a failed step left the state half-written)."""
-        self.state = csm.GenState.create(self.cfg, self.slots, self.params["c0_head"].dtype)
-        self.mimi_state = init_decoder_state(self.gen.mimi, self.slots)
-        self.requests.clear()
+    def __init__(self, model, slots: int = 4, frames_per_call: int = 4, max_prefill: int = 8,
+                 prefill_rows: int = 1024):
+        """`model`: the loaded model (cfg, params, mimi, tokenizer, context_codes; see csm_jax.generate).
+        `max_prefill`: requests prefilled together at most; `prefill_rows`: prompt rows admitted per step at
+        most (at least one request), so admitting long prompts never starves the generating slots."""
+        if slots < 1 or frames_per_call < 1:
+            raise ValueError("an engine needs at least one slot and one frame per call")
+        self.model, self.cfg, self.params, self.mimi = model, model.cfg, model.params, model.mimi
+        self.slots, self.frames_per_call = slots, frames_per_call
+        # Requests prefilled together: a power of two, so padding them to a bucket never needs more slots.
+        self.max_prefill, self.prefill_rows = 1 << (min(max_prefill, slots).bit_length() - 1), prefill_rows
+        self.lock = threading.RLock()
+        self.driven = threading.Event()
+        self.on_work: Callable[[], None] | None = None  # told when a held slot starts or stops generating
+        self.ready = False
+        self.reset()
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def reset(self) -> list[_Owner]:
+        """Every slot free with a fresh state (after a failed step left the state half-written).
+        Returns the owners the slots had, so the caller can tell them."""
+        with self.lock:
+            owners = list(getattr(self, "owners", {}).values())
+            self.state = csm.GenState.create(self.cfg, self.slots, self.params["text_embed"].dtype)
+            self.mimi_state = init_decoder_state(self.mimi, self.slots)
+            self.owners: dict[int, _Owner] = {}
+            self.generating: set[int] = set()
+            self.inserts: list[tuple] = []  # (slot, tokens, mask, sampling) waiting for the next step
+            self.inflight: _InFlight | None = None
+            return owners
+
+    def fail(self, error: BaseException | str) -> list[_Owner]:
+        """A step failed: every owner with a callback is told (a finished event with the error), the state
+        starts afresh, and the owners are returned for the caller to tell the rest."""
+        with self.lock:
+            owners = self.reset()
+        for o in owners:
+            if o.on_event is not None:
+                o.on_event(Event(o.owner, np.zeros(0, np.float32), np.zeros((0, 32), np.int32), True, str(error)))
+        return owners
 
     def free_slots(self) -> list[int]:
-        return [s for s in range(self.slots) if s not in self.requests]
+        with self.lock:
+            return [s for s in range(self.slots) if s not in self.owners]
 
     def busy(self) -> bool:
-        return bool(self.requests)
+        """Work is waiting or on the device: `step` has something to do."""
+        with self.lock:
+            return bool(self.generating or self.inserts or self.inflight)
 
-    def submit(self, req: Request) -> int | None:
-        """Prefills `req` into a free slot and returns it; None when every slot is busy. Raises ValueError for a
-        bad request (empty text, bad speaker, prompt over budget) without touching any slot."""
-        free = self.free_slots()
-        if not free:
-            return None
-        if req.max_audio_ms < FRAME_MS:
-            raise ValueError(f"max_audio_ms must be at least {FRAME_MS}")
-        frames = int(req.max_audio_ms // FRAME_MS)
-        tokens, mask, _ = build_prompt(self.gen.tokenizer, self.gen.context_codes(req.context), req.speaker,
-                                       req.text, frames, self.cfg.max_seq_len)
-        slot = free[0]
-        B = self.slots
-        rows = jnp.zeros(B, bool).at[slot].set(True)
-        self.state = csm.reset_rows(self.state, rows)
-        for t, m, length, window in csm.prefill_pieces(self.cfg, tokens[None], mask[None], [len(tokens)]):
-            self.state = csm.prefill_slot(self.params, self.cfg, self.state, t, m, length[0], jnp.int32(slot), window)
-        one = lambda v, dtype: jnp.full(B, v, dtype)  # noqa: E731  (only the slot's entry is used)
-        self.state = csm.set_sampling(self.state, rows, one(req.temperature, jnp.float32), one(req.topk, jnp.int32),
-                                      one(req.seed, jnp.int32), one(frames, jnp.int32))
-        self.mimi_state = reset_state_rows(self.mimi_state, rows)
-        self.requests[slot] = req
-        self.ends[slot] = len(tokens)
-        return slot
+    # ------------------------------------------------------------------------------------ plain requests
+
+    def submit(self, req: Request, on_event: Callable[[Event], None] | None = None) -> int | None:
+        """Reserves a free slot for `req` and returns it (prefilled at the next `step`, with the others that
+        came meanwhile); None when every slot is busy. Raises ValueError for a bad request (empty text, bad
+        speaker or seed, prompt over budget) without touching any slot."""
+        max_frames = frames_for(req.max_audio_ms)
+        check_seed(req.seed)
+        tokens, mask, _ = build_prompt(self.model.tokenizer, self.model.context_codes(req.context), req.speaker,
+                                       req.text, max_frames, self.cfg.max_seq_len, req.drop_oldest)
+        with self.lock:
+            free = self.free_slots()
+            if not free:
+                return None
+            slot = free[0]
+            self.owners[slot] = _Owner(req, on_event, held=False)
+            self.inserts.append((slot, tokens, mask, (req.temperature, req.topk, req.seed, max_frames)))
+            return slot
 
     def cancel(self, slot: int) -> None:
-        """Stops a slot's request (e.g. its client went away); the slot is free at once."""
-        if slot in self.requests:
-            rows = jnp.zeros(self.slots, bool).at[slot].set(True)
-            self.state = csm.reset_rows(self.state, rows)
-            del self.requests[slot]
+        """Stops a plain request (its client went away): the slot is free at once; what its last step made
+        is dropped. A held slot is stopped instead (see `stop`)."""
+        with self.lock:
+            o = self.owners.get(slot)
+            if o is None:
+                return
+            if o.held:
+                self.stop(slot)
+                return
+            del self.owners[slot]
+            self.generating.discard(slot)
+            self.inserts = [i for i in self.inserts if i[0] != slot]
+            self.state = csm.reset_slots(self.state, _put([slot], np.int32))
+
+    # --------------------------------------------------------------------------------------- held slots
+
+    def hold(self, owner, on_event: Callable[[Event], None] | None = None) -> int | None:
+        """Reserves a free slot for a conversation, empty; it stays held (its cache kept) until `release`.
+        None when every slot is busy."""
+        with self.lock:
+            free = self.free_slots()
+            if not free:
+                return None
+            slot = free[0]
+            self.owners[slot] = _Owner(owner, on_event, held=True)
+            self._clear(slot)
+            return slot
+
+    def _clear(self, slot: int) -> None:
+        self.state = csm.reset_slots(self.state, _put([slot], np.int32))
+
+    def clear(self, slot: int) -> None:
+        """Empties a held slot's cache (position 0), to prefill it anew."""
+        with self.lock:
+            self._held(slot)
+            self._clear(slot)
+
+    def extend(self, slot: int, tokens: np.ndarray, mask: np.ndarray) -> None:
+        """Appends prompt rows (S, 33) to a held slot's cache at its position (in pieces; only its rows of
+        the cache are touched). The caller keeps the position below the cache's capacity."""
+        with self.lock:
+            self._held(slot)
+            if slot in self.generating:
+                raise RuntimeError(f"slot {slot} is generating; wait for its finished event before extending it")
+            if len(tokens) == 0:
+                return
+            sl = _put([slot], np.int32)
+            for t, m, n in csm.prefill_pieces(tokens[None], mask[None], [len(tokens)]):
+                self.state = csm.prefill(self.params, self.cfg, self.state, t, m, n, sl)
+
+    def start(self, slot: int, seed: int = 0, temperature: float = 0.9, topk: int = 50,
+              max_frames: int = 125) -> None:
+        """Generates from a held slot's last row until end of speech or `max_frames`: events go to its owner,
+        the last one with finished=True. The frames stay in the slot's cache."""
+        with self.lock:
+            self._held(slot)
+            check_seed(seed)
+            self._start_slots([slot], [(temperature, topk, seed, max_frames)])
+        if self.on_work is not None:
+            self.on_work()
+
+    def stop(self, slot: int) -> None:
+        """Ends a held slot's reply early; a finished event follows (frames already made are delivered)."""
+        with self.lock:
+            if slot not in self.generating:
+                return
+            self.state = csm.stop_slots(self.state, _put([slot], np.int32))
+        if self.on_work is not None:
+            self.on_work()
+
+    def release(self, slot: int) -> None:
+        """Frees a held slot."""
+        with self.lock:
+            if slot in self.owners:
+                del self.owners[slot]
+                self.generating.discard(slot)
+                self._clear(slot)
+
+    def holder(self, slot: int):
+        """Who holds `slot` (None when nobody does, e.g. after `fail`)."""
+        with self.lock:
+            o = self.owners.get(slot)
+            return o.owner if o is not None and o.held else None
+
+    def _held(self, slot: int) -> None:
+        o = self.owners.get(slot)
+        if o is None or not o.held:
+            raise ValueError(f"slot {slot} is not held (hold it first)")
+
+    # ------------------------------------------------------------------------------------------ the loop
 
     def step(self) -> dict[int, Event]:
-        """K frames for every active slot (one device call), decoded to audio. Finished slots are freed."""
-        if not self.requests:
-            return {}
-        active = sorted(self.requests)
-        self.ends[active] += self.K
-        window = csm.attention_window(self.cfg, int(self.ends[active].max()))
-        R = bucket(len(active), 1)  # run only the busy slots, padded with idle ones to a power of two
+        """Admits the submitted requests, dispatches K frames for every generating slot, and returns what the
+        previous step made ({slot: Event}; events also go to the owners' callbacks). A finished plain
+        request's slot is free at once."""
+        with self.lock:
+            self._admit()
+            launched = self._launch()
+            previous, self.inflight = self.inflight, launched
+            return self._collect(previous) if previous is not None else {}
+
+    def _admit(self) -> None:
+        if not self.inserts:
+            return
+        take, rows = [], 0
+        for item in self.inserts:
+            if take and (len(take) == self.max_prefill or rows + len(item[1]) > self.prefill_rows):
+                break
+            take.append(item)
+            rows += len(item[1])
+        self.inserts = self.inserts[len(take):]
+        slots = [i[0] for i in take]
+        n, R = len(take), bucket(len(take))
+        # Padding rows of the prefill: other slots (distinct) given no rows, so they are read and written back
+        # unchanged.
+        others = [s for s in range(self.slots) if s not in slots][:R - n]
+        longest = max(len(i[1]) for i in take)
+        tokens = np.zeros((R, longest, 33), np.int32)
+        mask = np.zeros((R, longest, 33), bool)
+        lengths = np.zeros(R, np.int32)
+        for r, (_, t, m, _) in enumerate(take):
+            tokens[r, :len(t)], mask[r, :len(t)], lengths[r] = t, m, len(t)
+        padded = _put(slots + others, np.int32)
+        self.state = csm.reset_slots(self.state, _pad(slots, R))
+        for t, m, ln in csm.prefill_pieces(tokens, mask, lengths):
+            self.state = csm.prefill(self.params, self.cfg, self.state, t, m, ln, padded)
+        self._start_slots(slots, [i[3] for i in take])
+
+    def _start_slots(self, slots: list[int], sampling: list[tuple]) -> None:
+        R = bucket(len(slots))
+        cols = list(zip(*sampling))
+        pad = lambda v, dtype: _put(list(v) + [v[0]] * (R - len(v)), dtype)  # noqa: E731
+        self.state = csm.set_sampling(self.state, _pad(slots, R), pad(cols[0], np.float32), pad(cols[1], np.int32),
+                                      pad(cols[2], np.uint32), pad(cols[3], np.int32))
+        fresh = np.zeros(self.slots, bool)
+        fresh[slots] = True
+        self.mimi_state = reset_state_rows(self.mimi_state, jax.device_put(fresh))
+        for s in slots:
+            self.owners[s].run += 1
+        self.generating.update(slots)
+
+    def _launch(self) -> _InFlight | None:
+        if not self.generating:
+            return None
+        active = sorted(self.generating)
+        R = bucket(len(active))
         if R >= self.slots:
-            self.state, frames, valid = csm.generate_frames(self.params, self.cfg, self.state, self.K, window)
-            frames, valid = np.asarray(frames), np.asarray(valid)
-        else:
-            rows = active + [s for s in range(self.slots) if s not in self.requests][:R - len(active)]
-            self.state, sub_frames, sub_valid = csm.generate_frames_rows(
-                self.params, self.cfg, self.state, jnp.asarray(rows, jnp.int32), self.K, window)
-            frames = np.zeros((self.slots, self.K, self.cfg.num_codebooks), np.int32)
-            valid = np.zeros((self.slots, self.K), bool)
-            frames[rows], valid[rows] = np.asarray(sub_frames), np.asarray(sub_valid)
-        done = np.asarray(self.state.done)
-        pcm = {s: [] for s in active}
-        for k in range(self.K):
-            if not valid[:, k].any():
-                continue
-            self.mimi_state, audio = decode_step(self.gen.mimi, self.mimi_state, jnp.asarray(frames[:, k]),
-                                                 active=jnp.asarray(valid[:, k]))
-            audio = np.asarray(audio)
-            for s in active:
-                if valid[s, k]:
-                    pcm[s].append(audio[s])
+            rows, slots = list(range(self.slots)), None
+        else:  # only the generating slots, padded with other (distinct) slots, which are done: left as they are
+            rows = active + [s for s in range(self.slots) if s not in self.generating][:R - len(active)]
+            slots = _put(rows, np.int32)
+        self.state, self.mimi_state, out = generate_audio(self.params, self.cfg, self.mimi, self.state,
+                                                          self.mimi_state, slots, self.frames_per_call)
+        for a in out:
+            a.copy_to_host_async()
+        return _InFlight(rows, {s: (self.owners[s], self.owners[s].run) for s in active}, out)
+
+    def _collect(self, flight: _InFlight) -> dict[int, Event]:
+        pcm, codes, valid, done = (np.asarray(a) for a in flight.out)
         events = {}
-        for s in active:
-            finished = bool(done[s])
-            events[s] = Event(self.requests[s], np.concatenate(pcm[s]) if pcm[s] else np.zeros(0, np.float32),
-                              frames[s][valid[s]], finished)
-            if finished:
-                del self.requests[s]
+        for r, slot in enumerate(flight.slots):
+            o, run = flight.owners.get(slot, (None, None))
+            # Skip idle padding, a slot cancelled or re-assigned since, and a run that finished at an earlier
+            # step (this step computed it masked).
+            if o is None or self.owners.get(slot) is not o or o.run != run or slot not in self.generating:
+                continue
+            v = valid[r]
+            audio = pcm[r].reshape(-1, FRAME_SAMPLES)[v].reshape(-1)
+            ev = Event(o.owner, audio, codes[r][v], bool(done[r]))
+            if ev.finished:
+                self.generating.discard(slot)
+                if not o.held:
+                    del self.owners[slot]
+            events[slot] = ev
+            if o.on_event is not None:
+                o.on_event(ev)
         return events
+
+    # ---------------------------------------------------------------------------------------- warm-up
+
+    def warmup(self, progress: Callable[[str], None] | None = None) -> int:
+        """Compiles every program the engine can run (generation for each count of generating slots, prefill
+        for each piece size and count of requests admitted together, slot updates), by running each once on
+        free slots, where it changes nothing. Uses JAX's on-disk compile cache when enabled. Returns the
+        number of programs run. Call it with every slot free."""
+        with self.lock:
+            if self.owners:
+                raise RuntimeError("warm the engine up before it has work")
+            counts = sorted({min(bucket(n), self.slots) for n in range(1, self.slots + 1)})
+            prefill_counts = [1 << i for i in range(self.max_prefill.bit_length())]
+            total = len(counts) + len(prefill_counts) * (len(csm.piece_sizes()) + 3)
+            done = 0
+
+            def tick(what):
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress(f"compiling {done}/{total}: {what}")
+
+            for R in counts:
+                slots = None if R >= self.slots else jnp.arange(R, dtype=jnp.int32)
+                self.state, self.mimi_state, out = generate_audio(self.params, self.cfg, self.mimi, self.state,
+                                                                  self.mimi_state, slots, self.frames_per_call)
+                jax.block_until_ready(out)
+                tick(f"generate {self.frames_per_call} frames for {R} slots")
+            for R in prefill_counts:
+                sl = jnp.arange(R, dtype=jnp.int32)
+                for P in csm.piece_sizes():
+                    self.state = csm.prefill(self.params, self.cfg, self.state, jnp.zeros((R, P, 33), jnp.int32),
+                                             jnp.zeros((R, P, 33), bool), jnp.zeros(R, jnp.int32), sl)
+                    jax.block_until_ready(self.state.h)
+                    tick(f"prefill {R} x {P} rows")
+                self.state = csm.reset_slots(self.state, sl)
+                tick(f"reset {R} slots")
+                z = jnp.zeros(R, jnp.int32)
+                self.state = csm.set_sampling(self.state, sl, z.astype(jnp.float32), z, z.astype(jnp.uint32), z)
+                tick(f"start {R} slots")
+                self.state = csm.stop_slots(self.state, sl)
+                jax.block_until_ready(self.state.done)
+                tick(f"stop {R} slots")
+            self.mimi_state = reset_state_rows(self.mimi_state, jnp.zeros(self.slots, bool))
+            self.state = csm.reset_slots(self.state, jnp.arange(self.slots, dtype=jnp.int32))
+            jax.block_until_ready(self.state.done)
+            self.ready = True
+            return done
+
+
+def _put(values, dtype) -> jax.Array:
+    """Host values to the device as `dtype`: a plain transfer (jnp.asarray would compile a conversion)."""
+    return jax.device_put(np.asarray(values, dtype))
+
+
+def _pad(slots: list[int], R: int):
+    """`slots` padded to R entries by repeating the first (the padding writes the same values again)."""
+    return _put(slots + [slots[0]] * (R - len(slots)), np.int32)

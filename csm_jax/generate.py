@@ -22,29 +22,12 @@ import numpy as np
 from csm_jax import csm
 from csm_jax.audio import check_audio
 from csm_jax.checkpoints import load_csm
-from csm_jax.mimi import (decode, decode_step, encode, init_decoder_state, load_mimi, mimi_params_from_tensors)
+from csm_jax.engine import Engine, Request, bucket
+from csm_jax.mimi import decode, encode, load_mimi, mimi_params_from_tensors
 from csm_jax.quantize import quantize_csm
-from csm_jax.text import FRAME_SAMPLES, Segment, Tokenizer, build_prompt
+from csm_jax.text import FRAME_SAMPLES, Segment, Tokenizer
 
 FRAME_MS = 80
-
-
-def bucket(n: int, lo: int = 16) -> int:
-    """Next power of two >= n (>= lo): padded lengths keep the number of compilations small."""
-    b = lo
-    while b < n:
-        b *= 2
-    return b
-
-
-def stream_decode(mimi: dict, dec, frames: np.ndarray):
-    """Streaming Mimi decode of one stream's new frames (F, 32) -> (decoder state, 24 kHz audio (1920 F,)),
-    with one transfer to the host for all of them."""
-    pcm = []
-    for f in frames:
-        dec, out = decode_step(mimi, dec, jnp.asarray(f[None]))
-        pcm.append(out[0])
-    return dec, np.asarray(jnp.concatenate(pcm)) if pcm else np.zeros(0, np.float32)
 
 
 def _as_list(x, n, name):
@@ -123,79 +106,107 @@ class Generator:
             out.append(seg)
         return out
 
-    def _start(self, texts, speakers, contexts, seeds, temperature, topk, max_audio_ms, drop_oldest, pinned=0):
+    # ------------------------------------------------------------------------------------------- API
+
+    def engine(self, slots: int, frames_per_call: int | None = None, **kw) -> Engine:
+        """An engine over this model with `slots` slots (see csm_jax.engine)."""
+        return Engine(self, slots, frames_per_call or self.frames_per_call, **kw)
+
+    def requests(self, texts: Sequence[str], speakers=0, contexts=None, seeds=0, temperature=0.9, topk=50,
+                 max_audio_ms=10_000, drop_oldest: bool = False) -> list[Request]:
+        """One Request per text; every other argument is one value for all or a list with one per text."""
         n = len(texts)
         if n == 0:
             raise ValueError("no texts given")
-        speakers, contexts = _as_list(speakers, n, "speakers"), _as_list(contexts, n, "contexts")
-        seeds, temps = _as_list(seeds, n, "seeds"), _as_list(temperature, n, "temperature")
-        topks, caps = _as_list(topk, n, "topk"), _as_list(max_audio_ms, n, "max_audio_ms")
-        frames = []
-        for ms in caps:
-            if not ms or ms < FRAME_MS:
-                raise ValueError(f"max_audio_ms must be at least {FRAME_MS} (one frame), got {ms}")
-            frames.append(int(ms // FRAME_MS))
-        prompts = [build_prompt(self.tokenizer, self.context_codes(ctx or []), spk, text, f,
-                                self.cfg.max_seq_len, drop_oldest, pinned)
-                   for text, spk, ctx, f in zip(texts, speakers, contexts, frames)]
-        longest = max(len(p[0]) for p in prompts)
-        tokens = np.zeros((n, longest, 33), np.int32)
-        mask = np.zeros((n, longest, 33), bool)
-        for i, (t, m, _) in enumerate(prompts):
-            tokens[i, :len(t)], mask[i, :len(t)] = t, m
-        rows = jnp.ones(n, bool)
-        st = csm.GenState.create(self.cfg, n, self.params["c0_head"].dtype)
-        for t, m, lengths, window in csm.prefill_pieces(self.cfg, tokens, mask, [len(p[0]) for p in prompts]):
-            st = csm.prefill(self.params, self.cfg, st, t, m, lengths, rows, window)
-        self._next_position = longest  # every row's next position is below this
-        return csm.set_sampling(st, rows, jnp.array(temps, jnp.float32), jnp.array(topks, jnp.int32),
-                                jnp.array(seeds, jnp.int32), jnp.array(frames, jnp.int32))
+        cols = [_as_list(v, n, name) for v, name in ((speakers, "speakers"), (contexts, "contexts"), (seeds, "seeds"),
+                                                    (temperature, "temperature"), (topk, "topk"),
+                                                    (max_audio_ms, "max_audio_ms"))]
+        return [Request(t, spk, list(ctx or []), seed, temp, k, ms, drop_oldest)
+                for t, spk, ctx, seed, temp, k, ms in zip(texts, *cols)]
 
-    def _frames(self, st):
-        K = self.frames_per_call
-        window = csm.attention_window(self.cfg, self._next_position + K)
-        self._next_position += K
-        return csm.generate_frames(self.params, self.cfg, st, K, window)
-
-    # ------------------------------------------------------------------------------------------- API
+    def run(self, requests: Sequence[Request]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Speaks every request as one batch on an engine of its own -> (24 kHz audio, codes (32, T)) each,
+        the audio from the engine's streaming Mimi decoder (what `stream` yields)."""
+        engine = self.engine(len(requests), max_prefill=len(requests))
+        index = {engine.submit(r): i for i, r in enumerate(requests)}
+        audio = [[] for _ in requests]
+        codes = [[] for _ in requests]
+        while engine.busy():
+            for slot, ev in engine.step().items():
+                audio[index[slot]].append(ev.audio)
+                codes[index[slot]].append(ev.codes)
+        return [(np.concatenate(a), np.concatenate(c).T.astype(np.int32)) for a, c in zip(audio, codes)]
 
     def generate_codes(self, texts: Sequence[str], speakers=0, contexts=None, seeds=0, temperature=0.9, topk=50,
-                       max_audio_ms=10_000, drop_oldest: bool = False, pinned: int = 0) -> list[np.ndarray]:
+                       max_audio_ms=10_000, drop_oldest: bool = False) -> list[np.ndarray]:
         """Mimi codes (32, T_i) for each text, generated as one batch. With `drop_oldest`, context segments
-        after the first `pinned` ones are dropped, oldest first, when the prompt would not fit."""
-        st = self._start(list(texts), speakers, contexts, seeds, temperature, topk, max_audio_ms, drop_oldest,
-                         pinned)
-        out = [[] for _ in texts]
-        while not bool(st.done.all()):
-            st, frames, valid = self._frames(st)
-            frames, valid = np.asarray(frames), np.asarray(valid)
-            for i in range(len(texts)):
-                out[i].extend(frames[i][valid[i]])
-        return [np.stack(o, 1).astype(np.int32) if o else np.zeros((32, 0), np.int32) for o in out]
+        are dropped, oldest first, when the prompt would not fit."""
+        reqs = self.requests(list(texts), speakers, contexts, seeds, temperature, topk, max_audio_ms, drop_oldest)
+        return [c for _, c in self.run(reqs)]
 
     def generate(self, texts: Sequence[str] | str, speakers=0, contexts=None, seeds=0, temperature=0.9, topk=50,
                  max_audio_ms=10_000, drop_oldest: bool = False, return_codes: bool = False):
         """24 kHz float32 audio for each text (a list; one array if `texts` is a string).
 
-        speakers, contexts (lists of Segment), seeds, temperature (0 = greedy), topk and max_audio_ms are
-        one value for all or a list with one per text. With `return_codes`, returns (audio, codes) pairs.
+        speakers, contexts (lists of Segment), seeds (0 .. 2**32 - 1), temperature (0 = greedy), topk and
+        max_audio_ms are one value for all or a list with one per text. With `return_codes`, returns
+        (audio, codes) pairs.
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        codes = self.generate_codes(texts, speakers, contexts if not single or contexts is None else [contexts],
-                                    seeds, temperature, topk, max_audio_ms, drop_oldest)
-        result = [(self.decode_codes(c), c) if return_codes else self.decode_codes(c) for c in codes]
+        reqs = self.requests(texts, speakers, contexts if not single or contexts is None else [contexts], seeds,
+                             temperature, topk, max_audio_ms, drop_oldest)
+        result = [pair if return_codes else pair[0] for pair in self.run(reqs)]
         return result[0] if single else result
+
+    def generate_paragraphs(self, texts: Sequence[str], speaker: int = 0, context: Sequence[Segment] | None = None,
+                            seeds=0, temperature: float = 0.9, topk: int = 50, max_audio_ms: int = 10_000,
+                            batch_size: int = 4, on_done=None) -> list[np.ndarray]:
+        """Mimi codes (32, T_i) for each text, spoken sentence by sentence (`split_sentences`) so a paragraph
+        keeps one voice: each sentence is generated with the earlier ones in context, appended to the cache of
+        a conversation slot (csm_jax.dialogue) rather than prefilled again. `context` (a voice prompt) stays
+        pinned; when the 2048 positions fill up, the oldest sentences leave. Sentence r of text i uses seed
+        seeds[i] + r. `batch_size` texts are spoken at once on one engine; `on_done(i, codes)` is called as
+        each text is finished."""
+        from csm_jax.dialogue import Dialogue
+        from csm_jax.text import split_sentences
+
+        texts = list(texts)
+        seeds = _as_list(seeds, len(texts), "seeds")
+        sentences = [split_sentences(t) for t in texts]  # every text checked before any is generated
+        context = self.context_codes(context or [])
+        engine = self.engine(max(1, min(batch_size, len(texts))))
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), engine.slots):
+            idx = list(range(start, min(start + engine.slots, len(texts))))
+            talks = {i: Dialogue(engine, context) for i in idx}
+            made = {i: [] for i in idx}
+            for r in range(max(len(sentences[i]) for i in idx)):
+                live = {i: talks[i].speak(sentences[i][r], speaker, seeds[i] + r, temperature, topk, max_audio_ms)
+                        for i in idx if r < len(sentences[i])}
+                while live:  # round robin: whoever waits steps the engine, so all sentences advance together
+                    for i, chunks in list(live.items()):
+                        if next(chunks, None) is None:
+                            del live[i]
+                            made[i].append(talks[i].segments[-1].codes)
+            for i in idx:
+                talks[i].close()
+                codes = np.concatenate(made[i], axis=1)
+                out.append(codes)
+                if on_done is not None:
+                    on_done(i, codes)
+        return out
 
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] | None = None, seed: int = 0,
                temperature: float = 0.9, topk: int = 50, max_audio_ms: int = 10_000,
                drop_oldest: bool = False) -> Iterator[np.ndarray]:
         """Yields 24 kHz audio chunks as frames are generated (streaming Mimi decode): the chunks concatenate to
-        what `generate` returns for the same arguments."""
-        st = self._start([text], speaker, [context or []], seed, temperature, topk, max_audio_ms, drop_oldest)
-        dec = init_decoder_state(self.mimi, 1)
-        while not bool(st.done.all()):
-            st, frames, valid = self._frames(st)
-            dec, audio = stream_decode(self.mimi, dec, np.asarray(frames)[0][np.asarray(valid)[0]])
-            if audio.size:
-                yield audio
+        what `generate` returns for the same arguments. Each call runs on an engine of its own, so streams
+        interleaved in one thread or run from several threads never share state."""
+        engine = self.engine(1)
+        engine.submit(Request(text, speaker, list(context or []), seed, temperature, topk, max_audio_ms,
+                              drop_oldest))
+        while engine.busy():
+            for ev in engine.step().values():
+                if ev.audio.size:
+                    yield ev.audio

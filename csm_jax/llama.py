@@ -7,10 +7,10 @@ Pre-norm layers, no biases, no embedding or output layer (CSM supplies its own):
 GQA: query head n reads kv head n // (N / K). RoPE uses Llama-3 frequency scaling and the half-split
 ("rotate_half") pairing of transformers' layout; Sesame's interleaved q/k rows are permuted at load.
 
-Axes: B batch, T new positions, S cache slots, N query heads, K kv heads, G = N/K, H head dim, D width.
-Attention always runs against an explicit cache {k, v: (B, S, K, H), pos: (B, S)} holding the absolute
-position of each slot (-1 = empty): new keys are written at slot pos % S first, then every query attends to
-the slots whose position is <= its own. RoPE, norms and softmax run in fp32 whatever the weights' dtype.
+Axes: B batch, T new positions, S cache cells, N query heads, K kv heads, G = N/K, H head dim, D width.
+Attention always runs against an explicit cache {k, v: (B, K, S, H), pos: (B, S)} holding the absolute
+position of each cell (-1 = empty): new keys are written at cell pos % S first, then every query attends to
+the cells whose position is <= its own. RoPE, norms and softmax run in fp32 whatever the weights' dtype.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def rms_norm(x, scale, eps):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, size: int, dtype) -> dict:
-    """An empty cache of `size` slots: {"k": [...], "v": [...] per layer (B, K, S, H), "pos": (B, S)}.
+    """An empty cache of `size` cells: {"k": [...], "v": [...] per layer (B, K, S, H), "pos": (B, S)}.
     Batch and kv-head lead so that the attention products read the cache in place (with (B, S, K, H) XLA
     copied the whole window into that order, per layer and step)."""
     shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
@@ -111,48 +111,75 @@ def init_cache(cfg: LlamaConfig, batch: int, size: int, dtype) -> dict:
             "pos": jnp.full((batch, size), -1, jnp.int32)}
 
 
-def _attention(cfg, p, x, pos, slots, cache_pos, k_cache, v_cache, inv_freq, window):
-    B, T, _ = x.shape
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = linear(x, p["wqkv"])
-    q = qkv[..., : N * H].reshape(B, T, N, H)
-    k = qkv[..., N * H:(N + K) * H].reshape(B, T, K, H)
-    v = qkv[..., (N + K) * H:].reshape(B, T, K, H)
-    q, k = rope(q, pos, inv_freq), rope(k, pos, inv_freq)
-    at = (jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], slots[:, None, :])  # (B, K, T)
-    k_cache = k_cache.at[at].set(jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[at].set(jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), mode="drop")
-    q = q.reshape(B, T, K, N // K, H)
-    ks, vs, ps = k_cache[:, :, :window], v_cache[:, :, :window], cache_pos[:, :window]
+def attention_windows(size: int) -> tuple[int, ...]:
+    """The attention windows a cache of `size` cells is read through: powers of two from 128, then the whole
+    cache. Each call picks, on the device, the smallest that holds every position it attends to."""
+    out, w = [], 128
+    while w < size:
+        out.append(w)
+        w *= 2
+    return (*out, size)
+
+
+def _attend(q, k_cache, v_cache, cache_pos, pos, rows, window: int):
+    """q (R, T, K, G, H) against the first `window` cells of the cache rows `rows` (R,), or of every row
+    when `rows` is None -> (R, T, N * H)."""
+    R, T, K, G, H = q.shape
+    pick = (slice(None),) if rows is None else (rows,)
+    ks, vs, ps = k_cache[pick][:, :, :window], v_cache[pick][:, :, :window], cache_pos[pick][:, :window]
     logits = jnp.einsum("btkgh,bksh->bkgts", q, ks, preferred_element_type=jnp.float32) / math.sqrt(H)
-    visible = (ps[:, None, :] >= 0) & (ps[:, None, :] <= pos[:, :, None])  # (B, T, S)
+    visible = (ps[:, None, :] >= 0) & (ps[:, None, :] <= pos[:, :, None])  # (R, T, S)
     logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
     w = jax.nn.softmax(logits, axis=-1)
     # Padding queries (pos -1) see nothing; give them zeros rather than NaN.
     w = jnp.where(jnp.isnan(w), 0.0, w).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", w, vs).reshape(B, T, N * H)
+    return jnp.einsum("bkgts,bksh->btkgh", w, vs).reshape(R, T, K * G * H)
+
+
+def _attention(cfg, p, x, pos, rows, cells, cache_pos, k_cache, v_cache, inv_freq, window_index):
+    R, T, _ = x.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = linear(x, p["wqkv"])
+    q = qkv[..., : N * H].reshape(R, T, N, H)
+    k = qkv[..., N * H:(N + K) * H].reshape(R, T, K, H)
+    v = qkv[..., (N + K) * H:].reshape(R, T, K, H)
+    q, k = rope(q, pos, inv_freq), rope(k, pos, inv_freq)
+    at = (jnp.arange(R) if rows is None else rows)[:, None, None], jnp.arange(K)[None, :, None], cells[:, None, :]
+    k_cache = k_cache.at[at].set(jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[at].set(jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), mode="drop")
+    q = q.reshape(R, T, K, N // K, H)
+    windows = attention_windows(k_cache.shape[2])
+    # The cache is only read inside the branches (written above): no branch copies it.
+    branches = [lambda q, kc, vc, cp, w=w: _attend(q, kc, vc, cp, pos, rows, w) for w in windows]
+    out = jax.lax.switch(window_index, branches, q, k_cache, v_cache, cache_pos)
     return linear(out, p["wo"]), k_cache, v_cache
 
 
-def forward(cfg: LlamaConfig, params: dict, x, pos, cache: dict, window: int | None = None):
-    """x (B, T, D) at absolute positions pos (B, T) (-1 = padding: not written, output meaningless).
+def forward(cfg: LlamaConfig, params: dict, x, pos, cache: dict, rows=None):
+    """x (R, T, D) at absolute positions pos (R, T) (-1 = padding: not written, output meaningless), against
+    the cache rows `rows` (R,) int (distinct; default: all rows, R = the cache's batch). Only those rows of
+    the cache are read and written: a few busy rows of a large batch cost their own compute, not the batch's.
 
-    `window` (static): attend only to the first `window` slots. Valid while every position is below it (the
-    ring has not wrapped and slot == position): a short conversation then reads a small part of the cache.
+    Attention reads only the cache cells below the smallest window (`attention_windows`) holding every
+    position of the call, chosen on the device from `pos`: valid while cell == position (the ring has not
+    wrapped), which holds because generation stops at the cache's capacity; a wrapped position selects the
+    whole cache.
 
-    Returns (final-normed hidden (B, T, D), updated cache). Layers are unrolled: on XLA:CPU this runs
+    Returns (final-normed hidden (R, T, D), updated cache). Layers are unrolled: on XLA:CPU this runs
     3x faster than a scan over stacked layer weights.
     """
     size = cache["pos"].shape[1]
-    slots = jnp.where(pos >= 0, pos % size, size)  # out of range = dropped write
-    rows = jnp.arange(x.shape[0])[:, None]
-    cache_pos = cache["pos"].at[rows, slots].set(pos, mode="drop")
+    cells = jnp.where(pos >= 0, pos % size, size)  # ring cell of each position; out of range = dropped write
+    cache_pos = cache["pos"].at[(jnp.arange(x.shape[0]) if rows is None else rows)[:, None], cells].set(
+        pos, mode="drop")
+    windows = attention_windows(size)
+    window_index = jnp.sum(jnp.max(pos) + 1 > jnp.array(windows[:-1], jnp.int32)) if len(windows) > 1 else 0
     inv_freq = rope_frequencies(cfg)
     ks, vs = [], []
     for i, p in enumerate(params["layers"]):
         with jax.named_scope(f"layer{i}"):
-            a, k_i, v_i = _attention(cfg, p, rms_norm(x, p["attn_norm"], cfg.norm_eps), pos, slots, cache_pos,
-                                     cache["k"][i], cache["v"][i], inv_freq, window or size)
+            a, k_i, v_i = _attention(cfg, p, rms_norm(x, p["attn_norm"], cfg.norm_eps), pos, rows, cells, cache_pos,
+                                     cache["k"][i], cache["v"][i], inv_freq, window_index)
             x = x + a
             m = linear(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p["w13"])
             gate, up = jnp.split(m, 2, axis=-1)

@@ -101,7 +101,7 @@ def closed_port_url():
 
 
 def test_llm_down_or_slow_then_retry(gen, llm_server):
-    d = Dialogue(gen)
+    d = Dialogue(gen.engine(1))
     llm = ChatClient(closed_port_url(), llm_server.model, timeout_s=2)
     conv = Conversation(d, llm, max_sentence_ms=240)
     log = conv.respond("Are you there?")
@@ -124,7 +124,7 @@ def test_llm_down_or_slow_then_retry(gen, llm_server):
 
 
 def test_asr_hears_nothing_is_no_turn(gen, llm_server, asr_model):
-    d = Dialogue(gen)
+    d = Dialogue(gen.engine(1))
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model))
     noise = (0.003 * np.random.default_rng(0).standard_normal(16000 * 2)).astype(np.float32)
     assert conv.turn(noise, 16000) is None
@@ -134,7 +134,7 @@ def test_asr_hears_nothing_is_no_turn(gen, llm_server, asr_model):
 def test_user_audio_codes_in_context_and_long_turn(gen, llm_server, asr_model, turns):
     rng = np.random.default_rng(0)
     voice = [Segment(1, "I am the assistant.", codes=rng.integers(0, 2048, (32, 60)).astype(np.int32))]
-    d = Dialogue(gen, voice)
+    d = Dialogue(gen.engine(1), voice)
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model),
                         max_sentence_ms=320)
     audio, sr = sf.read(str(turns[0]), dtype="float32")
@@ -161,7 +161,7 @@ def test_user_audio_codes_in_context_and_long_turn(gen, llm_server, asr_model, t
 
 
 def test_barge_in_stops_the_reply_and_takes_the_new_turn(gen, llm_server, asr_model, turns):
-    d = Dialogue(gen)
+    d = Dialogue(gen.engine(1))
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model),
                         max_sentence_ms=8000)
     a1, sr = sf.read(str(turns[0]), dtype="float32")
@@ -280,11 +280,11 @@ def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp
 
 
 def test_chat_history_is_bounded_and_speakers_differ(gen, llm_server):
-    conv = Conversation(Dialogue(gen), ChatClient(llm_server.url, llm_server.model), max_sentence_ms=160,
+    conv = Conversation(Dialogue(gen.engine(1)), ChatClient(llm_server.url, llm_server.model), max_sentence_ms=160,
                         max_history_messages=2)
     conv.respond("First question?")
     conv.respond("Second question?")
     assert conv.history == [{"role": "user", "content": "Second question?"},
                             {"role": "assistant", "content": REPLY}]
     with pytest.raises(ValueError, match="different CSM speaker ids"):
-        Conversation(Dialogue(gen), conv.llm, user_speaker=1, reply_speaker=1)
+        Conversation(Dialogue(gen.engine(1)), conv.llm, user_speaker=1, reply_speaker=1)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from csm_jax import llama
 from csm_jax.checkpoints import CheckpointError, load_csm
-from csm_jax.csm import (CsmConfig, GenState, embed_rows, generate_frames, init_params, prefill, reset_rows,
+from csm_jax.csm import (CsmConfig, GenState, embed_rows, generate_frames, init_params, prefill, reset_slots,
                          set_sampling)
 from csm_jax.sampling import _kth_by_bisection, kth_largest, sample
 from csm_fixtures import build_hf_csm, save_hf_layout
@@ -44,9 +44,9 @@ def _batch(prompts):
 def test_cached_decode_equals_full_forward(params):
     tokens, mask = _text_prompt(30, 0)
     st = GenState.create(CFG, 1)
-    st = prefill(params, CFG, st, *_batch([(tokens[:20], mask[:20])]), jnp.array([True]))
+    st = prefill(params, CFG, st, *_batch([(tokens[:20], mask[:20])]))
     for i in range(20, 30):  # append one row at a time, as generation does
-        st = prefill(params, CFG, st, *_batch([(tokens[i:i + 1], mask[i:i + 1])]), jnp.array([True]))
+        st = prefill(params, CFG, st, *_batch([(tokens[i:i + 1], mask[i:i + 1])]))
     x = embed_rows(CFG, params, jnp.asarray(tokens[None]), jnp.asarray(mask[None]))
     full, _ = llama.forward(CFG.backbone, params["backbone"], x, jnp.arange(30)[None],
                             llama.init_cache(CFG.backbone, 1, 64, jnp.float32))
@@ -57,8 +57,8 @@ def test_cached_decode_equals_full_forward(params):
 def _generate(params, prompts, seeds, n=12, temperature=0.9, topk=50, caps=None):
     B = len(prompts)
     st = GenState.create(CFG, B)
-    st = prefill(params, CFG, st, *_batch(prompts), jnp.ones(B, bool))
-    st = set_sampling(st, jnp.ones(B, bool), jnp.full(B, temperature), jnp.full(B, topk), jnp.array(seeds),
+    st = prefill(params, CFG, st, *_batch(prompts))
+    st = set_sampling(st, jnp.arange(B), jnp.full(B, temperature), jnp.full(B, topk), jnp.array(seeds),
                       jnp.array(caps or [n] * B))
     st, frames, valid = generate_frames(params, CFG, st, n)
     return np.asarray(frames), np.asarray(valid), st
@@ -78,15 +78,19 @@ def test_batch_rows_get_what_they_get_alone(params):
     assert frames.max() < 2048
 
 
-def test_attention_window_changes_nothing(params):
-    prompts = [_text_prompt(9, 1), _text_prompt(23, 2)]
-    full, _, _ = _generate(params, prompts, [3, 4])
-    B = 2
-    st = GenState.create(CFG, B)
-    st = prefill(params, CFG, st, *_batch(prompts), jnp.ones(B, bool), 128)
-    st = set_sampling(st, jnp.ones(B, bool), jnp.full(B, 0.9), jnp.full(B, 50), jnp.array([3, 4]), jnp.array([12] * B))
-    st, frames, _ = generate_frames(params, CFG, st, 12, 128)
-    np.testing.assert_array_equal(np.asarray(frames), full)
+def test_attention_window_changes_nothing(params, monkeypatch):
+    """Reading the cache through the window chosen on the device from the positions gives the codes reading
+    the whole cache gives, across window boundaries (prompts of 120 and 250 rows, 12 frames: positions pass
+    128 and 256)."""
+    prompts = [_text_prompt(120, 1), _text_prompt(250, 2)]
+    windowed, _, _ = _generate(params, prompts, [3, 4])
+    jax.clear_caches()
+    monkeypatch.setattr(llama, "attention_windows", lambda size: (size,))
+    try:
+        whole, _, _ = _generate(params, prompts, [3, 4])
+    finally:
+        jax.clear_caches()
+    np.testing.assert_array_equal(windowed, whole)
 
 
 def test_frame_cap_and_frozen_rows(params):
@@ -95,7 +99,7 @@ def test_frame_cap_and_frozen_rows(params):
     assert valid[0].tolist() == [True] * 3 + [False] * 5 and valid[1].all()
     assert st.pos.tolist() == [13, 18] and st.done.tolist() == [True, True]
     # A finished row can be reset and reused; the other row's state is untouched.
-    st2 = reset_rows(st, jnp.array([True, False]))
+    st2 = reset_slots(st, jnp.array([0]))
     assert st2.pos.tolist() == [0, 18] and int((st2.cache["pos"][0] >= 0).sum()) == 0
 
 
@@ -161,42 +165,38 @@ def test_strict_loading(tmp_path_factory):
         load_csm(pt)
 
 
-def test_prefill_slot_touches_only_its_row(params):
-    """prefill_slot (one row computed, written into the batch) equals prefill with only that row selected."""
-    from csm_jax.csm import prefill_slot
-
+def test_prefill_into_one_slot_touches_only_it(params):
+    """prefill into slot 1 alone (one slot computed, written into the batch) equals prefilling every slot
+    with no rows for the others."""
     st = GenState.create(CFG, 3)
     tokens, mask, lengths = _batch([_text_prompt(9, 0), _text_prompt(5, 1), _text_prompt(7, 2)])
-    st = prefill(params, CFG, st, jnp.asarray(tokens), jnp.asarray(mask), lengths, jnp.ones(3, bool))
+    st = prefill(params, CFG, st, jnp.asarray(tokens), jnp.asarray(mask), lengths)
     extra_t, extra_m = _text_prompt(6, 3)
-    rows = jnp.array([False, True, False])
     t = np.zeros((3, 6, 33), np.int32)
     m = np.zeros((3, 6, 33), bool)
     t[1], m[1] = extra_t, extra_m
     copy = jax.tree.map(jnp.copy, st)
-    ref = prefill(params, CFG, copy, jnp.asarray(t), jnp.asarray(m), jnp.array([0, 6, 0], jnp.int32), rows)
-    got = prefill_slot(params, CFG, st, jnp.asarray(extra_t[None]), jnp.asarray(extra_m[None]), jnp.int32(6),
-                       jnp.int32(1))
+    ref = prefill(params, CFG, copy, jnp.asarray(t), jnp.asarray(m), jnp.array([0, 6, 0], jnp.int32))
+    got = prefill(params, CFG, st, jnp.asarray(extra_t[None]), jnp.asarray(extra_m[None]), jnp.array([6], jnp.int32),
+                  jnp.array([1], jnp.int32))
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
 
 
-def test_generate_frames_rows_equals_the_whole_batch(params):
-    """Stepping only some rows gives those rows the frames the whole-batch step gives them, and leaves the
-    other rows exactly as they were."""
-    from csm_jax.csm import generate_frames_rows
-
+def test_generating_some_slots_equals_the_whole_batch(params):
+    """Stepping only some slots gives them the frames the whole-batch step gives them, and leaves the
+    other slots exactly as they were."""
     def start():
         st = GenState.create(CFG, 4)
-        st = prefill(params, CFG, st, *_batch([_text_prompt(6 + i, i) for i in range(4)]), jnp.ones(4, bool))
-        return set_sampling(st, jnp.ones(4, bool), jnp.full(4, 0.9), jnp.full(4, 50), jnp.arange(4), jnp.full(4, 9))
+        st = prefill(params, CFG, st, *_batch([_text_prompt(6 + i, i) for i in range(4)]))
+        return set_sampling(st, jnp.arange(4), jnp.full(4, 0.9), jnp.full(4, 50), jnp.arange(4), jnp.full(4, 9))
 
     full, f_frames, f_valid = generate_frames(params, CFG, start(), 3)
     st = start()
     before = jax.tree.map(jnp.copy, st)
-    part, p_frames, p_valid = generate_frames_rows(params, CFG, st, jnp.array([2, 0]), 3)
+    part, p_frames, p_valid = generate_frames(params, CFG, st, 3, jnp.array([2, 0]))
     np.testing.assert_array_equal(np.asarray(p_frames), np.asarray(f_frames)[[2, 0]])
     np.testing.assert_array_equal(np.asarray(p_valid), np.asarray(f_valid)[[2, 0]])
     for a, b, c in zip(jax.tree.leaves(part), jax.tree.leaves(full), jax.tree.leaves(before)):
@@ -208,9 +208,9 @@ def test_generate_frames_rows_equals_the_whole_batch(params):
 
 
 def test_prefill_in_pieces_equals_one_call(params):
-    """A long prompt prefilled in pieces (csm.prefill_pieces, as the generator, the engine and a dialogue do)
-    leaves the state one call over the whole prompt leaves: rows of different lengths, appended after an
-    earlier turn, so pieces start at other positions than 0 and a short row has no rows in the last piece."""
+    """A long prompt prefilled in pieces (csm.prefill_pieces, as the engine does) leaves the state one call
+    over the whole prompt leaves: prompts of different lengths, appended after an earlier turn, so pieces
+    start at other positions than 0 and a short prompt has no rows in the last piece."""
     from csm_jax.csm import PREFILL_CHUNK, PREFILL_STEP, prefill_pieces
 
     first = _batch([_text_prompt(37, 5), _text_prompt(11, 6)])
@@ -218,21 +218,21 @@ def test_prefill_in_pieces_equals_one_call(params):
     tokens, mask, lengths = (np.asarray(a) for a in _batch(prompts))
 
     def start():
-        return prefill(params, CFG, GenState.create(CFG, 2), *first, jnp.ones(2, bool))
+        return prefill(params, CFG, GenState.create(CFG, 2), *first)
 
-    one = prefill(params, CFG, start(), jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths), jnp.ones(2, bool))
-    pieces = list(prefill_pieces(CFG, tokens, mask, lengths, first_position=37))
+    one = prefill(params, CFG, start(), jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths))
+    pieces = list(prefill_pieces(tokens, mask, lengths))
     assert PREFILL_CHUNK == 128 and PREFILL_STEP == 32
     assert [p[0].shape[1] for p in pieces] == [128, 128, 64]  # the rest (44 rows) rounded up to 64
     assert [p[2].tolist() for p in pieces] == [[128, 128], [128, 3], [44, 0]]
     st = start()
-    for t, m, n, window in pieces:
-        st = prefill(params, CFG, st, t, m, n, jnp.ones(2, bool), window)
+    for t, m, n in pieces:
+        st = prefill(params, CFG, st, t, m, n)
     assert st.pos.tolist() == one.pos.tolist() == [37 + 2 * PREFILL_CHUNK + 44, 11 + PREFILL_CHUNK + 3]
     np.testing.assert_allclose(np.asarray(st.h), np.asarray(one.h), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(st.cache["pos"]), np.asarray(one.cache["pos"]))
     for a, b in zip(st.cache["k"] + st.cache["v"], one.cache["k"] + one.cache["v"]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
     # A short prompt is one piece, rounded up to a multiple of 32.
-    short = list(prefill_pieces(CFG, tokens[:, :90], mask[:, :90], [90, 9]))
+    short = list(prefill_pieces(tokens[:, :90], mask[:, :90], [90, 9]))
     assert len(short) == 1 and short[0][0].shape[1] == 96 and short[0][2].tolist() == [90, 9]

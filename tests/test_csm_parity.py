@@ -107,8 +107,8 @@ def test_greedy_generation_matches(csm):
     mask = np.zeros((1, 40, 33), bool)
     mask[0, :, 32] = True
     st = GenState.create(cfg, 1)
-    st = prefill(p, cfg, st, jnp.asarray(tokens), jnp.asarray(mask), jnp.array([40]), jnp.array([True]))
-    st = set_sampling(st, jnp.array([True]), jnp.array([0.0]), jnp.array([50]), jnp.array([0]), jnp.array([n]))
+    st = prefill(p, cfg, st, jnp.asarray(tokens), jnp.asarray(mask), jnp.array([40]))
+    st = set_sampling(st, jnp.array([0]), jnp.array([0.0]), jnp.array([50]), jnp.array([0]), jnp.array([n]))
     st, frames, valid = generate_frames(p, cfg, st, n)
     assert bool(valid.all())
     np.testing.assert_array_equal(np.asarray(frames[0]), ref)

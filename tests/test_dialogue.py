@@ -23,14 +23,14 @@ def fresh_hidden(gen, segments, speaker, text):
     tokens, mask, _ = build_prompt(gen.tokenizer, segments, speaker, text, 1)
     st = csm.GenState.create(gen.cfg, 1)
     st = csm.prefill(gen.params, gen.cfg, st, jnp.asarray(tokens[None]), jnp.asarray(mask[None]),
-                     jnp.array([len(tokens)], jnp.int32), jnp.ones(1, bool))
+                     jnp.array([len(tokens)], jnp.int32))
     return np.asarray(st.h[0]), len(tokens)
 
 
 def test_appended_turns_equal_full_prompt(gen):
     voice = [Segment(1, "This is how I sound.", audio=speech_like(24000, 1))]
     user_audio = [speech_like(24000, 2), speech_like(12000, 3)]
-    d = Dialogue(gen, voice)
+    d = Dialogue(gen.engine(2), voice)
     start = d.pos
     user1 = d.add(Segment(0, "Hello, can you hear me?", audio=user_audio[0]))
     np.testing.assert_array_equal(user1.codes, gen.encode_audio(user_audio[0]))
@@ -56,7 +56,7 @@ def test_appended_turns_equal_full_prompt(gen):
     ref_h, n = fresh_hidden(gen, d.segments, 0, "And now?")
     d.add(Segment(0, "And now?"))
     assert d.pos == n and d.rebuilds == 0
-    np.testing.assert_allclose(np.asarray(d.state.h[0]), ref_h, rtol=0, atol=1e-4 * np.abs(ref_h).max())
+    np.testing.assert_allclose(np.asarray(d.engine.state.h[d.slot]), ref_h, rtol=0, atol=1e-4 * np.abs(ref_h).max())
 
 
 def random_codes(rng, frames):
@@ -66,7 +66,7 @@ def random_codes(rng, frames):
 def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen):
     rng = np.random.default_rng(1)
     voice = [Segment(1, "My voice.", codes=random_codes(rng, 100))]
-    d = Dialogue(gen, voice)
+    d = Dialogue(gen.engine(2), voice)
     for i in range(3):
         d.add(Segment(0, f"Turn number {i}.", codes=random_codes(rng, 550)), reserve=20)
     assert d.rebuilds == 0 and d.pos > 1500
@@ -78,7 +78,7 @@ def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen):
     h_full, n_full = fresh_hidden(gen, d.segments, 0, "Next.")
     d.add(Segment(0, "Next."))
     assert d.pos == n_full
-    np.testing.assert_allclose(np.asarray(d.state.h[0]), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
+    np.testing.assert_allclose(np.asarray(d.engine.state.h[d.slot]), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
 
     # A reply still fits and speaks after the history was cut; positions never pass the trained range.
     audio = np.concatenate(list(d.speak("Still here.", seed=1, max_audio_ms=240)))
@@ -87,7 +87,7 @@ def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen):
 
 def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen):
     rng = np.random.default_rng(2)
-    d = Dialogue(gen, [Segment(1, "Voice.", codes=random_codes(rng, 50))])
+    d = Dialogue(gen.engine(2), [Segment(1, "Voice.", codes=random_codes(rng, 50))])
     d.add(Segment(0, "Earlier.", codes=random_codes(rng, 300)))
     long_codes = random_codes(rng, 2500)
     stored = d.add(Segment(0, "A very long turn.", codes=long_codes), reserve=100)
@@ -100,7 +100,7 @@ def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen):
 
 
 def test_cancel_keeps_what_was_spoken(gen):
-    d = Dialogue(gen)
+    d = Dialogue(gen.engine(2))
     cancel = threading.Event()
     got = []
     for chunk in d.speak("A reply that the user interrupts.", seed=2, max_audio_ms=4000, cancel=cancel):
@@ -111,14 +111,14 @@ def test_cancel_keeps_what_was_spoken(gen):
     h_full, n = fresh_hidden(gen, d.segments, 0, "Wait.")
     d.add(Segment(0, "Wait."))
     assert d.pos == n  # the interrupted reply is closed by its end-of-audio row, as a finished one is
-    np.testing.assert_allclose(np.asarray(d.state.h[0]), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
+    np.testing.assert_allclose(np.asarray(d.engine.state.h[d.slot]), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
 
 
 def test_bad_inputs(gen):
     rng = np.random.default_rng(3)
     with pytest.raises(ValueError, match="voice prompt takes"):
-        Dialogue(gen, [Segment(1, "Huge.", codes=random_codes(rng, 1500))])
-    d = Dialogue(gen)
+        Dialogue(gen.engine(2), [Segment(1, "Huge.", codes=random_codes(rng, 1500))])
+    d = Dialogue(gen.engine(2))
     with pytest.raises(ValueError, match="max_audio_ms"):
         list(d.speak("Hi.", max_audio_ms=10))
     with pytest.raises(ValueError, match="text is empty"):

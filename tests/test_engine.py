@@ -1,11 +1,16 @@
-"""The continuous-batching engine: requests inserted into a busy batch, slots reused, per-request results
-equal to generating each request alone."""
+"""The engine: requests inserted into a busy batch and admitted together, slots reused, conversations held
+in slots beside them; every request's results equal generating it alone; nothing compiles after warm-up; a
+failed step is told to everyone and the engine starts afresh."""
 
+import jax
 import numpy as np
 import pytest
 
+from csm_jax import engine as engine_module
+from csm_jax.dialogue import Dialogue
 from csm_jax.engine import Engine, Request
 from csm_jax.generate import Generator
+from csm_jax.text import Segment
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,7 @@ def _alone(gen, r):
 def _drain(engine, results):
     while engine.busy():
         for slot, ev in engine.step().items():
-            key = id(ev.request)
+            key = id(ev.owner)
             audio, codes = results.setdefault(key, ([], []))
             audio.append(ev.audio)
             codes.append(ev.codes)
@@ -36,8 +41,8 @@ def test_insert_into_busy_batch_and_equal_alone(gen):
     assert engine.submit(a) == 0
     for _ in range(2):  # a runs alone for 8 frames
         for slot, ev in engine.step().items():
-            results.setdefault(id(ev.request), ([], []))[0].append(ev.audio)
-            results[id(ev.request)][1].append(ev.codes)
+            results.setdefault(id(ev.owner), ([], []))[0].append(ev.audio)
+            results[id(ev.owner)][1].append(ev.codes)
     assert engine.submit(b) == 1
     _drain(engine, results)
     for r in (a, b):
@@ -54,8 +59,13 @@ def test_full_slots_reuse_and_cancel(gen):
     first = Request("Short.", seed=3, max_audio_ms=160)  # two frames
     assert engine.submit(first) == 0
     assert engine.submit(Request("No room.")) is None
-    events = engine.step()
-    assert events[0].finished and len(events[0].codes) <= 2 and not engine.busy()
+    events = {}
+    while not events:  # the first step only dispatches; its results come with the next
+        events = engine.step()
+    assert events[0].finished and len(events[0].codes) <= 2
+    assert engine.free_slots() == [0]  # free at once, though a masked step is still in flight
+    engine.step()
+    assert not engine.busy()
     second = Request("The slot is reused.", seed=4, max_audio_ms=640)
     assert engine.submit(second) == 0
     results = {}
@@ -65,7 +75,117 @@ def test_full_slots_reuse_and_cancel(gen):
     assert engine.submit(third) == 0
     engine.step()
     engine.cancel(0)
-    assert not engine.busy() and engine.free_slots() == [0]
+    assert engine.free_slots() == [0]
+    assert engine.step() == {}  # the cancelled request's in-flight step is dropped
+    assert not engine.busy()
     with pytest.raises(ValueError, match="text is empty"):
         engine.submit(Request("  "))
     assert engine.free_slots() == [0]
+
+
+def test_requests_admitted_together_equal_alone(gen):
+    """Three requests submitted at once are prefilled in one batch (padded to four, the fourth slot busy
+    generating) and each gets the codes it gets alone."""
+    engine = Engine(gen, slots=4, frames_per_call=4)
+    running = Request("Already speaking here.", seed=9, max_audio_ms=1600)
+    engine.submit(running)
+    results = {}
+    for _ in range(2):
+        for ev in engine.step().values():
+            results.setdefault(id(ev.owner), []).append(ev.codes)
+    batch = [Request("One.", seed=1, max_audio_ms=480),
+             Request("A second, longer prompt than the first one.", speaker=1, seed=2, max_audio_ms=640),
+             Request("Third.", seed=3, temperature=0.0, max_audio_ms=400)]
+    assert [engine.submit(r) for r in batch] == [1, 2, 3]
+    while engine.busy():
+        for ev in engine.step().values():
+            results.setdefault(id(ev.owner), []).append(ev.codes)
+    for r in [running, *batch]:
+        np.testing.assert_array_equal(np.concatenate(results[id(r)]).T, _alone(gen, r)[1])
+
+
+def test_conversation_slot_beside_requests_equals_the_whole_history(gen):
+    """A dialogue holding a slot of a busy engine replies with the codes Sesame's way (the whole history as one
+    prompt, alone) gives, and requests running beside it get their solo codes."""
+    engine = Engine(gen, slots=3, frames_per_call=4)
+    rng = np.random.default_rng(4)
+    d = Dialogue(engine, [Segment(1, "My voice.", codes=rng.integers(0, 2048, (32, 12)))])
+    other = Request("Meanwhile, a plain request.", seed=5, max_audio_ms=1200)
+    results = []
+    engine.submit(other, on_event=lambda ev: results.append(ev.codes))
+    d.add(Segment(0, "Hello there.", codes=rng.integers(0, 2048, (32, 9))))
+    history = list(d.segments)
+    chunks = list(d.speak("Hi, nice to hear you.", seed=6, max_audio_ms=640))  # steps the engine as it waits
+    while engine.busy():
+        engine.step()
+    ref = gen.generate_codes(["Hi, nice to hear you."], speakers=1, contexts=[history], seeds=6, max_audio_ms=640)
+    np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
+    assert sum(c.size for c in chunks) == 1920 * ref[0].shape[1]
+    np.testing.assert_array_equal(np.concatenate(results).T, _alone(gen, other)[1])
+    d.close()
+    assert engine.free_slots() == [0, 1, 2]
+
+
+def test_nothing_compiles_after_warmup(gen):
+    """Warm-up compiles every program; a mixed load afterwards (requests of different lengths admitted one
+    and several at a time, a cancel, a conversation appending, speaking and being stopped) compiles none."""
+    compiles = []
+    counting = [False]
+
+    def listener(event, duration, **kw):
+        if counting[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    engine = Engine(gen, slots=4, frames_per_call=4, max_prefill=4)
+    messages = []
+    assert engine.warmup(messages.append) == len(messages) > 0
+    counting[0] = True
+    try:
+        rng = np.random.default_rng(0)
+        d = Dialogue(engine, [Segment(1, "Voice.", codes=rng.integers(0, 2048, (32, 150)))])
+        d.add(Segment(0, "A user turn.", codes=rng.integers(0, 2048, (32, 40))))
+        engine.submit(Request("One request alone.", seed=1, max_audio_ms=800))
+        engine.step()
+        engine.submit(Request("Two at once.", seed=2, max_audio_ms=400))
+        doomed = engine.submit(Request("Two at once, the second is cancelled.", seed=3, max_audio_ms=2000))
+        engine.step()
+        engine.cancel(doomed)
+        cancel = __import__("threading").Event()
+        for _ in d.speak("A reply, cut short.", seed=4, max_audio_ms=2000, cancel=cancel):
+            cancel.set()
+        while engine.busy():
+            engine.step()
+        d.close()
+    finally:
+        counting[0] = False
+    assert compiles == []
+
+
+def test_failed_step_tells_everyone_and_the_engine_recovers(gen, monkeypatch):
+    engine = Engine(gen, slots=2, frames_per_call=4)
+    d = Dialogue(engine)
+    told = []
+    req = Request("Lost to the failure.", seed=1, max_audio_ms=800)
+    engine.submit(req, on_event=told.append)
+    real = engine_module.generate_audio
+
+    def broken(*args):
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setattr(engine_module, "generate_audio", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    owners = engine.fail("injected device failure")
+    assert {id(o.owner) for o in owners} == {id(req), id(d)}
+    assert told and told[-1].finished and "injected" in told[-1].error
+    assert engine.free_slots() == [0, 1] and not engine.busy()
+    monkeypatch.setattr(engine_module, "generate_audio", real)
+    # Fresh state: a new request gets its solo codes; the dialogue holds a new slot and speaks again.
+    again = Request("Served after recovery.", seed=2, max_audio_ms=480)
+    engine.submit(again)
+    codes = []
+    while engine.busy():
+        codes += [ev.codes for ev in engine.step().values() if ev.owner is again]
+    np.testing.assert_array_equal(np.concatenate(codes).T, _alone(gen, again)[1])
+    assert np.concatenate(list(d.speak("Still here.", seed=3, max_audio_ms=240))).size > 0

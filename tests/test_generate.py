@@ -37,6 +37,45 @@ def test_stream_concatenates_to_one_shot(gen):
     assert np.abs(got - one).max() <= 1e-5 * np.abs(one).max()
 
 
+def test_interleaved_streams_each_equal_their_solo_run(gen):
+    """Two streams consumed in turns from one generator: a short prompt, and one whose context puts its
+    positions past 256 (attention windows differ), each yield exactly what they yield alone."""
+    ctx = [Segment(0, "A long earlier turn.", codes=np.random.default_rng(1).integers(0, 2048, (32, 280)))]
+    kw = [dict(text="A short prompt.", seed=1, max_audio_ms=960),
+          dict(text="The long-context stream.", speaker=1, context=ctx, seed=2, max_audio_ms=960)]
+    solo = [np.concatenate(list(gen.stream(**k))) for k in kw]
+    streams, got = [gen.stream(**k) for k in kw], [[], []]
+    live = [0, 1]
+    while live:
+        for i in list(live):
+            try:
+                got[i].append(next(streams[i]))
+            except StopIteration:
+                live.remove(i)
+    for i in range(2):
+        np.testing.assert_array_equal(np.concatenate(got[i]), solo[i])
+    one = gen.generate(kw[1]["text"], speakers=1, contexts=ctx, seeds=2, max_audio_ms=960)
+    np.testing.assert_array_equal(solo[1], one)
+
+
+def test_paragraph_sentences_appended_equal_the_reprefilled_history(gen):
+    """generate_paragraphs appends each sentence to its utterance's slot; the codes equal re-prefilling the
+    growing history (voice prompt + earlier sentences as segments, Sesame's way) with the same seeds."""
+    from csm_jax.text import split_sentences
+
+    voice = [Segment(1, "My voice.", codes=np.random.default_rng(2).integers(0, 2048, (32, 12)))]
+    texts = ["First sentence here. And a second one! Then a third?", "Only one sentence."]
+    got = gen.generate_paragraphs(texts, speaker=1, context=voice, seeds=[10, 20], max_audio_ms=400, batch_size=2)
+    for i, text in enumerate(texts):
+        done = []
+        for r, sentence in enumerate(split_sentences(text)):
+            ctx = voice + [Segment(1, s, codes=c) for s, c in zip(split_sentences(text), done)]
+            done.append(gen.generate_codes([sentence], speakers=1, contexts=[ctx], seeds=[10, 20][i] + r,
+                                           max_audio_ms=400)[0])
+        np.testing.assert_array_equal(got[i], np.concatenate(done, 1))
+    assert len(split_sentences(texts[0])) == 3
+
+
 def test_greedy_is_deterministic_and_context_matters(gen):
     a = gen.generate("Same words.", temperature=0.0, max_audio_ms=480, return_codes=True)[1]
     b = gen.generate("Same words.", temperature=0.0, seeds=123, max_audio_ms=480, return_codes=True)[1]
