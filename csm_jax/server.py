@@ -121,7 +121,7 @@ class Worker(threading.Thread):
 
     PROBE = Request("Hello.", max_audio_ms=FRAME_MS)
 
-    def __init__(self, engine: Engine, max_queue: int):
+    def __init__(self, engine: Engine, max_queue: int, warmup: bool = True):
         super().__init__(daemon=True, name="csm-engine")
         self.engine = engine
         self.capacity = engine.slots + max_queue
@@ -133,6 +133,10 @@ class Worker(threading.Thread):
         self.failures = 0
         self.stopping = False
         self.deadline = float("inf")  # when stopping: jobs still in a slot at this time are ended
+        self.warmup = warmup
+        self.warming = warmup  # until every program the engine can run is compiled (/health: "warming")
+        self.more = False  # the engine has work of its own (conversations' held slots): keep stepping
+        engine.on_work = self.wake
 
     # --- called from the server's event loop ---
     def submit(self, job: Job) -> bool:
@@ -179,11 +183,25 @@ class Worker(threading.Thread):
                     "capacity": self.capacity, "engine_failures": self.failures}
 
     # --- the worker thread ---
+    def wake(self) -> None:
+        """The engine got work from another thread (a conversation started a reply): step it."""
+        with self.lock:
+            self.more = True
+            self.lock.notify()
+
     def run(self) -> None:
+        self.engine.driven.set()  # conversations wait for this thread's steps instead of stepping themselves
+        if self.warmup:
+            t0 = time.monotonic()
+            n = self.engine.warmup(lambda msg: log.info("warm-up: %s", msg))
+            log.info("warm-up: %d programs compiled in %.1f s; serving", n, time.monotonic() - t0)
+        with self.lock:
+            self.warming = False
         while True:
             with self.lock:
-                while not (self.pending or self.jobs or self.stopping):
+                while not (self.pending or self.jobs or self.stopping or self.more):
                     self.lock.wait()
+                self.more = False
                 if self.stopping and (not self.jobs or time.monotonic() >= self.deadline):
                     break
                 gone = [slot for slot, job in self.jobs.items() if job.cancelled]
@@ -192,10 +210,14 @@ class Worker(threading.Thread):
                     self.engine.cancel(slot)
                     self._finish(slot)
                 self._admit()
-                if self.jobs:
+                if self.jobs or self.engine.busy():
                     self._step()
+                if self.engine.busy():
+                    with self.lock:
+                        self.more = True
             except Exception as e:  # noqa: BLE001 - a failed device call must not kill the server
                 self._recover(e)
+        self.engine.driven.clear()
         for slot, job in list(self.jobs.items()):
             job.put(ShuttingDown("the server is shutting down: the audio was not finished in time"))
             self.engine.cancel(slot)
@@ -235,7 +257,10 @@ class Worker(threading.Thread):
                 continue
             if ev.audio.size:
                 job.put(ev.audio)
-            if ev.finished:
+            if getattr(ev, "error", None):  # an engine that reports a failure per slot instead of raising
+                job.put(EngineFailed(f"the speech engine failed: {ev.error}; retry shortly"))
+                self._finish(slot)
+            elif ev.finished:
                 job.put(None)
                 self._finish(slot)
 
@@ -253,10 +278,10 @@ class Worker(threading.Thread):
         backoff = 0.5
         while True:
             try:
-                self.engine.reset()
-                slot = self.engine.submit(self.PROBE)
-                self.engine.step()  # one frame: the probe finishes in this step
-                self.engine.cancel(slot)
+                self.engine.fail(message)  # fresh state; held conversations are told too
+                self.engine.submit(self.PROBE)
+                while self.engine.busy():  # one frame: dispatched, run and read back
+                    self.engine.step()
                 break
             except Exception as e:  # noqa: BLE001 - still broken: keep answering 503 and try again later
                 log.error("engine check after a failure failed; retrying in %.1f s", backoff, exc_info=e)
@@ -418,16 +443,17 @@ class HeaderLimit:
 def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int = 16, model_name: str = "csm-1b",
                conversations=None, max_conversations: int = 2, max_body_bytes: int = 64 * 1024,
                request_timeout: float = 10.0, shutdown_grace: float = 8.0, ws_start_timeout: float = 10.0,
-               ws_idle_timeout: float = 300.0):
+               ws_idle_timeout: float = 300.0, warmup: bool = True):
     """`conversations`: optional `() -> (Conversation, TurnDetector factory taking a sample rate)`, which
     enables the /converse page and the /v1/converse WebSocket. The limits are described in the module's
-    docstring; `request_timeout` bounds the arrival of a request's body (its headers: see `serve`)."""
+    docstring; `request_timeout` bounds the arrival of a request's body (its headers: see `serve`). With
+    `warmup`, the worker compiles every program the engine can run before it serves (/health: "warming")."""
     from contextlib import asynccontextmanager
 
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    worker = Worker(engine, max_queue)
+    worker = Worker(engine, max_queue, warmup)
     live: dict = {}  # the conversations open now: a token each -> its LiveSession (None while it starts)
     counters = {"closed_mid_reply": 0}  # conversations whose client went away while a reply was being made
     max_frames = engine.cfg.max_seq_len
@@ -466,6 +492,8 @@ def create_app(engine: Engine, voices: dict[str, list[Segment]], max_queue: int 
                 "conversations_closed_mid_reply": counters["closed_mid_reply"]}
         if worker.stopping:
             return ASCIIJSONResponse({**body, "status": "shutting_down"}, 503)
+        if worker.warming:
+            return ASCIIJSONResponse({**body, "status": "warming"}, 503)
         failure = worker.failure
         if failure is not None:
             return ASCIIJSONResponse({**body, "status": "error", "error": failure}, 503)

@@ -85,7 +85,7 @@ def headless(args: Args, gen) -> None:
     files = input_files(args.input)
     check_output_folder(args.out_dir)  # its parent must exist; the folder itself is made
     args.out_dir.mkdir(exist_ok=True)
-    make = args.factory(gen)
+    make = args.factory(gen.engine(1))  # one conversation: one engine slot
     conv, detector = None, None
     transcript = args.out_dir / "transcript.jsonl"
     n_replies = 0
@@ -143,7 +143,7 @@ def microphone(args: Args, gen) -> None:
     from csm_jax.converse import LiveSession
 
     sr = 16_000
-    conv, detector = args.factory(gen)(sr)
+    conv, detector = args.factory(gen.engine(1))(sr)
     playback: queue.Queue = queue.Queue()
     state = {"buf": np.zeros(0, np.float32)}
 

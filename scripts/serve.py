@@ -49,11 +49,14 @@ class Args:
     host: str = "127.0.0.1"
     port: int = 8000
     slots: int = 4
-    """Utterances generated at once on the device."""
+    """Utterances generated at once on the device; conversations each hold one of them."""
     max_queue: int = 16
     """Requests that may wait for a slot; more get 429."""
     frames_per_call: int = 4
     """Frames per engine step (smaller: lower latency to first audio)."""
+    warmup: bool = True
+    """Compile every program the engine can run before serving (/health says "warming" until then), so nothing
+    compiles while serving; JAX's on-disk compile cache makes later starts quick."""
     quantize: Literal["none", "int8"] = "none"
     """int8: weight-only int8 (per-channel scales, computed at load) for the large matmul weights: half the bytes of
     bf16 per frame; codes differ a little from the unquantized model's (see benchmarks/README.md)."""
@@ -87,12 +90,13 @@ def main(args: Args) -> None:
                     frames_per_call=args.frames_per_call, quantize=args.quantize)
     voices = load_voices(args.voices_dir, gen)
     conv = args.converse
-    factory = conv.factory(gen) if conv else None
-    app = create_app(Engine(gen, args.slots, args.frames_per_call), voices, args.max_queue,
+    engine = Engine(gen, args.slots, args.frames_per_call)
+    factory = conv.factory(engine) if conv else None  # conversations hold slots of the same engine
+    app = create_app(engine, voices, args.max_queue,
                      conversations=factory, max_conversations=conv.max_conversations if conv else 0,
                      max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
                      shutdown_grace=args.shutdown_grace, ws_start_timeout=args.ws_start_timeout,
-                     ws_idle_timeout=args.ws_idle_timeout)
+                     ws_idle_timeout=args.ws_idle_timeout, warmup=args.warmup)
     serve(app, args.host, args.port, header_timeout=args.request_timeout, keep_alive=args.keep_alive_timeout,
           shutdown_grace=args.shutdown_grace)
 

@@ -5,7 +5,8 @@
   python scripts/synthesize.py --text "Nice to meet you." --context me.wav "Hi, I'm Sam." 0 --speaker 0 --out a.wav
 
 Each utterance is split into sentences, generated in order, each with the earlier sentences' audio as
-context (the oldest sentences leave when the 2048-row budget is reached), so a paragraph keeps one voice.
+context (appended to the utterance's KV cache, never prefilled again; the oldest sentences leave when the
+2048-row budget is reached), so a paragraph keeps one voice.
 Utterances are generated `--batch-size` at a time on the device.
 `--context AUDIO TRANSCRIPT SPEAKER` (repeatable) puts earlier turns before every utterance: voice prompting.
 Outputs are written only when complete (no partial files). If decoding or writing fails after generation,
@@ -72,7 +73,7 @@ class Args:
 def _plan(args: Args) -> tuple[list[str], list[Path]]:
     """Validates everything that can be checked before loading the model; returns texts and output paths."""
     from csm_jax.audio import check_output_folder
-    from csm_jax.text import check_speaker, check_text
+    from csm_jax.text import check_speaker, check_text, split_sentences
 
     texts = list(args.text)
     if args.text_file is not None:
@@ -82,6 +83,8 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
     if not texts:
         raise ValueError("nothing to say: give --text or --text-file")
     texts = [check_text(t) for t in texts]
+    for t in texts:
+        split_sentences(t)  # a text with no words fails here, before the model loads
     check_speaker(args.speaker)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
@@ -115,7 +118,7 @@ def main(args: Args) -> None:
 
     from csm_jax import audio as audio_io
     from csm_jax.generate import Generator
-    from csm_jax.text import Segment, split_sentences
+    from csm_jax.text import Segment
 
     texts, outs = _plan(args)
     context = [Segment(spk, tr, audio=audio_io.load_audio(a)) for a, tr, spk in args.context]
@@ -128,18 +131,11 @@ def main(args: Args) -> None:
     bar = tqdm(total=len(texts), unit="utt", desc="synthesizing")
     for start in range(0, len(texts), args.batch_size):
         idx = list(range(start, min(start + args.batch_size, len(texts))))
-        sentences = {i: split_sentences(texts[i]) for i in idx}
-        done = {i: [] for i in idx}  # codes per sentence
-        for r in range(max(len(s) for s in sentences.values())):
-            rows = [i for i in idx if r < len(sentences[i])]
-            ctxs = [context + [Segment(args.speaker, sentences[i][j], codes=done[i][j]) for j in range(r)] for i in rows]
-            codes = gen.generate_codes([sentences[i][r] for i in rows], speakers=args.speaker, contexts=ctxs,
-                                       seeds=[args.seed + i * 1000 + r for i in rows], temperature=args.temperature,
-                                       topk=args.topk, max_audio_ms=args.max_audio_ms, drop_oldest=True,
-                                       pinned=len(context))
-            for i, c in zip(rows, codes):
-                done[i].append(c)
-        codes = {i: np.concatenate(done[i], axis=1) for i in idx}
+        # Sentence by sentence, each appended to its utterance's cache (a conversation slot per utterance).
+        made = gen.generate_paragraphs([texts[i] for i in idx], args.speaker, context,
+                                       seeds=[args.seed + i * 1000 for i in idx], temperature=args.temperature,
+                                       topk=args.topk, max_audio_ms=args.max_audio_ms, batch_size=len(idx))
+        codes = dict(zip(idx, made))
         for i in idx:
             try:
                 wav = gen.decode_codes(codes[i])

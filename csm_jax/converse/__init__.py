@@ -1,6 +1,6 @@
 """Talk to CSM: speech in -> voice activity -> speech recognition -> any LLM -> CSM speech out.
 
-    conv = Conversation(Dialogue(gen, voice), ChatClient("http://localhost:11434/v1", "llama3.2"),
+    conv = Conversation(Dialogue(gen.engine(1), voice), ChatClient("http://localhost:11434/v1", "llama3.2"),
                         Transcriber("tiny.en"))
     log = conv.turn(user_audio, 16000, on_audio=play)      # one user turn -> the spoken reply, streamed
 

@@ -85,17 +85,18 @@ class ConverseOptions:
             text = Path(text).read_text(encoding="utf-8").strip()
         return [Segment(self.voice_speaker, text, audio=load_audio(self.voice))]
 
-    def factory(self, gen) -> Callable[[int], tuple[Conversation, TurnDetector]]:
+    def factory(self, engine) -> Callable[[int], tuple[Conversation, TurnDetector]]:
         """Loads the shared parts once (ASR, VAD model, voice prompt codes) and returns
-        `sample_rate -> (Conversation, TurnDetector)` making one fresh conversation per call."""
-        voice = gen.context_codes(self.voice_segments())
+        `sample_rate -> (Conversation, TurnDetector)` making one fresh conversation per call, each holding a
+        slot of `engine` (csm_jax.engine) until it is closed."""
+        voice = engine.model.context_codes(self.voice_segments())
         asr = Serialized(Transcriber(self.asr_model, self.asr_device, self.asr_compute_type))
         self.detector(VAD_RATE)  # a missing VAD model fails at start-up, not at the first connection
 
         def make(sample_rate: int):
             llm = ChatClient(self.llm_url, self.llm_model, self.llm_api_key_env, self.system_prompt,
                              self.llm_max_tokens, timeout_s=self.llm_timeout)
-            conv = Conversation(Dialogue(gen, voice), llm, asr, self.seed, self.temperature, self.topk,
+            conv = Conversation(Dialogue(engine, voice), llm, asr, self.seed, self.temperature, self.topk,
                                 self.max_sentence_ms, user_speaker=0 if self.voice_speaker != 0 else 1,
                                 reply_speaker=self.voice_speaker)
             return conv, self.detector(sample_rate)

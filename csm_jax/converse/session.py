@@ -199,12 +199,17 @@ class LiveSession:
             self.turns.put((audio, time.monotonic()))
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Stops the reply in progress and the worker; safe to call twice."""
+        """Stops the reply in progress and the worker, and frees the conversation's engine slot; safe to call
+        twice."""
         self.closed.set()
         self.cancel.set()
         self.turns.put(None)
         if threading.current_thread() is not self.worker:
             self.worker.join(timeout)
+            if not self.worker.is_alive():
+                self.conv.dialogue.close()
+        else:
+            self.conv.dialogue.close()
 
     def _run(self) -> None:
         while not self.closed.is_set():
