@@ -14,7 +14,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import jax
@@ -112,15 +112,24 @@ def _loss(cfg, tc, trainable, frozen, batch):
     return csm_loss(params, cfg, batch, lora, tc.lora_scale, tc.dtype(), tc.remat)
 
 
-def make_step(cfg: CsmConfig, tc: TrainConfig, optimizer):
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
+
+
+@lru_cache(maxsize=8)
+def make_step(cfg: CsmConfig, tc: TrainConfig):
+    """The jitted step for (cfg, tc), made once per pair (a resumed run in the same process compiles nothing)."""
+    optimizer = make_optimizer(tc)
+
     @partial(jax.jit, donate_argnums=(0, 1))
     def step(trainable, opt_state, frozen, batch):
         (_, aux), grads = jax.value_and_grad(partial(_loss, cfg, tc), has_aux=True)(trainable, frozen, batch)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, dict(aux, grad_norm=optax.global_norm(grads))
+        return optax.apply_updates(trainable, updates), opt_state, dict(aux, grad_norm=global_norm(grads))
     return step
 
 
+@lru_cache(maxsize=8)
 def make_eval(cfg: CsmConfig, tc: TrainConfig):
     return jax.jit(lambda trainable, frozen, batch: _loss(cfg, tc, trainable, frozen, batch)[1])
 
@@ -185,11 +194,12 @@ def fit(cfg: CsmConfig, params: dict, train_rows: list, eval_rows: list, tc: Tra
     elif run.resume:
         log(f"--resume: no checkpoint in {ckpt.dir} yet, starting from the beginning")
     elif ckpt.latest() is not None:
+        ckpt.close()
         raise ValueError(f"{ckpt.dir} already holds checkpoints: pass --resume to continue, or another output folder")
     elif metrics_path.exists():
         metrics_path.unlink()
 
-    train_step, eval_fn = make_step(cfg, tc, optimizer), make_eval(cfg, tc)
+    train_step, eval_fn = make_step(cfg, tc), make_eval(cfg, tc)
     eval_sets = list(D.eval_batches(eval_rows, tc.batch_size, turns)) if eval_rows else []
     lr = schedule(tc)
     data = batches.iterate(epoch, index)
