@@ -307,7 +307,9 @@ def load_csm(id_or_path: str | os.PathLike = "sesame/csm-1b", dtype=None) -> Csm
     """Loads CSM from a hub repo id or a local folder/.safetensors file, in Sesame's or transformers' layout.
 
     The config (including the RoPE scaling) comes from the checkpoint's config.json; a bare file without one
-    is read as csm-1b. A torch-only ckpt.pt must be converted first with scripts/convert_ckpt.py.
+    is read as csm-1b. A torch-only ckpt.pt must be converted first with scripts/convert_ckpt.py. The weights
+    may be stored in fp32, bf16 or fp16; `dtype` is the compute dtype they are cast to (`compute_dtype`:
+    None or "auto" = float32 on CPU, bfloat16 on GPU/TPU). The codec_model.* tensors are kept as stored.
     """
     from csm_jax.csm import CsmConfig
 
