@@ -173,6 +173,13 @@ def stop_slots(state: GenState, slots) -> GenState:
 
 
 @partial(jax.jit, donate_argnums=(0,))
+def rewind_slots(state: GenState, slots, rows) -> GenState:
+    """The slots `slots` (R,) int forget their last `rows` (R,) rows: their position moves back, and the
+    next rows written overwrite those cells before any later position can attend to them."""
+    return dataclasses.replace(state, pos=state.pos.at[slots].add(-rows))
+
+
+@partial(jax.jit, donate_argnums=(0,))
 def set_sampling(state: GenState, slots, temperature, topk, seeds, max_frames) -> GenState:
     """For the slots `slots` (R,) int: sampling settings (R,), a fresh PRNG stream from `seeds` (R,), a
     frame cap, and the row is (re)started: n_frames 0, not done. temperature 0 means greedy. Seeds are taken

@@ -164,9 +164,10 @@ class Dialogue:
 
     def speak(self, text: str, speaker: int = 1, seed: int = 0, temperature: float = 0.9, topk: int = 50,
               max_audio_ms: int = 10_000, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
-        """Generates `text` in the conversation's context and streams 24 kHz audio chunks. The frames made
-        (all of them, or those made before `cancel` was set or the consumer stopped) stay in the cache
-        as this speaker's segment, closed by the end-of-audio row."""
+        """Generates `text` in the conversation's context and streams 24 kHz audio chunks. The frames heard
+        (all of them, or those yielded before `cancel` was set or the consumer stopped: frames made meanwhile
+        are taken back out of the cache) stay in the cache as this speaker's segment, closed by the
+        end-of-audio row."""
         max_frames = frames_for(max_audio_ms)
         check_seed(seed)
         tokens, mask = text_rows(self.model.tokenizer.segment_ids(speaker, text))
@@ -175,7 +176,8 @@ class Dialogue:
         self.appended_rows += len(tokens)
         slot = self._slot()
         self.engine.start(slot, seed, temperature, topk, max_frames)
-        made: list[np.ndarray] = []
+        made: list[np.ndarray] = []  # the frames heard: yielded to the consumer
+        extra = 0  # frames made after the reply was stopped (the step under way), never heard
         finished = stopped = False
         error = None
         try:
@@ -184,7 +186,6 @@ class Dialogue:
                     self.engine.stop(slot)
                     stopped = True
                 ev = self._next_event()
-                made.append(ev.codes)
                 finished, error = ev.finished, ev.error
                 if error is not None:
                     # The engine started afresh: this slot is gone. The next turn holds a new one and
@@ -192,16 +193,22 @@ class Dialogue:
                     self.slot = None
                     self.pos -= len(tokens)
                     raise RuntimeError(f"generation failed: {error}")
-                if ev.audio.size and not stopped:
+                if stopped:
+                    extra += len(ev.codes)
+                    continue
+                made.append(ev.codes)
+                if ev.audio.size:
                     yield ev.audio
         finally:
-            if not finished:  # the consumer stopped early: end the reply, keep what the cache holds
+            if not finished:  # the consumer stopped early: end the reply, keep what was heard
                 self.engine.stop(slot)
                 while not finished:
                     ev = self._next_event()
-                    made.append(ev.codes)
+                    extra += len(ev.codes)
                     finished, error = ev.finished, ev.error
             if error is None:
+                if extra:
+                    self.engine.rewind(slot, extra)
                 codes = np.concatenate(made).T.astype(np.int32) if made else np.zeros((32, 0), np.int32)
                 self.pos += codes.shape[1]
                 end_t, end_m = audio_rows(codes[:, :0])  # the end-of-audio row only: the frames are in already

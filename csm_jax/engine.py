@@ -10,7 +10,7 @@
 Seams, as JetStream's prefill / insert / generate:
   prefill + insert  requests submitted since the last step are prefilled together (bucketed by count, in
                     pieces of at most 128 rows: `csm.prefill_pieces`) straight into their slots: only those
-                    slots' rows of the cache are read and written, the other slots' caches are not copied.
+                    slots of the cache are read and written, the other slots' caches are not copied.
   generate          one device program runs K frames for the generating slots (only those, padded to a
                     power of two) and decodes them with the streaming Mimi decoder: one host copy of PCM, codes
                     and flags per step.
@@ -37,20 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from csm_jax import csm
+from csm_jax.bundle import ModelBundle, bucket
 from csm_jax.mimi import decode_step, init_decoder_state, reset_state_rows
-from csm_jax.text import Segment, build_prompt
+from csm_jax.text import Segment
 
 FRAME_MS = 80
 FRAME_SAMPLES = 1920
 MAX_SEED = 2**32 - 1  # seeds key a uint32 PRNG stream
-
-
-def bucket(n: int, lo: int = 1) -> int:
-    """Next power of two >= n (>= lo): padded sizes keep the number of compiled programs small."""
-    b = lo
-    while b < n:
-        b *= 2
-    return b
 
 
 def check_seed(seed) -> int:
@@ -126,9 +119,9 @@ def generate_audio(params, cfg: csm.CsmConfig, mimi, state: csm.GenState, mimi_s
 class Engine:
     """Slots on the device, shared by plain requests (`submit`) and held conversations (`hold`)."""
 
-    def __init__(self, model, slots: int = 4, frames_per_call: int = 4, max_prefill: int = 8,
+    def __init__(self, model: ModelBundle, slots: int = 4, frames_per_call: int = 4, max_prefill: int = 8,
                  prefill_rows: int = 1024):
-        """`model`: the loaded model (cfg, params, mimi, tokenizer, context_codes; see csm_jax.generate).
+        """`model`: the loaded model (csm_jax.bundle; a Generator is one).
         `max_prefill`: requests prefilled together at most; `prefill_rows`: prompt rows admitted per step at
         most (at least one request), so admitting long prompts never starves the generating slots."""
         if slots < 1 or frames_per_call < 1:
@@ -152,6 +145,7 @@ class Engine:
             owners = list(getattr(self, "owners", {}).values())
             self.state = csm.GenState.create(self.cfg, self.slots, self.params["text_embed"].dtype)
             self.mimi_state = init_decoder_state(self.mimi, self.slots)
+            self.mimi_fresh = init_decoder_state(self.mimi, 1)  # what a reset Mimi row becomes
             self.owners: dict[int, _Owner] = {}
             self.generating: set[int] = set()
             self.inserts: list[tuple] = []  # (slot, tokens, mask, sampling) waiting for the next step
@@ -185,8 +179,7 @@ class Engine:
         speaker or seed, prompt over budget) without touching any slot."""
         max_frames = frames_for(req.max_audio_ms)
         check_seed(req.seed)
-        tokens, mask, _ = build_prompt(self.model.tokenizer, self.model.context_codes(req.context), req.speaker,
-                                       req.text, max_frames, self.cfg.max_seq_len, req.drop_oldest)
+        tokens, mask = self.model.prompt(req.context, req.speaker, req.text, max_frames, req.drop_oldest)
         with self.lock:
             free = self.free_slots()
             if not free:
@@ -235,8 +228,8 @@ class Engine:
             self._clear(slot)
 
     def extend(self, slot: int, tokens: np.ndarray, mask: np.ndarray) -> None:
-        """Appends prompt rows (S, 33) to a held slot's cache at its position (in pieces; only its rows of
-        the cache are touched). The caller keeps the position below the cache's capacity."""
+        """Appends prompt rows (S, 33) to a held slot's cache at its position (in pieces; only its part of
+        the cache is touched). The caller keeps the position below the cache's capacity."""
         with self.lock:
             self._held(slot)
             if slot in self.generating:
@@ -266,6 +259,14 @@ class Engine:
             self.state = csm.stop_slots(self.state, _put([slot], np.int32))
         if self.on_work is not None:
             self.on_work()
+
+    def rewind(self, slot: int, rows: int) -> None:
+        """A held slot forgets its last `rows` rows (frames made after a reply was stopped but never heard)."""
+        with self.lock:
+            self._held(slot)
+            if slot in self.generating:
+                raise RuntimeError(f"slot {slot} is generating; wait for its finished event before rewinding it")
+            self.state = csm.rewind_slots(self.state, _put([slot], np.int32), _put([rows], np.int32))
 
     def release(self, slot: int) -> None:
         """Frees a held slot."""
@@ -301,16 +302,16 @@ class Engine:
     def _admit(self) -> None:
         if not self.inserts:
             return
-        take, rows = [], 0
+        take, prompt_rows = [], 0
         for item in self.inserts:
-            if take and (len(take) == self.max_prefill or rows + len(item[1]) > self.prefill_rows):
+            if take and (len(take) == self.max_prefill or prompt_rows + len(item[1]) > self.prefill_rows):
                 break
             take.append(item)
-            rows += len(item[1])
+            prompt_rows += len(item[1])
         self.inserts = self.inserts[len(take):]
         slots = [i[0] for i in take]
         n, R = len(take), bucket(len(take))
-        # Padding rows of the prefill: other slots (distinct) given no rows, so they are read and written back
+        # Padding of the prefill batch: other slots (distinct) given no rows, so they are read and written back
         # unchanged.
         others = [s for s in range(self.slots) if s not in slots][:R - n]
         longest = max(len(i[1]) for i in take)
@@ -333,7 +334,7 @@ class Engine:
                                       pad(cols[2], np.uint32), pad(cols[3], np.int32))
         fresh = np.zeros(self.slots, bool)
         fresh[slots] = True
-        self.mimi_state = reset_state_rows(self.mimi_state, jax.device_put(fresh))
+        self.mimi_state = reset_state_rows(self.mimi_state, jax.device_put(fresh), self.mimi_fresh)
         for s in slots:
             self.owners[s].run += 1
         self.generating.update(slots)
@@ -344,15 +345,15 @@ class Engine:
         active = sorted(self.generating)
         R = bucket(len(active))
         if R >= self.slots:
-            rows, slots = list(range(self.slots)), None
+            order, slots = list(range(self.slots)), None
         else:  # only the generating slots, padded with other (distinct) slots, which are done: left as they are
-            rows = active + [s for s in range(self.slots) if s not in self.generating][:R - len(active)]
-            slots = _put(rows, np.int32)
+            order = active + [s for s in range(self.slots) if s not in self.generating][:R - len(active)]
+            slots = _put(order, np.int32)
         self.state, self.mimi_state, out = generate_audio(self.params, self.cfg, self.mimi, self.state,
                                                           self.mimi_state, slots, self.frames_per_call)
         for a in out:
             a.copy_to_host_async()
-        return _InFlight(rows, {s: (self.owners[s], self.owners[s].run) for s in active}, out)
+        return _InFlight(order, {s: (self.owners[s], self.owners[s].run) for s in active}, out)
 
     def _collect(self, flight: _InFlight) -> dict[int, Event]:
         pcm, codes, valid, done = (np.asarray(a) for a in flight.out)
@@ -387,7 +388,7 @@ class Engine:
                 raise RuntimeError("warm the engine up before it has work")
             counts = sorted({min(bucket(n), self.slots) for n in range(1, self.slots + 1)})
             prefill_counts = [1 << i for i in range(self.max_prefill.bit_length())]
-            total = len(counts) + len(prefill_counts) * (len(csm.piece_sizes()) + 3)
+            total = len(counts) + len(prefill_counts) * (len(csm.piece_sizes()) + 4)
             done = 0
 
             def tick(what):
@@ -415,9 +416,11 @@ class Engine:
                 self.state = csm.set_sampling(self.state, sl, z.astype(jnp.float32), z, z.astype(jnp.uint32), z)
                 tick(f"start {R} slots")
                 self.state = csm.stop_slots(self.state, sl)
-                jax.block_until_ready(self.state.done)
                 tick(f"stop {R} slots")
-            self.mimi_state = reset_state_rows(self.mimi_state, jnp.zeros(self.slots, bool))
+                self.state = csm.rewind_slots(self.state, sl, z)
+                jax.block_until_ready(self.state.done)
+                tick(f"rewind {R} slots")
+            self.mimi_state = reset_state_rows(self.mimi_state, jnp.zeros(self.slots, bool), self.mimi_fresh)
             self.state = csm.reset_slots(self.state, jnp.arange(self.slots, dtype=jnp.int32))
             jax.block_until_ready(self.state.done)
             self.ready = True

@@ -56,13 +56,12 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from csm_jax.engine import Engine, Request
+from csm_jax.engine import FRAME_MS, Engine, Request
 from csm_jax.text import Segment
 
 FORMATS = {"wav": "audio/wav", "pcm": "audio/L16; rate=24000; channels=1", "flac": "audio/flac"}
 MAX_INPUT_CHARS = 4096
 MAX_SEED = 2**32 - 1  # seeds are the uint32 that seeds each request's PRNG stream
-FRAME_MS = 80
 log = logging.getLogger("csm_jax.server")
 
 

@@ -41,7 +41,8 @@ def _run_streams(params, plan, steps, enc):
                     inputs[b] = data[i * F:(i + 1) * F] if enc else data[:, i]
                     active[b] = True
         if rows_reset.any():
-            st = reset_state_rows(st, jnp.asarray(rows_reset))
+            fresh = (init_encoder_state if enc else init_decoder_state)(params, 1)
+            st = reset_state_rows(st, jnp.asarray(rows_reset), fresh)
         if enc:
             st, y = encode_step(params, st, jnp.asarray(inputs), active=jnp.asarray(active))
         else:

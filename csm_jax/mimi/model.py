@@ -187,14 +187,12 @@ def decode_step(params, state, codes_frame, active=None):
 
 
 @jax.jit
-def reset_state_rows(state, rows):
-    """Rows where `rows` (B,) is True start a fresh stream; the others are untouched."""
+def reset_state_rows(state, rows, fresh):
+    """Rows where `rows` (B,) is True start a fresh stream; the others are untouched. `fresh` is a one-stream
+    state as `init_encoder_state` / `init_decoder_state` make it (batch 1): a reset row becomes exactly that,
+    whatever the state holds."""
 
-    def reset(path, x):
-        name = jax.tree_util.keystr(path)
-        fresh = jnp.ones_like(x) if name.endswith("['first']") else jnp.zeros_like(x)
-        if x.dtype == jnp.int32 and x.ndim == 2:  # ring positions: -1 = empty slot
-            fresh = jnp.full_like(x, -1)
-        return jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), fresh, x)
+    def reset(x, f):
+        return jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), f, x)
 
-    return jax.tree_util.tree_map_with_path(reset, state)
+    return jax.tree.map(reset, state, fresh)

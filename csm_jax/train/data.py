@@ -112,7 +112,7 @@ def encode_files(mimi_params, paths: list[str], out_dir: Path, batch_size: int =
     import jax.numpy as jnp
 
     from csm_jax.audio import load_audio
-    from csm_jax.generate import bucket
+    from csm_jax.bundle import bucket
     from csm_jax.mimi import encode
 
     out_dir.mkdir(parents=True, exist_ok=True)
