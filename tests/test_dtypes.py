@@ -216,6 +216,15 @@ def test_synthesize_process_on_bf16_checkpoint(half, refs, tmp_path):
         assert f.stat().st_mode & 0o777 == 0o640, oct(f.stat().st_mode)
 
 
+def test_offline_sesame_folder_needs_mimi(half, tmp_path):
+    """Offline with an empty hub cache, a Sesame-layout folder (no Mimi inside) fails in one line naming --mimi."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    r = _run("synthesize.py", "--checkpoint", half["ses_float16"], "--text", TEXT, "--out", tmp_path / "a.wav",
+             env=env)
+    assert r.returncode == 2 and "holds no Mimi weights" in r.stderr and "(--mimi)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "a.wav").exists()
+
+
 def test_failure_after_generation_keeps_the_codes(half, refs, mimi_files, tmp_path, monkeypatch, capsys):
     """synthesize.py on fp16 Sesame-layout files; decoding fails after generation: the codes are saved, the error
     is one line naming them, and the command it suggests decodes them (codec.py as a process)."""
