@@ -114,13 +114,15 @@ def main(args: Args) -> None:
                 times.append(time.perf_counter() - t0)
             dt = statistics.median(times)
             n_frames = int((np.asarray(batch["labels"])[..., 0] != D.IGNORE).sum())
-            r = {"batch": B, "rows": args.rows, "depth_ratio": ratio, "depth_frames": int(np.asarray(batch["depth_valid"]).sum()),
+            r = {"batch": B, "rows": args.rows, "depth_ratio": ratio,
+                 "depth_frames": int(np.asarray(batch["depth_valid"]).sum()),
                  "lora_rank": args.lora_rank, "step_s": dt, "frames_per_s": n_frames / dt,
                  "tokens_per_s": B * args.rows / dt, "peak_memory_gb": peak_memory_gb(), "step_gflop": flops / 1e9,
                  "mfu": flops / dt / (peak_gflops * 1e9), "compile_s": compile_s, "loss": float(m["loss"])}
             results.append(r)
             del trainable, opt_state, frozen
-    head = f"{'batch':>5} {'ratio':>6} {'K':>5} {'step s':>8} {'frames/s':>9} {'tokens/s':>9} {'peak GB':>8} {'GFLOP':>8} {'MFU':>6}"
+    head = (f"{'batch':>5} {'ratio':>6} {'K':>5} {'step s':>8} {'frames/s':>9} {'tokens/s':>9} {'peak GB':>8} "
+            f"{'GFLOP':>8} {'MFU':>6}")
     print(head)
     for r in results:
         print(f"{r['batch']:>5} {r['depth_ratio']:>6.3f} {r['depth_frames']:>5} {r['step_s']:>8.3f} "

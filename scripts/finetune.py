@@ -23,8 +23,6 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-import tyro
-
 from csm_jax.train.lora import TARGETS
 
 

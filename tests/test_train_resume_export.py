@@ -18,7 +18,8 @@ from csm_jax.text import Segment, Tokenizer
 from csm_jax.train import data as D
 from csm_jax.train.trainer import RunOptions, TrainConfig, fit
 
-MICRO = CsmConfig(backbone=LlamaConfig(2, 128, 4, 2, 32, 256), decoder=LlamaConfig(2, 64, 2, 1, 32, 128, max_seq_len=32))
+MICRO = CsmConfig(backbone=LlamaConfig(2, 128, 4, 2, 32, 256),
+                  decoder=LlamaConfig(2, 64, 2, 1, 32, 128, max_seq_len=32))
 
 
 def synthetic_rows(n=5, seed=0):
@@ -100,6 +101,7 @@ def test_export_loads_in_transformers_with_our_logits(csm_dir, tmp_path):
     ref = theirs[0, :n]
     assert np.max(np.abs(ours[0, :n] - ref)) / np.max(np.abs(ref)) < 1e-4
     # The merged adapters changed the model: the base gives other logits.
-    hb = transformer(cfg.backbone, ckpt.params["backbone"], embed_rows(cfg, ckpt.params, batch["tokens"], batch["mask"]))
+    xb = embed_rows(cfg, ckpt.params, batch["tokens"], batch["mask"])
+    hb = transformer(cfg.backbone, ckpt.params["backbone"], xb)
     base = np.asarray(linear(hb, ckpt.params["c0_head"], jnp.float32))
     assert np.max(np.abs(base[0, :n] - ref)) / np.max(np.abs(ref)) > 1e-3

@@ -11,7 +11,6 @@ transformer, the text and audio embeddings and the codebook-0 head stay), or onl
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache, partial
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from csm_jax.csm import CsmConfig
