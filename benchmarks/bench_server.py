@@ -9,6 +9,16 @@ ok) and stops it at the end; any csm checkpoint folder works, e.g. a random full
 seconds of audio delivered per wall-clock second, failed requests (any status but 200, or a broken stream),
 and real-time streams: requests whose every byte arrived no later than its playback time, playback starting
 `--start-buffer-ms` after the first byte. Prints a table and one JSON line.
+
+  python benchmarks/bench_server.py --checkpoint path/to/csm-1b --slots 80 --conversations 64 \
+      --turn-audio turn.wav --asr-model path/to/whisper-tiny.en
+
+`--conversations N`: N concurrent conversations over /v1/converse (the server is started with the `converse`
+subcommand; needs the converse extra and a speech recognizer), each sending `--turns` push-to-talk turns of
+`--turn-audio` (spoken words, any rate) and waiting for the reply. Without `--llm-url` a stub LLM on loopback
+answers every turn at once with a fixed sentence. Per turn: the client's end of turn to the first reply audio,
+and the server's stages: speech recognition, the LLM's first sentence, and CSM's own part (first audio minus
+the LLM's first sentence), each p50 and p95.
 """
 
 from __future__ import annotations
@@ -55,6 +65,17 @@ class Args:
     """Playback of a stream starts this long after its first byte (for the real-time count)."""
     startup_timeout: float = 1800.0
     """Seconds to wait for a started server to finish warming up."""
+    conversations: int = 0
+    """Run N concurrent conversations instead of plain requests (see above)."""
+    turns: int = 2
+    """Turns per conversation."""
+    turn_audio: Optional[Path] = None
+    """A recording of spoken words for each user turn (conversations)."""
+    asr_model: str = "tiny.en"
+    """--asr-model of the started server (conversations)."""
+    llm_url: Optional[str] = None
+    """An OpenAI-compatible LLM for the started server; default: a stub on loopback (conversations)."""
+    llm_model: str = "stub"
 
 
 def one(args: Args, url: str, seed: int, out: list) -> None:
@@ -109,6 +130,87 @@ def level(args: Args, url: str, clients: int) -> dict:
             "real_time_streams": sum(r["real_time"] for r in ok), "wall_s": wall}
 
 
+STUB_REPLY = "Sure, here is a short answer for you."
+
+
+def start_stub_llm() -> str:
+    """An OpenAI-compatible /v1/chat/completions on loopback that streams STUB_REPLY at once (its time is not
+    what this benchmark measures). Returns its base URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            chunk = {"choices": [{"index": 0, "delta": {"content": STUB_REPLY}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def conversation(args: Args, url: str, audio: np.ndarray, sr: int, out: list) -> None:
+    import asyncio
+
+    import websockets
+
+    async def run():
+        async with websockets.connect(url.replace("http", "ws", 1) + "/v1/converse", max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "sample_rate": sr}))
+            if json.loads(await ws.recv()).get("type") != "ready":
+                raise RuntimeError("the server did not start the conversation")
+            for _ in range(args.turns):
+                await ws.send(audio.astype("<f4").tobytes())
+                await ws.send(json.dumps({"type": "end_turn"}))
+                t_end, first, log = time.perf_counter(), None, None
+                while log is None:
+                    msg = await asyncio.wait_for(ws.recv(), 600)
+                    if isinstance(msg, bytes):
+                        first = first if first is not None else time.perf_counter() - t_end
+                        continue
+                    m = json.loads(msg)
+                    if m["type"] in ("error", "no_words"):
+                        raise RuntimeError(f"turn failed: {m}")
+                    if m["type"] == "turn":
+                        log = m["log"]
+                lat = log.get("latency", {})
+                out.append({"ok": first is not None and not log.get("error"), "end_to_audio_s": first,
+                            "asr_s": lat.get("asr_s"), "llm_s": lat.get("llm_first_sentence_s"),
+                            "csm_s": (lat["first_audio_s"] - lat["llm_first_sentence_s"])
+                            if "first_audio_s" in lat and "llm_first_sentence_s" in lat else None})
+
+    try:
+        asyncio.run(run())
+    except Exception as e:  # noqa: BLE001 - a failed conversation counts as failed turns
+        out.append({"ok": False, "error": repr(e)})
+
+
+def conversation_level(args: Args, url: str, n: int) -> dict:
+    import soundfile as sf
+
+    audio, sr = sf.read(str(args.turn_audio), dtype="float32", always_2d=True)
+    audio = audio.mean(1)
+    out: list = []
+    threads = [threading.Thread(target=conversation, args=(args, url, audio, sr, out)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [r for r in out if r["ok"]]
+    row = {"conversations": n, "turns": len(out), "failed": len(out) - len(ok)}
+    for key in ("end_to_audio_s", "asr_s", "llm_s", "csm_s"):
+        v = np.array([r[key] for r in ok if r.get(key) is not None])
+        row[f"{key}_p50"] = float(np.percentile(v, 50)) if v.size else None
+        row[f"{key}_p95"] = float(np.percentile(v, 95)) if v.size else None
+    return row
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,6 +226,9 @@ def start_server(args: Args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, str(root / "scripts" / "serve.py"), "--checkpoint", args.checkpoint, "--port", str(port),
            "--slots", str(args.slots), "--frames-per-call", str(args.frames_per_call),
            "--max-queue", str(args.max_queue)]
+    if args.conversations:
+        cmd += ["converse", "--max-conversations", str(args.conversations), "--asr-model", args.asr_model,
+                "--llm-url", args.llm_url or start_stub_llm(), "--llm-model", args.llm_model]
     log_path = Path(tempfile.gettempdir()) / "bench_server.log"
     log = open(log_path, "w")
     print(f"starting {' '.join(cmd[1:])} (log: {log_path})", flush=True)
@@ -149,6 +254,8 @@ def main(args: Args) -> None:
 
     if (args.url is None) == (args.checkpoint is None):
         raise SystemExit("give --url (a running server) or --checkpoint (start one), not both")
+    if args.conversations and args.turn_audio is None:
+        raise SystemExit("--conversations needs --turn-audio: a recording of spoken words for the user turns")
     proc = None
     if args.checkpoint is not None:
         proc, url = start_server(args)
@@ -156,12 +263,23 @@ def main(args: Args) -> None:
         url = args.url
     try:
         health = httpx.get(url + "/health", timeout=10).json()
-        rows = [level(args, url, c) for c in args.clients]
+        if args.conversations:
+            row = conversation_level(args, url, args.conversations)
+        else:
+            rows = [level(args, url, c) for c in args.clients]
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
     print(f"server {url}: {health}")
+    if args.conversations:
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        print(f"{row['conversations']} conversations, {row['turns']} turns, {row['failed']} failed")
+        for key, name in (("end_to_audio_s", "end of turn -> first audio (client)"), ("asr_s", "speech recognition"),
+                          ("llm_s", "end of turn -> LLM's first sentence"), ("csm_s", "CSM: first sentence -> audio")):
+            print(f"  {name:40s} p50 {fmt(row[key + '_p50'])} s   p95 {fmt(row[key + '_p95'])} s")
+        print(json.dumps({"health": health, "conversations": row}))
+        return
     print(f"{'clients':>7s} {'reqs':>5s} {'failed':>6s} {'TTFB p50':>9s} {'TTFB p95':>9s} {'TTFB p99':>9s} "
           f"{'audio s/s':>10s} {'real-time':>10s}")
     for r in rows:

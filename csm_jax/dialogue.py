@@ -57,8 +57,9 @@ class Dialogue:
         self.capacity = engine.cfg.max_seq_len
         self.pinned = [self._entry(s) for s in self.model.context_codes(voice or [])]
         if sum(e.rows for e in self.pinned) >= self.capacity // 2:
-            raise ValueError(f"the voice prompt takes {sum(e.rows for e in self.pinned)} of the model's "
-                             f"{self.capacity} positions; use a shorter clip (10 s or less is plenty)")
+            raise ValueError(f"prompt too long: the voice prompt (pinned context) takes "
+                             f"{sum(e.rows for e in self.pinned)} of the model's {self.capacity} positions; use a "
+                             "shorter clip (10 s or less is plenty)")
         self.history: list[ContextEntry] = []
         self.events: queue.Queue[Event] = queue.Queue()
         self.slot: int | None = None

@@ -107,13 +107,12 @@ def generate_audio(params, cfg: csm.CsmConfig, mimi, state: csm.GenState, mimi_s
     Invalid frames (a finished slot) leave the Mimi state as it was; their PCM is meaningless."""
     state, codes, valid = csm.run_frames(params, cfg, state, num_frames, slots)
     sub = mimi_state if slots is None else jax.tree.map(lambda a: a[slots], mimi_state)
-    pcm = []
-    for f in range(num_frames):
-        sub, y = decode_step(mimi, sub, codes[:, f], active=valid[:, f])
-        pcm.append(y)
+    # A scan, not an unrolled loop: the Mimi decoder is compiled once per program, whatever num_frames is.
+    sub, pcm = jax.lax.scan(lambda st, cv: decode_step(mimi, st, cv[0], active=cv[1]), sub,
+                            (jnp.moveaxis(codes, 1, 0), valid.T))  # pcm (F, R, 1920)
     mimi_state = sub if slots is None else jax.tree.map(lambda a, b: a.at[slots].set(b), mimi_state, sub)
     done = state.done if slots is None else state.done[slots]
-    return state, mimi_state, (jnp.concatenate(pcm, 1), codes, valid, done)
+    return state, mimi_state, (jnp.moveaxis(pcm, 0, 1).reshape(pcm.shape[1], -1), codes, valid, done)
 
 
 class Engine:

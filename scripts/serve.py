@@ -82,10 +82,13 @@ class Args:
 
 
 def main(args: Args) -> None:
+    import logging
+
     from csm_jax.engine import Engine
     from csm_jax.generate import Generator
     from csm_jax.server import create_app, load_voices, serve
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # warm-up progress
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     frames_per_call=args.frames_per_call, quantize=args.quantize)
     voices = load_voices(args.voices_dir, gen)

@@ -116,7 +116,7 @@ def test_cancel_keeps_what_was_spoken(gen):
 
 def test_bad_inputs(gen):
     rng = np.random.default_rng(3)
-    with pytest.raises(ValueError, match="voice prompt takes"):
+    with pytest.raises(ValueError, match="voice prompt .pinned context. takes"):
         Dialogue(gen.engine(2), [Segment(1, "Huge.", codes=random_codes(rng, 1500))])
     d = Dialogue(gen.engine(2))
     with pytest.raises(ValueError, match="max_audio_ms"):

@@ -53,7 +53,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start(csm_dir, tmp_path_factory, *extra, env=None, launcher=None):
+def _start(csm_dir, tmp_path_factory, *extra, env=None, launcher=None, warmup=False):
+    """scripts/serve.py on a free port, returned once /health answers 200. Without `warmup` the engine
+    compiles on first use (--no-warmup: quicker to start; the warm-up has its own test)."""
     voices = tmp_path_factory.mktemp("voices")
     sf.write(voices / "alice.wav", speech_like(24000, seed=8), 24000)
     (voices / "alice.txt").write_text("Hello, I am Alice.")
@@ -62,10 +64,10 @@ def _start(csm_dir, tmp_path_factory, *extra, env=None, launcher=None):
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     cmd = [sys.executable, *(["-c", launcher] if launcher else []), str(ROOT / "scripts" / "serve.py"),
            "--checkpoint", str(csm_dir), "--voices-dir", str(voices), "--port", str(port), "--slots", "2",
-           "--max-queue", "4", *extra]
+           "--max-queue", "4", *([] if warmup else ["--no-warmup"]), *extra]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline:
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
@@ -642,3 +644,39 @@ def test_fuzzed_bodies_and_headers_get_json_4xx_on_one_connection(server):
     assert r.status == 200 and len(_wav(r.read())) > 0 and conn.sock is sock
     conn.close()
     assert _health(server).json()["status"] == "ok"
+
+
+def test_warmup_compiles_before_serving_and_health_says_so(csm_dir, tmp_path_factory):
+    """With the warm-up (the default), /health answers 503 "warming" until every program is compiled, then
+    200 "ok"; a request sent while warming waits and is served."""
+    port_holder = {}
+    voices = tmp_path_factory.mktemp("voices-warm")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("log-warm") / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--checkpoint", str(csm_dir),
+                             "--voices-dir", str(voices), "--port", str(port), "--slots", "1", "--max-queue", "2"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        seen = []
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                r = httpx.get(url + "/health", timeout=2)
+                seen.append((r.status_code, r.json()["status"]))
+                if r.status_code == 200:
+                    break
+                if len(seen) == 1 or seen[-1] != seen[-2]:  # while warming: a request waits for the warm-up
+                    port_holder["early"] = httpx.post(url + "/v1/audio/speech", timeout=600, json={
+                        "input": "Sent while warming.", "max_audio_ms": 160, "stream": False})
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "the server exited"
+            time.sleep(0.5)
+        assert (503, "warming") in seen and seen[-1] == (200, "ok"), seen
+        assert port_holder["early"].status_code == 200 and len(port_holder["early"].content) > 44
+        log.seek(0)
+        assert "warm-up:" in log.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
