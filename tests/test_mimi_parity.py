@@ -5,10 +5,11 @@ Codes: identical to the reference's, except at near-ties. Our latent and the ref
 rounding (~1e-6 of peak), and when two codewords are almost equally near, that is enough to pick the other
 one. Each frame where codes differ is checked in float64: at its first differing stage, the reference's pick
 must be the nearest for the reference's latent and ours the nearest for ours, up to the rounding of a
-distance computed in fp32 the way both compute it (|x|^2 - 2 x.e + |e|^2, torch.cdist's matrix-product form
+distance computed in fp32 the way moshi computes it (|x|^2 - 2 x.e + |e|^2, torch.cdist's matrix-product form
 for many rows: cancellation leaves an error of about sqrt(256) fp32 epsilons of |x|^2 + |e|^2, which for
-random weights can be 1e-5 of the distance itself, and which CPU kernels round differently), and the two
-distances must be within 1e-3 of each other. Later stages of such a frame quantize a different residual and are not compared.
+random weights can be 1e-5 of the distance itself, and which CPU kernels round differently; ours computes
+the shortlisted distances directly, so this bound is loose for it), and the two distances must be within
+1e-3 of each other. Later stages of such a frame quantize a different residual and are not compared.
 Such frames must stay rare (at most 3%).
 Audio: decoding the reference's codes, within 1e-4 of the reference's peak.
 """
