@@ -1,0 +1,169 @@
+"""One mesh, logical axes per parameter and per state field, and rules mapping them onto the mesh.
+
+The mesh has two axes: "data" (independent streams: generation slots, later training examples) and
+"model" (tensor parallelism inside a layer). Every parameter and every generation-state field is named
+once by logical axes (`PARAM_AXES`, `STATE_AXES`); `RULES` maps each logical axis to a mesh axis or to None
+(replicated). The model code never sees the device count: `shard_params` and `shard_state` place the
+inputs, and the jitted functions of csm.py follow the inputs' shardings (XLA inserts the collectives).
+
+Tensor parallelism (Megatron's split of a Llama layer, weights stored (out, in)):
+  wo (D, N*H) is split along its input "heads": each device holds whole query heads when N % model == 0
+  w2 (D, F)   is split along its input "mlp": each device holds a contiguous block of MLP units
+  wqkv ((N+2K)*H, D) and w13 (2F, D) are replicated. Their rows are fused (q|k|v, gate|up): a contiguous
+  split of those rows would give one device only gate rows and another only up rows (or q heads on one
+  device and v heads on another), so each device's shard would not be a self-contained piece of the layer
+  and XLA would move activations between devices to rebuild q, k, v and gate*up. Their logical axes
+  ("qkv", "gate_up") therefore map to None. Sharding them exactly needs a row order that interleaves per
+  device (a load-time permutation), not done here.
+  The products through wo and w2 then contract over a sharded axis: each device computes a partial sum and
+  XLA adds them (an all-reduce), so tensor-parallel outputs equal one device's up to fp32 summation order.
+Embeddings, heads, norms and the depth decoder's projection are replicated ("vocab", "embed" map to None).
+A parameter dimension that its mesh axis's size does not divide is replicated rather than unevenly split.
+
+Generation state: every field of csm.GenState has the slot (batch) axis first and is split along "data":
+the backbone cache k, v (B, K, S, H) and its positions (B, S), h (B, D), pos, done, frame counts, sampling
+settings and PRNG keys (B,). The cache's kv-head axis maps to None (the k, v projections are replicated).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from csm_jax.csm import GenState
+
+AXES = ("data", "model")
+
+# Logical axis -> mesh axis (None: replicated). One table decides what is split.
+RULES: dict[str, str | None] = {
+    "batch": "data",
+    "heads": "model",     # attention output rows of wo's input: whole heads per device
+    "mlp": "model",       # MLP units (w2's input)
+    "qkv": None,          # fused q|k|v rows of wqkv: replicated (see the module docstring)
+    "gate_up": None,      # fused gate|up rows of w13: replicated (see the module docstring)
+    "vocab": None,
+    "embed": None,
+    "dec_embed": None,
+    "kv_heads": None,
+    "seq": None,
+    "head_dim": None,
+}
+
+# Parameter leaf name (the last dict key of its path in csm.param_shapes) -> logical axes, weights (out, in).
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "text_embed": ("vocab", "embed"),
+    "audio_embed": ("vocab", "embed"),
+    "c0_head": ("vocab", "embed"),
+    "projection": ("dec_embed", "embed"),
+    "audio_head": ("vocab", "dec_embed"),
+    "attn_norm": ("embed",),
+    "wqkv": ("qkv", "embed"),
+    "wo": ("embed", "heads"),
+    "mlp_norm": ("embed",),
+    "w13": ("gate_up", "embed"),
+    "w2": ("embed", "mlp"),
+    "norm": ("embed",),
+}
+
+# csm.GenState field (and backbone cache entry) -> logical axes. Slots lead everywhere.
+STATE_AXES: dict[str, tuple[str, ...]] = {
+    "k": ("batch", "kv_heads", "seq", "head_dim"),
+    "v": ("batch", "kv_heads", "seq", "head_dim"),
+    "pos": ("batch",),          # GenState.pos (B,); the cache's pos (B, S) is below
+    "cache_pos": ("batch", "seq"),
+    "h": ("batch", "embed"),
+    "done": ("batch",),
+    "n_frames": ("batch",),
+    "max_frames": ("batch",),
+    "temperature": ("batch",),
+    "topk": ("batch",),
+    "key": ("batch",),
+}
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
+    """A ("data", "model") mesh over `devices` (default: jax.devices()). data=-1 takes every device left
+    after `model`: make_mesh() is pure data parallelism, make_mesh(model=4) on 8 devices is 2 x 4."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if model < 1 or n % model:
+        raise ValueError(f"model={model} must be a positive divisor of the {n} devices; pick model from "
+                         f"{[d for d in range(1, n + 1) if n % d == 0]}")
+    if data == -1:
+        data = n // model
+    if data < 1 or data * model != n:
+        raise ValueError(f"data={data} x model={model} must equal the {n} devices; pass data=-1 to use them all")
+    return Mesh(np.array(devices).reshape(data, model), AXES)
+
+
+def logical_to_spec(axes: tuple[str, ...], shape, mesh: Mesh, rules: dict | None = None) -> PartitionSpec:
+    """Logical axes (None: never split) -> PartitionSpec through `rules` (default RULES). A dimension that
+    its mesh axis's size does not divide stays whole (replicated) rather than being split unevenly, except
+    the slot axis "batch", which must divide: a state that silently stayed whole would not be spread."""
+    rules = RULES if rules is None else rules
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
+    spec = []
+    for name, dim in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise ValueError(f"no sharding rule for logical axis {name!r}; add it to sharding.RULES")
+        mesh_axis = None if name is None else rules[name]
+        if name == "batch" and mesh_axis is not None and dim % mesh.shape[mesh_axis]:
+            raise ValueError(f"a batch of {dim} slots cannot be split over {mesh.shape[mesh_axis]} "
+                             f"{mesh_axis!r} devices; use a multiple of {mesh.shape[mesh_axis]} slots")
+        spec.append(mesh_axis if mesh_axis is not None and dim % mesh.shape[mesh_axis] == 0 else None)
+    return PartitionSpec(*spec)
+
+
+def _param_axes(path, leaf) -> tuple[str, ...]:
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if not names or names[-1] not in PARAM_AXES:
+        raise ValueError(f"parameter {jax.tree_util.keystr(path)} has no logical axes; add it to "
+                         f"sharding.PARAM_AXES")
+    axes = PARAM_AXES[names[-1]]
+    last = path[-1]
+    # An int8 weight (csm_jax.quantize.Int8Weight): q (out, in) like the weight, scale (out,) like its rows.
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "scale":
+        return axes[:1]
+    return axes
+
+
+def param_shardings(params, mesh: Mesh, rules: dict | None = None):
+    """The NamedSharding of every leaf of a CSM params pytree (csm.param_shapes' tree, int8 weights too)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: NamedSharding(mesh, logical_to_spec(_param_axes(p, x), x.shape, mesh, rules)), params)
+
+
+def shard_params(params, mesh: Mesh, rules: dict | None = None):
+    """Places the parameters on the mesh (replicated or split as `rules` say)."""
+    return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def _state_axes(path) -> tuple[str, ...]:
+    names = [k.name if isinstance(k, jax.tree_util.GetAttrKey) else k.key for k in path
+             if isinstance(k, (jax.tree_util.GetAttrKey, jax.tree_util.DictKey))]
+    if names[:1] == ["cache"] and names[-1] == "pos":
+        return STATE_AXES["cache_pos"]
+    return STATE_AXES[names[-1]]
+
+
+def state_shardings(state: GenState, mesh: Mesh, rules: dict | None = None):
+    """The NamedSharding of every field of a csm.GenState: slots split along "data" (PRNG keys included)."""
+    if not isinstance(state, GenState):
+        raise TypeError(f"state_shardings takes a csm.GenState, got {type(state).__name__}")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: NamedSharding(mesh, logical_to_spec(_state_axes(p), x.shape, mesh, rules)), state)
+
+
+def shard_state(state: GenState, mesh: Mesh, rules: dict | None = None) -> GenState:
+    """Places a generation state on the mesh, its slots split along "data" (the slot count must be a
+    multiple of the "data" size)."""
+    return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def shard_batch(x, mesh: Mesh):
+    """Places a per-slot input (batch axis first: prompt tokens, masks, lengths, seeds) along "data"."""
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    return jax.device_put(x, NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape,
+                                                                 mesh)))
