@@ -96,15 +96,10 @@ def weight_bytes_per_frame(params) -> tuple[int, int]:
 
 
 def best_ms(fn, *args, repeats: int = 5) -> float:
-    import jax
+    """Best of `repeats` calls after one to compile, in ms (roofline's timer)."""
+    import roofline
 
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best * 1000
+    return roofline.best_time(fn, *args, repeats=repeats) * 1000
 
 
 def run_ours(args, roof):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _best_time(fn, *args, repeats: int = 5) -> float:
+def best_time(fn, *args, repeats: int = 5) -> float:
     jax.block_until_ready(fn(*args))  # compile + warm up
     best = float("inf")
     for _ in range(repeats):
@@ -36,7 +36,7 @@ def read_bandwidth_gbs(megabytes: int = 1024, dtype=jnp.float32) -> float:
     reduce = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
     matvec = jax.jit(lambda v, a: v @ a)
     matvec_t = jax.jit(lambda u, a: jax.lax.dot_general(u, a, (((1,), (1,)), ((), ()))))
-    t = min(_best_time(reduce, x), _best_time(matvec, v, x), _best_time(matvec_t, u, x))
+    t = min(best_time(reduce, x), best_time(matvec, v, x), best_time(matvec_t, u, x))
     return x.size * x.dtype.itemsize / t / 1e9
 
 
@@ -45,7 +45,7 @@ def matmul_gflops(n: int = 2048, dtype=jnp.float32) -> float:
     a = jnp.ones((n, n), dtype)
     b = jnp.ones((n, n), dtype)
     fn = jax.jit(lambda a, b: a @ b)
-    t = _best_time(fn, a, b)
+    t = best_time(fn, a, b)
     return 2 * n**3 / t / 1e9
 
 

@@ -132,7 +132,6 @@ class Engine:
         self.lock = threading.RLock()
         self.driven = threading.Event()
         self.on_work: Callable[[], None] | None = None  # told when a held slot starts or stops generating
-        self.ready = False
         self.reset()
 
     # ------------------------------------------------------------------------------------------- state
@@ -180,13 +179,18 @@ class Engine:
         check_seed(req.seed)
         tokens, mask = self.model.prompt(req.context, req.speaker, req.text, max_frames, req.drop_oldest)
         with self.lock:
-            free = self.free_slots()
-            if not free:
-                return None
-            slot = free[0]
-            self.owners[slot] = _Owner(req, on_event, held=False)
-            self.inserts.append((slot, tokens, mask, (req.temperature, req.topk, req.seed, max_frames)))
+            slot = self._reserve(_Owner(req, on_event, held=False))
+            if slot is not None:
+                self.inserts.append((slot, tokens, mask, (req.temperature, req.topk, req.seed, max_frames)))
             return slot
+
+    def _reserve(self, owner: _Owner) -> int | None:
+        """The lowest free slot, now owned by `owner`; None when every slot is busy."""
+        free = self.free_slots()
+        if not free:
+            return None
+        self.owners[free[0]] = owner
+        return free[0]
 
     def cancel(self, slot: int) -> None:
         """Stops a plain request (its client went away): the slot is free at once; what its last step made
@@ -209,12 +213,9 @@ class Engine:
         """Reserves a free slot for a conversation, empty; it stays held (its cache kept) until `release`.
         None when every slot is busy."""
         with self.lock:
-            free = self.free_slots()
-            if not free:
-                return None
-            slot = free[0]
-            self.owners[slot] = _Owner(owner, on_event, held=True)
-            self._clear(slot)
+            slot = self._reserve(_Owner(owner, on_event, held=True))
+            if slot is not None:
+                self._clear(slot)
             return slot
 
     def _clear(self, slot: int) -> None:
@@ -422,7 +423,6 @@ class Engine:
             self.mimi_state = reset_state_rows(self.mimi_state, jnp.zeros(self.slots, bool), self.mimi_fresh)
             self.state = csm.reset_slots(self.state, jnp.arange(self.slots, dtype=jnp.int32))
             jax.block_until_ready(self.state.done)
-            self.ready = True
             return done
 
 
