@@ -48,6 +48,10 @@ RULES: dict[str, str | None] = {
     "kv_heads": None,
     "seq": None,
     "head_dim": None,
+    "lora_rank": None,    # LoRA adapters (training): a (rank, in), b (out, rank), replicated unless FSDP
+    "lora_in": None,
+    "lora_out": None,
+    "depth_frames": "data",  # training: the frames the depth decoder trains on (whole if data does not divide)
 }
 
 # Parameter leaf name (the last dict key of its path in csm.param_shapes) -> logical axes, weights (out, in).
@@ -64,6 +68,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "w13": ("gate_up", "embed"),
     "w2": ("embed", "mlp"),
     "norm": ("embed",),
+    "a": ("lora_rank", "lora_in"),    # LoRA adapter (csm_jax.train.lora): A (r, in)
+    "b": ("lora_out", "lora_rank"),   # and B (out, r)
 }
 
 # csm.GenState field (and backbone cache entry) -> logical axes. Slots lead everywhere.
@@ -167,3 +173,67 @@ def shard_batch(x, mesh: Mesh):
     x = np.asarray(x) if not isinstance(x, jax.Array) else x
     return jax.device_put(x, NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape,
                                                                  mesh)))
+
+
+# ---------------------------------------------------------------------------------------------- training
+# Training uses the same mesh and rules, plus two choices:
+#  * data parallelism: a batch's examples split along "data" (logical "batch"), and so are the frames the
+#    depth decoder trains on ("depth_frames"); the gradients are summed across "data" by XLA.
+#  * FSDP (fully sharded data parallelism, ZeRO-3 style), optional: every matrix additionally splits its
+#    largest dimension that the "data" size divides (and that the rules left unsplit) along "data", so each
+#    device stores 1/data of the parameters, gradients and optimizer state; XLA gathers a weight where a
+#    layer uses it. A matrix no dimension of which "data" divides stays as the rules place it; vectors
+#    (norms) stay replicated. The optimizer state follows the parameters' shardings (trainer.py).
+
+BATCH_AXES: dict[str, tuple[str, ...]] = {
+    "tokens": ("batch", "seq", None),
+    "mask": ("batch", "seq", None),
+    "labels": ("batch", "seq", None),
+    "depth_rows": ("depth_frames", None),
+    "depth_valid": ("depth_frames",),
+}
+
+
+def fsdp_spec(spec: PartitionSpec, shape, mesh: Mesh, axis: str = "data") -> PartitionSpec:
+    """`spec` with the largest still-unsplit dimension that mesh[axis] divides split along `axis`
+    (matrices only; a vector, a size-1 axis, or no dividing dimension: `spec` unchanged)."""
+    n = mesh.shape[axis]
+    parts = list(spec) + [None] * (len(shape) - len(spec))
+    if n == 1 or len(shape) < 2 or axis in parts:
+        return spec
+    free = [i for i, (p, d) in enumerate(zip(parts, shape)) if p is None and d % n == 0]
+    if not free:
+        return spec
+    parts[max(free, key=lambda i: (shape[i], -i))] = axis
+    return PartitionSpec(*parts)
+
+
+def train_param_shardings(params, mesh: Mesh, fsdp: bool = False, rules: dict | None = None):
+    """The NamedSharding of every leaf of a parameter pytree for training (CSM parameters or LoRA
+    adapters): placed by the rules (tensor parallelism along "model"), plus FSDP along "data" if asked."""
+    def one(path, x):
+        spec = logical_to_spec(_param_axes(path, x), x.shape, mesh, rules)
+        return NamedSharding(mesh, fsdp_spec(spec, x.shape, mesh) if fsdp else spec)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def batch_shardings(batch: dict, mesh: Mesh, rules: dict | None = None) -> dict:
+    """The NamedSharding of every array of a training batch (csm_jax.train.data.collate): examples along
+    "data" (the batch size must be a multiple of the "data" size), depth-decoder frames along "data"."""
+    unknown = set(batch) - set(BATCH_AXES)
+    if unknown:
+        raise ValueError(f"batch entries {sorted(unknown)} have no logical axes; add them to sharding.BATCH_AXES")
+    return {k: NamedSharding(mesh, logical_to_spec(BATCH_AXES[k], np.shape(v), mesh, rules))
+            for k, v in batch.items()}
+
+
+def put(tree, shardings):
+    """Places host or single-device arrays onto `shardings` (a matching pytree). In a multi-process run
+    each process gives the same whole values and contributes the shards of its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(one, tree, shardings)
