@@ -65,6 +65,9 @@ class Args:
     """Playback of a stream starts this long after its first byte (for the real-time count)."""
     startup_timeout: float = 1800.0
     """Seconds to wait for a started server to finish warming up."""
+    warmup: bool = True
+    """Warm the started server up before measuring; --no-warmup starts sooner but compiles while serving (the
+    first requests' figures then include compile time: for checking that the benchmark runs, not for figures)."""
     conversations: int = 0
     """Run N concurrent conversations instead of plain requests (see above)."""
     turns: int = 2
@@ -225,7 +228,7 @@ def start_server(args: Args) -> tuple[subprocess.Popen, str]:
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, str(root / "scripts" / "serve.py"), "--checkpoint", args.checkpoint, "--port", str(port),
            "--slots", str(args.slots), "--frames-per-call", str(args.frames_per_call),
-           "--max-queue", str(args.max_queue)]
+           "--max-queue", str(args.max_queue)] + ([] if args.warmup else ["--no-warmup"])
     if args.conversations:
         cmd += ["converse", "--max-conversations", str(args.conversations), "--asr-model", args.asr_model,
                 "--llm-url", args.llm_url or start_stub_llm(), "--llm-model", args.llm_model]

@@ -31,3 +31,35 @@ def test_bench_generate_runs_and_reports():
     # The table: a header and one row per batch size, with the ratio to transformers.
     table = lines[lines.index(next(l for l in lines if l.lstrip().startswith("B "))):]
     assert table[1].split()[0] == "1" and table[1].rstrip().endswith("x")
+
+
+def test_bench_server_conversations_runs_and_reports(csm_dir, asr_model, tmp_path):
+    """bench_server.py starts the server itself (converse, stub LLM) and drives one conversation of one turn
+    spoken by espeak-ng: the turn is answered with audio and every stage is reported."""
+    from converse_fixtures import speak
+
+    turn = speak("Hello, how are you today?", tmp_path / "turn.wav")
+    out = subprocess.run([sys.executable, "benchmarks/bench_server.py", "--checkpoint", str(csm_dir), "--slots", "1",
+                          "--no-warmup", "--conversations", "1", "--turns", "1", "--turn-audio", str(turn),
+                          "--asr-model", asr_model, "--startup-timeout", "300"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])["conversations"]
+    assert row["conversations"] == 1 and row["turns"] == 1 and row["failed"] == 0, row
+    for key in ("end_to_audio_s", "asr_s", "llm_s", "csm_s"):
+        assert row[f"{key}_p50"] is not None and row[f"{key}_p50"] > 0, (key, row)
+    assert row["end_to_audio_s_p50"] >= row["asr_s_p50"]
+
+
+def test_bench_server_plain_levels_run_and_report(csm_dir):
+    """bench_server.py --checkpoint starts the server itself and reports a plain level: the request is served
+    (no failure), its first audio and audio rate measured."""
+    out = subprocess.run([sys.executable, "benchmarks/bench_server.py", "--checkpoint", str(csm_dir), "--slots", "1",
+                          "--no-warmup", "--clients", "1", "--requests", "1", "--max-audio-ms", "320",
+                          "--startup-timeout", "300"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (level,) = json.loads(out.stdout.strip().splitlines()[-1])["levels"]
+    assert level["clients"] == 1 and level["requests"] == 1 and level["failed"] == 0, level
+    assert level["ttfb_p50_s"] > 0 and level["audio_s_per_wall_s"] > 0
+    # 320 ms cap: four frames at most (fewer if the random model ends its speech early).
+    assert 0 < level["audio_s_per_wall_s"] * level["wall_s"] <= 0.32 + 1e-9

@@ -1,0 +1,166 @@
+"""Which waiting requests the engine prefills at a step: new requests' first audio soon, running streams on time.
+
+    sched = Scheduler(max_count=8, max_rows=1024)
+    keys = sched.admit(now, [(slot, prompt_rows), ...])   # oldest first -> the slots to prefill this step
+    sched.delivered(slot, now, seconds)                   # audio handed to a stream's client
+    sched.finished(slot)                                  # the stream made its last frame
+    sched.step_done(now, cost, measured)                  # a step ended: the step-time estimates learn from it
+
+A stream's client plays its audio in real time from its first audio (after `start_buffer_s`), so a stream has
+`slack`: its audio delivered minus the time played since, the time it can wait for its next audio before its
+playback stalls. The engine's next step delivers the next audio after about one generation step plus the prefill
+dispatched with it, so:
+
+  - When every running stream's slack covers the next step plus the prefill, the waiting requests are admitted
+    at once, oldest first, up to `max_rows` padded rows and `max_count` requests (and always the oldest one):
+    a new request's first audio comes first.
+  - Otherwise only as many rows as the smallest slack leaves room for are admitted this step (the oldest request
+    that fits and its group; none when none fits): running streams keep ahead of their playback.
+  - Starvation either way is bounded: the oldest waiting request is admitted after at most `max_defer` steps
+    that passed it over, whatever the slack; running streams generate at every step, and a step never prefills
+    more than `max_rows` rows beyond that one request.
+
+Groups are bucketed by prompt length: with the oldest (admissible) request come the waiting requests of its
+length class (padded rows within the same power of two of `row_step`-row pieces), and prompts no longer than the
+group's longest fill the rows the count bucket pads to anyway. A prefill of n requests computes
+bucket(n) x (longest rounded up to `row_step`) rows (see `cost`), so similar lengths waste little padding.
+
+Step times are estimated from the wall time between the ends of consecutive pipelined steps (moving averages):
+a step ends when the previous step's results are on the host, so the time between two ends is one generation
+step plus the prefill dispatched with the earlier one. Steps without a prefill measure the generation step,
+those with one the seconds per prefilled row. Everything here is plain Python on numbers given to it (the clock
+included): no device, no threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class Scheduler:
+    """Per-step admission of waiting prefills against the running streams' playback deadlines."""
+
+    def __init__(self, max_count: int = 8, max_rows: int = 1024, row_step: int = 32, max_defer: int = 4,
+                 start_buffer_s: float = 0.0, smoothing: float = 0.25):
+        """`max_count`: requests prefilled together at most (rounded down to a power of two); `max_rows`: padded
+        prompt rows per step at most (the oldest request alone may exceed it); `row_step`: prompts are padded to
+        a multiple of it (csm.PREFILL_STEP); `max_defer`: steps the oldest waiting request may be passed over
+        for the running streams' sake; `start_buffer_s`: audio a client buffers before it starts playing (0:
+        playback starts with the first audio, the strictest assumption); `smoothing`: weight of a new step-time
+        measurement in the moving averages."""
+        if max_count < 1 or max_rows < 1 or row_step < 1 or max_defer < 0 or not 0 < smoothing <= 1:
+            raise ValueError("the scheduler needs max_count, max_rows and row_step >= 1, max_defer >= 0 and "
+                             "0 < smoothing <= 1")
+        self.max_count, self.max_rows, self.row_step = 1 << (max_count.bit_length() - 1), max_rows, row_step
+        self.max_defer, self.start_buffer_s, self.smoothing = max_defer, start_buffer_s, smoothing
+        self.step_s: float | None = None  # a generation step without prefill, seconds
+        self.row_s: float | None = None  # a prefilled (padded) row, seconds
+        self.reset()
+
+    def reset(self) -> None:
+        """No streams and nothing waiting (the engine started afresh); the step-time estimates are kept."""
+        self.streams: dict[Hashable, list[float]] = {}  # key -> [time of its first audio, seconds delivered]
+        self.head: Hashable | None = None  # the oldest waiting request at the last `admit`
+        self.passed = 0  # steps that passed `head` over
+        self._last_end: float | None = None
+        self._last_cost = 0
+
+    # ------------------------------------------------------------------------------------------ streams
+
+    def delivered(self, key: Hashable, now: float, seconds: float) -> None:
+        """`seconds` of audio of stream `key` went to its client at `now` (its first audio starts its clock)."""
+        if seconds <= 0 and key not in self.streams:
+            return
+        self.streams.setdefault(key, [now, 0.0])[1] += seconds
+
+    def finished(self, key: Hashable) -> None:
+        """The stream made its last audio (or was cancelled): it no longer constrains admission."""
+        self.streams.pop(key, None)
+
+    def slack(self, now: float) -> float | None:
+        """The smallest slack of the running streams at `now`, seconds (negative: its playback has stalled);
+        None when no stream has audio yet."""
+        if not self.streams:
+            return None
+        return min(first + self.start_buffer_s + sent - now for first, sent in self.streams.values())
+
+    # ----------------------------------------------------------------------------------------- admission
+
+    def cost(self, rows: Sequence[int]) -> int:
+        """Rows a prefill of prompts of `rows` rows computes: the count bucket times the longest, padded."""
+        if not rows:
+            return 0
+        return _pow2(len(rows)) * -(-max(rows) // self.row_step) * self.row_step
+
+    def budget(self, now: float) -> float:
+        """Padded prompt rows the running streams' slack allows this step (at most `max_rows`)."""
+        slack = self.slack(now)
+        if slack is None:
+            return self.max_rows
+        spare = slack - (self.step_s or 0.0)
+        if spare <= 0:
+            return 0
+        if not self.row_s:
+            return self.max_rows
+        return min(self.max_rows, spare / self.row_s)
+
+    def admit(self, now: float, waiting: Sequence[tuple[Hashable, int]]) -> list[Hashable]:
+        """Which of `waiting` ((key, prompt rows), oldest first) to prefill at the step starting at `now`, in
+        their order in `waiting`; [] defers them all this step."""
+        if not waiting:
+            self.head, self.passed = None, 0
+            return []
+        if waiting[0][0] != self.head:
+            self.head, self.passed = waiting[0][0], 0
+        budget = self.budget(now)
+        if self.passed >= self.max_defer or budget >= self.max_rows:
+            anchor, cap = 0, self.max_rows
+        else:
+            anchor = next((i for i, (_, rows) in enumerate(waiting) if self.cost([rows]) <= budget), None)
+            cap = budget
+        chosen = [] if anchor is None else self._group(waiting, anchor, cap)
+        if chosen and chosen[0] == 0:
+            self.head, self.passed = None, 0
+        else:
+            self.passed += 1
+        return [waiting[i][0] for i in chosen]
+
+    def _group(self, waiting: Sequence[tuple[Hashable, int]], anchor: int, cap: float) -> list[int]:
+        """The anchor and the waiting requests of its length class (oldest first) within `cap` padded rows, then
+        shorter ones into the rows the count bucket pads to anyway."""
+        length_class = lambda rows: _pow2(-(-rows // self.row_step))  # noqa: E731
+        chosen, longest = [anchor], waiting[anchor][1]
+        for i, (_, rows) in enumerate(waiting):
+            if len(chosen) == self.max_count:
+                break
+            if i != anchor and length_class(rows) == length_class(waiting[anchor][1]) \
+                    and self.cost([max(longest, rows)] * (len(chosen) + 1)) <= cap:
+                chosen.append(i)
+                longest = max(longest, rows)
+        padded = self.cost([longest])
+        for i, (_, rows) in enumerate(waiting):
+            if len(chosen) == _pow2(len(chosen)) or len(chosen) == self.max_count:
+                break
+            if i not in chosen and self.cost([rows]) <= padded:
+                chosen.append(i)
+        return sorted(chosen)
+
+    # ---------------------------------------------------------------------------------------- step times
+
+    def step_done(self, now: float, cost: int, measured: bool) -> None:
+        """A step ended at `now` (its previous step's results on the host), having dispatched a prefill of `cost`
+        padded rows (0: none). `measured`: the step before it had dispatched work too, so the time since that
+        one ended is one pipelined step (not an idle wait)."""
+        if measured and self._last_end is not None:
+            dt, a = now - self._last_end, self.smoothing
+            if self._last_cost == 0:
+                self.step_s = dt if self.step_s is None else (1 - a) * self.step_s + a * dt
+            elif self.step_s is not None:
+                per_row = max(dt - self.step_s, 0.0) / self._last_cost
+                self.row_s = per_row if self.row_s is None else (1 - a) * self.row_s + a * per_row
+        self._last_end, self._last_cost = now, cost

@@ -1,0 +1,120 @@
+"""The admission policy on a fake clock: waiting requests go in at once while the running streams have slack, a
+stream near its playback deadline defers a big prefill (a small one that fits still goes in), the oldest
+waiting request is admitted within max_defer + 1 steps whatever the slack, groups share a length class, and the
+step-time estimates follow the measured steps. Expected values are worked out by hand from the rules."""
+
+import pytest
+
+from csm_jax.schedule import Scheduler
+
+
+def _learn(s: Scheduler, step_s: float, row_s: float, cost: int = 256) -> None:
+    """Pipelined steps as the engine reports them: the time between two step ends is one generation step plus
+    the prefill dispatched with the earlier one (none, then `cost` rows, then none)."""
+    t = 0.0
+    s.step_done(t, 0, measured=False)
+    for previous, now in ((0, cost), (cost, 0), (0, 0)):
+        t += step_s + row_s * previous
+        s.step_done(t, now, measured=True)
+
+
+def test_step_time_estimates():
+    s = Scheduler(smoothing=1.0)  # the last measurement only: exact values
+    _learn(s, step_s=0.1, row_s=0.001)
+    assert s.step_s == pytest.approx(0.1)
+    assert s.row_s == pytest.approx(0.001)
+    # An idle wait is not a step: a long gap with measured=False teaches nothing.
+    s.step_done(100.0, 0, measured=False)
+    s.step_done(100.1, 0, measured=True)
+    assert s.step_s == pytest.approx(0.1)
+    # Moving average: a quarter of the new measurement.
+    a = Scheduler(smoothing=0.25)
+    a.step_done(0.0, 0, measured=False)
+    a.step_done(1.0, 0, measured=True)
+    a.step_done(1.2, 0, measured=True)
+    assert a.step_s == pytest.approx(0.75 * 1.0 + 0.25 * 0.2)
+
+
+def test_no_streams_admits_at_once_oldest_first():
+    s = Scheduler(max_count=4, max_rows=1024)
+    assert s.admit(0.0, [("a", 20), ("b", 25), ("c", 30)]) == ["a", "b", "c"]
+    assert s.admit(0.0, []) == []
+
+
+def test_stream_near_its_deadline_defers_a_big_prefill():
+    s = Scheduler(max_count=4, max_rows=1024, max_defer=4)
+    _learn(s, step_s=0.1, row_s=0.001)  # a 512-row prefill costs ~0.51 s
+    s.delivered("running", now=10.0, seconds=0.32)  # first audio at 10.0: 0.32 s of it
+    # At 10.05 its slack is 0.27 s: one step (0.1) + at most 170 rows fit. A 500-row prompt (512 padded) waits.
+    assert s.budget(10.05) == pytest.approx((0.27 - 0.1) / 0.001)
+    assert s.admit(10.05, [("long", 500)]) == []
+    # With plenty of slack (more audio delivered) it goes in at once.
+    s.delivered("running", now=10.1, seconds=2.0)
+    assert s.admit(10.1, [("long", 500)]) == ["long"]
+
+
+def test_small_prompt_fits_the_slack_a_big_one_does_not():
+    s = Scheduler(max_count=4, max_rows=1024)
+    _learn(s, step_s=0.1, row_s=0.001)
+    s.delivered("running", now=0.0, seconds=0.32)
+    # Slack 0.32 at t=0: room for 220 rows; the 500-row head is passed over for the 40-row one (64 padded).
+    assert s.admit(0.0, [("long", 500), ("short", 40)]) == ["short"]
+    assert s.passed == 1
+
+
+def test_oldest_admitted_within_max_defer_steps_whatever_the_slack():
+    s = Scheduler(max_count=4, max_rows=1024, max_defer=3)
+    _learn(s, step_s=0.1, row_s=0.001)
+    s.delivered("late", now=0.0, seconds=0.0)
+    s.delivered("late", now=0.0, seconds=0.08)
+    steps = []
+    for k in range(10):
+        now = 1.0 + 0.1 * k  # the stream is behind its playback all along (negative slack)
+        assert s.slack(now) < 0
+        steps.append(s.admit(now, [("head", 300), ("next", 300)]))
+        if steps[-1]:
+            break
+    # Passed over max_defer times, then admitted (with the other request of its length class).
+    assert steps == [[], [], [], ["head", "next"]]
+    # The deferral count restarts for the next oldest request.
+    assert s.passed == 0
+
+
+def test_finished_stream_no_longer_constrains():
+    s = Scheduler(max_rows=1024)
+    _learn(s, step_s=0.1, row_s=0.001)
+    s.delivered(7, now=0.0, seconds=0.1)
+    assert s.admit(1.0, [("x", 300)]) == []
+    s.finished(7)
+    assert s.slack(1.0) is None
+    assert s.admit(1.0, [("x", 300)]) == ["x"]
+
+
+def test_length_buckets_group_similar_prompts():
+    s = Scheduler(max_count=4, max_rows=4096)
+    waiting = [("a", 40), ("b", 300), ("c", 50), ("d", 290), ("e", 60), ("f", 10)]
+    # a (40 rows: two 32-row pieces, class 2) goes with c and e (50, 60: class 2); three requests pad to four
+    # rows of the batch, so f (10 rows, no longer than the group's 64 padded rows) rides along for free.
+    assert s.admit(0.0, waiting) == ["a", "c", "e", "f"]
+    assert s.cost([40, 50, 60, 10]) == 4 * 64
+    # Then b and d (300 and 290: class 16) together.
+    assert s.admit(0.0, [("b", 300), ("d", 290)]) == ["b", "d"]
+
+
+def test_group_respects_row_and_count_caps():
+    s = Scheduler(max_count=2, max_rows=256)
+    assert s.max_count == 2
+    # Three of one class: at most two together; 2 x 128 = 256 rows fit the cap.
+    assert s.admit(0.0, [("a", 100), ("b", 120), ("c", 110)]) == ["a", "b"]
+    # The oldest always goes in, even alone over the cap.
+    assert s.admit(0.0, [("big", 700), ("small", 10)]) == ["big"]
+    with pytest.raises(ValueError, match="max_count"):
+        Scheduler(max_count=0)
+
+
+def test_start_buffer_adds_to_the_slack():
+    s = Scheduler(start_buffer_s=0.3)
+    s.delivered(1, now=5.0, seconds=0.32)
+    assert s.slack(5.1) == pytest.approx(5.0 + 0.3 + 0.32 - 5.1)
+    s.delivered(2, now=5.05, seconds=0.0)  # no audio yet: not a stream
+    assert list(s.streams) == [1]
