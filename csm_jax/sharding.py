@@ -228,10 +228,11 @@ def batch_shardings(batch: dict, mesh: Mesh, rules: dict | None = None) -> dict:
 
 
 def put(tree, shardings):
-    """Places host or single-device arrays onto `shardings` (a matching pytree). In a multi-process run
+    """Places host or single-device arrays onto `shardings` (a matching pytree), as new buffers (the
+    caller's arrays stay valid even when a training step donates the placed ones). In a multi-process run
     each process gives the same whole values and contributes the shards of its own devices."""
     if jax.process_count() == 1:
-        return jax.device_put(tree, shardings)
+        return jax.device_put(tree, shardings, may_alias=False)
 
     def one(x, s):
         x = np.asarray(x)
