@@ -227,14 +227,21 @@ def batch_shardings(batch: dict, mesh: Mesh, rules: dict | None = None) -> dict:
             for k, v in batch.items()}
 
 
-def put(tree, shardings):
-    """Places host or single-device arrays onto `shardings` (a matching pytree), as new buffers (the
-    caller's arrays stay valid even when a training step donates the placed ones). In a multi-process run
-    each process gives the same whole values and contributes the shards of its own devices."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings, may_alias=False)
+@jax.jit
+def _copy(tree):
+    return jax.tree.map(lambda x: x.copy(), tree)
 
-    def one(x, s):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-    return jax.tree.map(one, tree, shardings)
+
+def put(tree, shardings, fresh: bool = False):
+    """Places host or single-device arrays onto `shardings` (a matching pytree). In a multi-process run
+    each process gives the same whole values and contributes the shards of its own devices. `fresh`: in
+    new buffers (device_put may let a device's shard alias the source array, even with may_alias=False,
+    and a training step that donates the placed arrays would then delete the caller's)."""
+    if jax.process_count() == 1:
+        out = jax.device_put(tree, shardings)
+    else:
+        def one(x, s):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+        out = jax.tree.map(one, tree, shardings)
+    return _copy(out) if fresh else out
