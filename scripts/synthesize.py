@@ -12,6 +12,12 @@ Utterances are generated `--batch-size` at a time on the device.
 Outputs are written only when complete (no partial files). If decoding or writing fails after generation,
 the utterances' Mimi codes are saved as .npy beside the intended WAVs (decode them later with
 scripts/codec.py) and the script exits with status 1 and a one-line error naming them.
+Several hosts: start the same command on each, one process per host, with JAX's distributed environment
+(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or under Slurm or Open MPI; or
+CSM_JAX_DISTRIBUTED=1 on a TPU slice; see csm_jax/distributed.py). Process p speaks the utterances i with
+i % processes == p on its own devices and writes them under their usual names (each exactly once, in its
+own --out-dir: share one folder between hosts to get them all in one place); process 0 prints a summary
+when all are done. If one process fails, the others finish their share and then exit with status 1.
 The default checkpoint, sesame/csm-1b, is gated on the hub: accept its license and run
 `huggingface-cli login` first. Checkpoints stored in fp32, bf16 or fp16 all load; --dtype picks the compute
 dtype. Offline (HF_HUB_OFFLINE=1), give a local folder and, for Sesame's layout, --mimi.
@@ -20,6 +26,8 @@ dtype. Offline (HF_HUB_OFFLINE=1), give a local folder and, for Sesame's layout,
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -113,6 +121,36 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
 
 
 def main(args: Args) -> None:
+    from csm_jax import distributed
+
+    distributed.plan()  # a half-described multi-host environment fails here, in one line, before anything runs
+    multi = distributed.initialize()
+    try:
+        texts, outs = _plan(args)
+        mine = distributed.share(len(texts))  # every line of a multi-host run is spoken by exactly one process
+        made = _speak(args, texts, outs, mine) if mine else []
+    except BaseException as e:
+        if not isinstance(e, SystemExit):
+            distributed.report_failure(f"{type(e).__name__}: {e}")
+        elif e.code:
+            distributed.report_failure(f"exit status {e.code}; its error output says why")
+        raise
+    if multi:  # process 0 reports once every process has written its files
+        try:
+            done = [json.loads(v) for v in distributed.gather("synthesize-done", json.dumps(made))]
+        except (RuntimeError, TimeoutError) as e:  # another process failed: its own error output says why
+            sys.exit(f"error: {e}; this process wrote its {len(made)} utterances")
+        import jax
+
+        if jax.process_index() == 0:
+            n, seconds = sum(len(d) for d in done), sum(s for d in done for _, s in d)
+            print(f"{n} utterances ({seconds:.1f} s of audio) written by {len(done)} processes "
+                  f"({', '.join(f'process {p}: {len(d)}' for p, d in enumerate(done))})")
+
+
+def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int]) -> list[tuple[int, float]]:
+    """Speaks the utterances `mine` (indices into texts) on this process's devices, `--batch-size` at a time,
+    and writes each; returns (index, seconds of audio) of each one written."""
     import numpy as np
     from tqdm import tqdm
 
@@ -120,7 +158,6 @@ def main(args: Args) -> None:
     from csm_jax.generate import Generator
     from csm_jax.text import Segment
 
-    texts, outs = _plan(args)
     context = [Segment(spk, tr, audio=audio_io.load_audio(a)) for a, tr, spk in args.context]
     import jax.numpy as jnp
 
@@ -128,9 +165,10 @@ def main(args: Args) -> None:
                     dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call,
                     quantize=args.quantize)
     context = gen.context_codes(context)  # encode the prompts once
-    bar = tqdm(total=len(texts), unit="utt", desc="synthesizing")
-    for start in range(0, len(texts), args.batch_size):
-        idx = list(range(start, min(start + args.batch_size, len(texts))))
+    bar = tqdm(total=len(mine), unit="utt", desc="synthesizing")
+    written = []
+    for start in range(0, len(mine), args.batch_size):
+        idx = mine[start:start + args.batch_size]
         # Sentence by sentence, each appended to its utterance's cache (a conversation slot per utterance).
         made = gen.generate_paragraphs([texts[i] for i in idx], args.speaker, context,
                                        seeds=[args.seed + i * 1000 for i in idx], temperature=args.temperature,
@@ -150,8 +188,10 @@ def main(args: Args) -> None:
                 bar.close()
                 _keep_codes_and_exit(args, gen, [(j, outs[j], codes[j]) for j in idx if j >= i], e)
             tqdm.write(f"{outs[i]}: {len(wav) / 24000:.2f} s")
+            written.append((i, len(wav) / 24000))
             bar.update(1)
     bar.close()
+    return written
 
 
 def _keep_codes_and_exit(args: Args, gen, pending, error: Exception) -> None:
