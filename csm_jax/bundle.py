@@ -5,19 +5,29 @@ The engine, the generator, dialogues and the server use it; it uses none of them
     bundle = ModelBundle("sesame/csm-1b")          # or a local folder; dtype and int8 quantization at load
     codes = bundle.encode_audio(audio_24k)          # (32, frames)
     tokens, mask = bundle.prompt(context, speaker=0, text="Hello.", max_frames=125)
+
+On several devices: `ModelBundle(..., mesh=csm_jax.sharding.make_mesh())` places the CSM parameters by the
+rules of csm_jax.sharding (replicated, or split along "model") and Mimi's replicated on every device of the
+mesh. The bundle then also places what runs on them (`new_state`, `new_mimi_state`, `put`): generation state
+with its slots split along "data", host values replicated, so every program sees inputs on the same devices.
+Without a mesh everything stays on the default device, as JAX puts it.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from csm_jax import sharding
 from csm_jax.audio import check_audio
 from csm_jax.checkpoints import load_csm
-from csm_jax.csm import CsmConfig
-from csm_jax.mimi import decode, encode, load_mimi, mimi_params_from_tensors
+from csm_jax.csm import CsmConfig, GenState
+from csm_jax.mimi import decode, encode, init_decoder_state, load_mimi, mimi_params_from_tensors
 from csm_jax.quantize import quantize_csm
 from csm_jax.text import FRAME_SAMPLES, Segment, Tokenizer, build_prompt
 
@@ -34,7 +44,8 @@ class ModelBundle:
     """A loaded CSM + Mimi + tokenizer: parameters, config, and the audio and prompt helpers every part uses."""
 
     def __init__(self, checkpoint: str = "sesame/csm-1b", mimi: str | None = None, tokenizer: str | None = None,
-                 dtype=None, quantize: str | None = None):
+                 dtype=None, quantize: str | None = None, mesh: Mesh | None = None):
+        """`mesh` (csm_jax.sharding.make_mesh): run on its devices; None: the default device."""
         self.ckpt = load_csm(checkpoint, dtype)
         self.ckpt.params = quantize_csm(self.ckpt.params, quantize)  # "int8": csm_jax.quantize; None: as loaded
         self.cfg, self.params = self.ckpt.config, self.ckpt.params
@@ -54,15 +65,81 @@ class ModelBundle:
             raise FileNotFoundError(f"{checkpoint} has no tokenizer.json: pass the Llama-3 tokenizer.json "
                                     "(e.g. from meta-llama/Llama-3.2-1B) as `tokenizer`")
         self.tokenizer = Tokenizer(tok)
+        self._place(mesh)
 
     @classmethod
     def from_parts(cls, cfg: CsmConfig, params: dict, mimi_params: dict, tokenizer: str,
-                   quantize: str | None = None):
+                   quantize: str | None = None, mesh: Mesh | None = None):
         """A bundle over parameters already in memory (random weights for benchmarks, fine-tuned ones)."""
         bundle = cls.__new__(cls)
         bundle.ckpt, bundle.cfg, bundle.params, bundle.mimi = None, cfg, quantize_csm(params, quantize), mimi_params
         bundle.tokenizer = Tokenizer(tokenizer)
+        bundle._place(mesh)
         return bundle
+
+    # ------------------------------------------------------------------------------------- placement
+
+    def _place(self, mesh: Mesh | None) -> None:
+        if mesh is not None and not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh (csm_jax.sharding.make_mesh()), got "
+                            f"{type(mesh).__name__}")
+        if mesh is not None and tuple(mesh.axis_names) != sharding.AXES:
+            raise ValueError(f"the mesh's axes are {tuple(mesh.axis_names)}; make it with csm_jax.sharding.make_mesh "
+                             f"(axes {sharding.AXES})")
+        self.mesh = mesh
+        if mesh is not None:
+            self.params = sharding.shard_params(self.params, mesh)
+            self.mimi = jax.device_put(self.mimi, self._replicated)
+            if self.ckpt is not None:
+                self.ckpt.params = self.params  # the one-device copy is not kept
+
+    @property
+    def data_size(self) -> int:
+        """Devices along the mesh's "data" axis (1 without a mesh): slot counts are multiples of it."""
+        return 1 if self.mesh is None else self.mesh.shape["data"]
+
+    def round_slots(self, n: int) -> int:
+        """`n` slots rounded up to a multiple of the "data" size (each device gets as many)."""
+        return -(-n // self.data_size) * self.data_size
+
+    @property
+    def _replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def put(self, values, dtype) -> jax.Array:
+        """Host values to the device(s) as `dtype`: a plain transfer (jnp.asarray would compile a conversion),
+        replicated on every device of the mesh when there is one."""
+        x = np.asarray(values, dtype)
+        return jax.device_put(x) if self.mesh is None else jax.device_put(x, self._replicated)
+
+    def replicate(self, x):
+        """A device array (or pytree of them) on the default device -> replicated on the mesh (as is without)."""
+        return x if self.mesh is None else jax.device_put(x, self._replicated)
+
+    def new_state(self, slots: int) -> GenState:
+        """A fresh generation state of `slots` slots (csm.GenState), split along "data" on a mesh: created in
+        place on each device (never whole on one), so a mesh holds as many slots as its devices' memory."""
+        dtype = self.params["text_embed"].dtype
+        if self.mesh is None:
+            return GenState.create(self.cfg, slots, dtype)
+        self._check_slots(slots)
+        make = partial(GenState.create, self.cfg, slots, dtype)
+        shapes = jax.eval_shape(make)
+        return jax.jit(make, out_shardings=sharding.state_shardings(shapes, self.mesh))()
+
+    def new_mimi_state(self, slots: int):
+        """A fresh streaming Mimi decoder state of `slots` streams, split along "data" on a mesh (every leaf has
+        the stream axis first)."""
+        state = init_decoder_state(self.mimi, slots)
+        if self.mesh is None:
+            return state
+        self._check_slots(slots)
+        return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec("data")))
+
+    def _check_slots(self, slots: int) -> None:
+        if slots % self.data_size:
+            raise ValueError(f"{slots} slots cannot be split over the mesh's {self.data_size} \"data\" devices; use "
+                             f"a multiple of {self.data_size} slots (e.g. {self.round_slots(slots)})")
 
     # ---------------------------------------------------------------------------------------- helpers
 

@@ -20,6 +20,10 @@ Seams, as JetStream's prefill / insert / generate:
 Held slots (`hold`) are conversations: a slot and its KV cache kept across turns; `extend` appends rows at its
 position, `start` generates from there, `stop` ends a reply early, `release` frees it.
 
+On a mesh (a bundle made with `mesh=`, csm_jax.sharding): the generation state and the Mimi decoder state are
+split along "data" (the slot count is a multiple of its size), host values are replicated on every device,
+and generation always runs every slot: each device computes its own slots, no slot moves between devices.
+
 The generation state (csm.GenState) carries every slot's position, and attention windows follow from it on
 the device: no position is mirrored on the host. One lock serialises the calls, so any thread may call in;
 `driven` is set while some thread steps the engine in a loop (then others wait for their events instead).
@@ -35,6 +39,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from csm_jax import csm
 from csm_jax.bundle import ModelBundle, bucket
@@ -100,11 +105,26 @@ class _InFlight:
     out: tuple  # device arrays: pcm (R, K * 1920), codes (R, K, C), valid (R, K), done (R,)
 
 
-@partial(jax.jit, static_argnums=(1, 6), donate_argnums=(3, 4))
-def generate_audio(params, cfg: csm.CsmConfig, mimi, state: csm.GenState, mimi_state, slots, num_frames: int):
+@partial(jax.jit, static_argnums=(1, 6, 7), donate_argnums=(3, 4))
+def generate_audio(params, cfg: csm.CsmConfig, mimi, state: csm.GenState, mimi_state, slots, num_frames: int,
+                   mesh: Mesh | None = None):
     """`num_frames` frames for the slots `slots` (R,) int (None: all) and their streaming Mimi decode, in one
     program. -> (state, mimi_state, (pcm (R, F * 1920) float32, codes (R, F, C) int32, valid (R, F), done (R,))).
-    Invalid frames (a finished slot) leave the Mimi state as it was; their PCM is meaningless."""
+    Invalid frames (a finished slot) leave the Mimi state as it was; their PCM is meaningless.
+    With a `mesh` (slots None; states split along "data"), each device runs its own slots: the program is
+    mapped over "data" (jax.shard_map), so no slot's data moves between devices; "model" stays automatic."""
+    if mesh is not None:
+        if slots is not None:
+            raise ValueError("on a mesh, generate_audio runs every slot (slots=None)")
+        data = PartitionSpec("data")
+        local = jax.shard_map(partial(_generate_audio, cfg=cfg, slots=None, num_frames=num_frames), mesh=mesh,
+                              in_specs=(PartitionSpec(), PartitionSpec(), data, data), out_specs=data,
+                              axis_names={"data"}, check_vma=False)
+        return local(params, mimi, state, mimi_state)
+    return _generate_audio(params, mimi, state, mimi_state, cfg=cfg, slots=slots, num_frames=num_frames)
+
+
+def _generate_audio(params, mimi, state: csm.GenState, mimi_state, *, cfg: csm.CsmConfig, slots, num_frames: int):
     state, codes, valid = csm.run_frames(params, cfg, state, num_frames, slots)
     sub = mimi_state if slots is None else jax.tree.map(lambda a: a[slots], mimi_state)
     # A scan, not an unrolled loop: the Mimi decoder is compiled once per program, whatever num_frames is.
@@ -125,7 +145,11 @@ class Engine:
         most (at least one request), so admitting long prompts never starves the generating slots."""
         if slots < 1 or frames_per_call < 1:
             raise ValueError("an engine needs at least one slot and one frame per call")
+        if slots % model.data_size:
+            raise ValueError(f"an engine of {slots} slots cannot be split over the mesh's {model.data_size} \"data\" "
+                             f"devices; use a multiple of {model.data_size} slots (e.g. {model.round_slots(slots)})")
         self.model, self.cfg, self.params, self.mimi = model, model.cfg, model.params, model.mimi
+        self.mesh = model.mesh
         self.slots, self.frames_per_call = slots, frames_per_call
         # Requests prefilled together: a power of two, so padding them to a bucket never needs more slots.
         self.max_prefill, self.prefill_rows = 1 << (min(max_prefill, slots).bit_length() - 1), prefill_rows
@@ -141,9 +165,9 @@ class Engine:
         Returns the owners the slots had, so the caller can tell them."""
         with self.lock:
             owners = list(getattr(self, "owners", {}).values())
-            self.state = csm.GenState.create(self.cfg, self.slots, self.params["text_embed"].dtype)
-            self.mimi_state = init_decoder_state(self.mimi, self.slots)
-            self.mimi_fresh = init_decoder_state(self.mimi, 1)  # what a reset Mimi row becomes
+            self.state = self.model.new_state(self.slots)
+            self.mimi_state = self.model.new_mimi_state(self.slots)
+            self.mimi_fresh = self.model.replicate(init_decoder_state(self.mimi, 1))  # what a reset Mimi row becomes
             self.owners: dict[int, _Owner] = {}
             self.generating: set[int] = set()
             self.inserts: list[tuple] = []  # (slot, tokens, mask, sampling) waiting for the next step
@@ -205,7 +229,7 @@ class Engine:
             del self.owners[slot]
             self.generating.discard(slot)
             self.inserts = [i for i in self.inserts if i[0] != slot]
-            self.state = csm.reset_slots(self.state, _put([slot], np.int32))
+            self.state = csm.reset_slots(self.state, self._put([slot], np.int32))
 
     # --------------------------------------------------------------------------------------- held slots
 
@@ -219,7 +243,7 @@ class Engine:
             return slot
 
     def _clear(self, slot: int) -> None:
-        self.state = csm.reset_slots(self.state, _put([slot], np.int32))
+        self.state = csm.reset_slots(self.state, self._put([slot], np.int32))
 
     def clear(self, slot: int) -> None:
         """Empties a held slot's cache (position 0), to prefill it anew."""
@@ -236,8 +260,8 @@ class Engine:
                 raise RuntimeError(f"slot {slot} is generating; wait for its finished event before extending it")
             if len(tokens) == 0:
                 return
-            sl = _put([slot], np.int32)
-            for t, m, n in csm.prefill_pieces(tokens[None], mask[None], [len(tokens)]):
+            sl = self._put([slot], np.int32)
+            for t, m, n in self._pieces(tokens[None], mask[None], [len(tokens)]):
                 self.state = csm.prefill(self.params, self.cfg, self.state, t, m, n, sl)
 
     def start(self, slot: int, seed: int = 0, temperature: float = 0.9, topk: int = 50,
@@ -256,7 +280,7 @@ class Engine:
         with self.lock:
             if slot not in self.generating:
                 return
-            self.state = csm.stop_slots(self.state, _put([slot], np.int32))
+            self.state = csm.stop_slots(self.state, self._put([slot], np.int32))
         if self.on_work is not None:
             self.on_work()
 
@@ -266,7 +290,7 @@ class Engine:
             self._held(slot)
             if slot in self.generating:
                 raise RuntimeError(f"slot {slot} is generating; wait for its finished event before rewinding it")
-            self.state = csm.rewind_slots(self.state, _put([slot], np.int32), _put([rows], np.int32))
+            self.state = csm.rewind_slots(self.state, self._put([slot], np.int32), self._put([rows], np.int32))
 
     def release(self, slot: int) -> None:
         """Frees a held slot."""
@@ -320,21 +344,21 @@ class Engine:
         lengths = np.zeros(R, np.int32)
         for r, (_, t, m, _) in enumerate(take):
             tokens[r, :len(t)], mask[r, :len(t)], lengths[r] = t, m, len(t)
-        padded = _put(slots + others, np.int32)
-        self.state = csm.reset_slots(self.state, _pad(slots, R))
-        for t, m, ln in csm.prefill_pieces(tokens, mask, lengths):
+        padded = self._put(slots + others, np.int32)
+        self.state = csm.reset_slots(self.state, self._pad(slots, R))
+        for t, m, ln in self._pieces(tokens, mask, lengths):
             self.state = csm.prefill(self.params, self.cfg, self.state, t, m, ln, padded)
         self._start_slots(slots, [i[3] for i in take])
 
     def _start_slots(self, slots: list[int], sampling: list[tuple]) -> None:
         R = bucket(len(slots))
         cols = list(zip(*sampling))
-        pad = lambda v, dtype: _put(list(v) + [v[0]] * (R - len(v)), dtype)  # noqa: E731
-        self.state = csm.set_sampling(self.state, _pad(slots, R), pad(cols[0], np.float32), pad(cols[1], np.int32),
-                                      pad(cols[2], np.uint32), pad(cols[3], np.int32))
+        pad = lambda v, dtype: self._put(list(v) + [v[0]] * (R - len(v)), dtype)  # noqa: E731
+        self.state = csm.set_sampling(self.state, self._pad(slots, R), pad(cols[0], np.float32),
+                                      pad(cols[1], np.int32), pad(cols[2], np.uint32), pad(cols[3], np.int32))
         fresh = np.zeros(self.slots, bool)
         fresh[slots] = True
-        self.mimi_state = reset_state_rows(self.mimi_state, jax.device_put(fresh), self.mimi_fresh)
+        self.mimi_state = reset_state_rows(self.mimi_state, self._put(fresh, bool), self.mimi_fresh)
         for s in slots:
             self.owners[s].run += 1
         self.generating.update(slots)
@@ -343,14 +367,15 @@ class Engine:
         if not self.generating:
             return None
         active = sorted(self.generating)
-        R = bucket(len(active))
+        R = self._rows(len(active))
         if R >= self.slots:
             order, slots = list(range(self.slots)), None
         else:  # only the generating slots, padded with other (distinct) slots, which are done: left as they are
             order = active + [s for s in range(self.slots) if s not in self.generating][:R - len(active)]
-            slots = _put(order, np.int32)
+            slots = self._put(order, np.int32)
         self.state, self.mimi_state, out = generate_audio(self.params, self.cfg, self.mimi, self.state,
-                                                          self.mimi_state, slots, self.frames_per_call)
+                                                          self.mimi_state, slots, self.frames_per_call,
+                                                          self.mesh)
         for a in out:
             a.copy_to_host_async()
         return _InFlight(order, {s: (self.owners[s], self.owners[s].run) for s in active}, out)
@@ -386,7 +411,7 @@ class Engine:
         with self.lock:
             if self.owners:
                 raise RuntimeError("warm the engine up before it has work")
-            counts = sorted({min(bucket(n), self.slots) for n in range(1, self.slots + 1)})
+            counts = sorted({self._rows(n) for n in range(1, self.slots + 1)})
             prefill_counts = [1 << i for i in range(self.max_prefill.bit_length())]
             total = len(counts) + len(prefill_counts) * (len(csm.piece_sizes()) + 4)
             done = 0
@@ -398,39 +423,55 @@ class Engine:
                     progress(f"compiling {done}/{total}: {what}")
 
             for R in counts:
-                slots = None if R >= self.slots else jnp.arange(R, dtype=jnp.int32)
+                slots = None if R >= self.slots else self._put(np.arange(R), np.int32)
                 self.state, self.mimi_state, out = generate_audio(self.params, self.cfg, self.mimi, self.state,
-                                                                  self.mimi_state, slots, self.frames_per_call)
+                                                                  self.mimi_state, slots, self.frames_per_call,
+                                                                  self.mesh)
                 jax.block_until_ready(out)
                 tick(f"generate {self.frames_per_call} frames for {R} slots")
             for R in prefill_counts:
-                sl = jnp.arange(R, dtype=jnp.int32)
+                sl = self._put(np.arange(R), np.int32)
                 for P in csm.piece_sizes():
-                    self.state = csm.prefill(self.params, self.cfg, self.state, jnp.zeros((R, P, 33), jnp.int32),
-                                             jnp.zeros((R, P, 33), bool), jnp.zeros(R, jnp.int32), sl)
+                    zeros = np.zeros((R, P, 33))
+                    self.state = csm.prefill(self.params, self.cfg, self.state, self._put(zeros, np.int32),
+                                             self._put(zeros, bool), self._put(zeros[:, 0, 0], np.int32), sl)
                     jax.block_until_ready(self.state.h)
                     tick(f"prefill {R} x {P} rows")
                 self.state = csm.reset_slots(self.state, sl)
                 tick(f"reset {R} slots")
-                z = jnp.zeros(R, jnp.int32)
-                self.state = csm.set_sampling(self.state, sl, z.astype(jnp.float32), z, z.astype(jnp.uint32), z)
+                z = np.zeros(R)
+                self.state = csm.set_sampling(self.state, sl, self._put(z, np.float32), self._put(z, np.int32),
+                                              self._put(z, np.uint32), self._put(z, np.int32))
                 tick(f"start {R} slots")
                 self.state = csm.stop_slots(self.state, sl)
                 tick(f"stop {R} slots")
-                self.state = csm.rewind_slots(self.state, sl, z)
+                self.state = csm.rewind_slots(self.state, sl, self._put(z, np.int32))
                 jax.block_until_ready(self.state.done)
                 tick(f"rewind {R} slots")
-            self.mimi_state = reset_state_rows(self.mimi_state, jnp.zeros(self.slots, bool), self.mimi_fresh)
-            self.state = csm.reset_slots(self.state, jnp.arange(self.slots, dtype=jnp.int32))
+            self.mimi_state = reset_state_rows(self.mimi_state, self._put(np.zeros(self.slots), bool),
+                                               self.mimi_fresh)
+            self.state = csm.reset_slots(self.state, self._put(np.arange(self.slots), np.int32))
             jax.block_until_ready(self.state.done)
             return done
 
 
-def _put(values, dtype) -> jax.Array:
-    """Host values to the device as `dtype`: a plain transfer (jnp.asarray would compile a conversion)."""
-    return jax.device_put(np.asarray(values, dtype))
+    # -------------------------------------------------------------------------------------- placement
 
+    def _put(self, values, dtype) -> jax.Array:
+        """Host values to the device(s) as `dtype` (replicated on a mesh: ModelBundle.put)."""
+        return self.model.put(values, dtype)
 
-def _pad(slots: list[int], R: int):
-    """`slots` padded to R entries by repeating the first (the padding writes the same values again)."""
-    return _put(slots + [slots[0]] * (R - len(slots)), np.int32)
+    def _pad(self, slots: list[int], R: int) -> jax.Array:
+        """`slots` padded to R entries by repeating the first (the padding writes the same values again)."""
+        return self._put(slots + [slots[0]] * (R - len(slots)), np.int32)
+
+    def _pieces(self, tokens: np.ndarray, mask: np.ndarray, lengths):
+        """csm.prefill_pieces, each piece replicated on the mesh when there is one."""
+        for piece in csm.prefill_pieces(tokens, mask, lengths):
+            yield piece if self.mesh is None else self.model.replicate(piece)
+
+    def _rows(self, active: int) -> int:
+        """Rows one generation program computes for `active` generating slots: a power of two (or every slot).
+        On a mesh always every slot: each device then runs its own slots, where a subset of rows would be
+        gathered from every device onto each and computed there whole (see benchmarks/bench_mesh.py)."""
+        return self.slots if self.mesh is not None else min(bucket(active), self.slots)

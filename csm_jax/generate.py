@@ -35,22 +35,25 @@ class Generator(ModelBundle):
     """A loaded model (csm_jax.bundle) ready to speak: batches, streams and paragraphs on the engine."""
 
     def __init__(self, checkpoint: str = "sesame/csm-1b", mimi: str | None = None, tokenizer: str | None = None,
-                 dtype=None, frames_per_call: int = 8, quantize: str | None = None):
-        super().__init__(checkpoint, mimi, tokenizer, dtype, quantize)
+                 dtype=None, frames_per_call: int = 8, quantize: str | None = None, mesh=None):
+        """`mesh` (csm_jax.sharding.make_mesh(), e.g. over jax.local_devices()): batches and streams run on
+        all its devices, their slots split along "data" (csm_jax.bundle)."""
+        super().__init__(checkpoint, mimi, tokenizer, dtype, quantize, mesh)
         self.frames_per_call = frames_per_call
 
     @classmethod
     def from_parts(cls, cfg, params: dict, mimi_params: dict, tokenizer: str, frames_per_call: int = 8,
-                   quantize: str | None = None) -> "Generator":
+                   quantize: str | None = None, mesh=None) -> "Generator":
         """A generator over parameters already in memory (random weights for benchmarks, fine-tuned ones)."""
-        gen = super().from_parts(cfg, params, mimi_params, tokenizer, quantize)
+        gen = super().from_parts(cfg, params, mimi_params, tokenizer, quantize, mesh)
         gen.frames_per_call = frames_per_call
         return gen
 
     # ------------------------------------------------------------------------------------------- API
 
     def engine(self, slots: int, frames_per_call: int | None = None, **kw) -> Engine:
-        """An engine over this model with `slots` slots (see csm_jax.engine)."""
+        """An engine over this model with `slots` slots (see csm_jax.engine); on a mesh, a multiple of its
+        "data" size (`round_slots`)."""
         return Engine(self, slots, frames_per_call or self.frames_per_call, **kw)
 
     def requests(self, texts: Sequence[str], speakers=0, contexts=None, seeds=0, temperature=0.9, topk=50,
@@ -67,8 +70,9 @@ class Generator(ModelBundle):
 
     def run(self, requests: Sequence[Request]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Speaks every request as one batch on an engine of its own -> (24 kHz audio, codes (32, T)) each,
-        the audio from the engine's streaming Mimi decoder (what `stream` yields)."""
-        engine = self.engine(len(requests), max_prefill=len(requests))
+        the audio from the engine's streaming Mimi decoder (what `stream` yields). On a mesh the engine has
+        the requests' count rounded up to a multiple of the "data" size (the spare slots stay idle)."""
+        engine = self.engine(self.round_slots(len(requests)), max_prefill=len(requests))
         index = {engine.submit(r): i for i, r in enumerate(requests)}
         audio = [[] for _ in requests]
         codes = [[] for _ in requests]
@@ -107,8 +111,8 @@ class Generator(ModelBundle):
         keeps one voice: each sentence is generated with the earlier ones in context, appended to the cache of
         a conversation slot (csm_jax.dialogue) rather than prefilled again. `context` (a voice prompt) stays
         pinned; when the 2048 positions fill up, the oldest sentences leave. Sentence r of text i uses seed
-        seeds[i] + r. `batch_size` texts are spoken at once on one engine; `on_done(i, codes)` is called as
-        each text is finished."""
+        seeds[i] + r. `batch_size` texts (on a mesh, rounded up to a multiple of its "data" size) are spoken
+        at once on one engine; `on_done(i, codes)` is called as each text is finished."""
         from csm_jax.dialogue import Dialogue
         from csm_jax.text import split_sentences
 
@@ -116,7 +120,7 @@ class Generator(ModelBundle):
         seeds = _as_list(seeds, len(texts), "seeds")
         sentences = [split_sentences(t) for t in texts]  # every text checked before any is generated
         context = self.context_codes(context or [])
-        engine = self.engine(max(1, min(batch_size, len(texts))))
+        engine = self.engine(self.round_slots(max(1, min(batch_size, len(texts)))))
         out: list[np.ndarray] = []
         for start in range(0, len(texts), engine.slots):
             idx = list(range(start, min(start + engine.slots, len(texts))))
@@ -144,7 +148,7 @@ class Generator(ModelBundle):
         """Yields 24 kHz audio chunks as frames are generated (streaming Mimi decode): the chunks concatenate to
         what `generate` returns for the same arguments. Each call runs on an engine of its own, so streams
         interleaved in one thread or run from several threads never share state."""
-        engine = self.engine(1)
+        engine = self.engine(self.round_slots(1))
         engine.submit(Request(text, speaker, list(context or []), seed, temperature, topk, max_audio_ms,
                               drop_oldest))
         while engine.busy():

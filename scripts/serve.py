@@ -4,6 +4,8 @@
   curl -s localhost:8000/v1/audio/speech -H 'Content-Type: application/json' \\
        -d '{"model": "csm-1b", "input": "Hello!", "voice": "alice"}' -o hello.wav
 
+On every local device (e.g. 8 GPUs), the slots split evenly over them: `--devices 0 --slots 256`.
+
 Voices folder: NAME.wav (any audio format) + NAME.txt (its transcript) + optional NAME.json ({"speaker": 1}).
 Requests beyond the slots wait in a bounded queue (--max-queue); when slots and queue are all taken the
 answer is 429. Limits against careless or hostile clients (all errors are JSON in OpenAI's shape): bodies
@@ -50,6 +52,9 @@ class Args:
     port: int = 8000
     slots: int = 4
     """Utterances generated at once on the device; conversations each hold one of them."""
+    devices: int = 1
+    """Local devices to serve on (the first N of jax.local_devices(); 0: all): the slots are split evenly over
+    them (data parallel, csm_jax.sharding), so --slots must be a multiple of N. 1: the default device alone."""
     max_queue: int = 16
     """Requests that may wait for a slot; more get 429."""
     frames_per_call: int = 4
@@ -89,8 +94,9 @@ def main(args: Args) -> None:
     from csm_jax.server import create_app, load_voices, serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # warm-up progress
+    mesh = _mesh(args.devices, args.slots)
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    frames_per_call=args.frames_per_call, quantize=args.quantize)
+                    frames_per_call=args.frames_per_call, quantize=args.quantize, mesh=mesh)
     voices = load_voices(args.voices_dir, gen)
     conv = args.converse
     engine = Engine(gen, args.slots, args.frames_per_call)
@@ -102,6 +108,23 @@ def main(args: Args) -> None:
                      ws_idle_timeout=args.ws_idle_timeout, warmup=args.warmup)
     serve(app, args.host, args.port, header_timeout=args.request_timeout, keep_alive=args.keep_alive_timeout,
           shutdown_grace=args.shutdown_grace)
+
+
+def _mesh(devices: int, slots: int):
+    """A ("data", "model") mesh over the first `devices` local devices (0: all); None for one device."""
+    import jax
+
+    from csm_jax.sharding import make_mesh
+
+    local = jax.local_devices()
+    if not 0 <= devices <= len(local):
+        raise ValueError(f"--devices {devices}: this machine has {len(local)} local devices; pass 1 to "
+                         f"{len(local)}, or 0 for all")
+    n = devices or len(local)
+    if slots % n:
+        raise ValueError(f"--slots {slots} cannot be split over {n} devices; pass a multiple of {n} "
+                         f"(e.g. --slots {-(-slots // n) * n})")
+    return None if n == 1 else make_mesh(devices=local[:n])
 
 
 if __name__ == "__main__":
