@@ -2,7 +2,8 @@
 optimizer state, and a JSON record of the data position (epoch, batch index), step and seeds.
 
 Saves are asynchronous (the step loop goes on while the arrays are written) and atomic (a step's folder
-appears only once complete); the last `keep` steps are kept. Frozen parameters are not saved: they are the
+appears only once complete); the last `keep` steps are kept. Sharded arrays are saved as they lie (each
+device writes its shards) and restored onto the shardings the caller asks for. Frozen parameters are not saved: they are the
 base checkpoint's, which the record names.
 """
 
@@ -37,9 +38,11 @@ class Checkpoints:
         self.mgr.save(step, args=a.Composite(state=a.StandardSave(state), record=a.JsonSave(record)), force=True)
 
     def restore(self, step: int, like) -> tuple[object, dict]:
-        """-> (state shaped like `like` (arrays or jax.ShapeDtypeStruct leaves), record)."""
+        """-> (state shaped and placed like `like`, record). `like`'s leaves are arrays or
+        jax.ShapeDtypeStructs with a sharding: each array is read straight into those shards (the current
+        mesh's), whatever devices wrote it: a checkpoint saved on 8 devices restores on 2 or on 1."""
         a = self._ocp.args
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         out = self.mgr.restore(step, args=a.Composite(state=a.StandardRestore(abstract), record=a.JsonRestore()))
         return out.state, out.record
 

@@ -6,6 +6,12 @@ Parameters stay fp32 masters (and so does the optimizer state); the transformers
 (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics), donating what it rewrites.
 What is trainable: every parameter (full), all but the backbone side (frozen backbone: the backbone
 transformer, the text and audio embeddings and the codebook-0 head stay), or only LoRA adapters.
+
+On several devices the step runs on a ("data", "model") mesh of csm_jax.sharding: each batch is split along
+"data" (data parallelism), parameters are placed by sharding's rules (tensor parallelism along "model"),
+and with FSDP every matrix is also split along "data"; the optimizer state is placed like the parameters it
+belongs to (optax.tree_map_params), and the step's outputs keep those placements (out_shardings), so one
+compiled program serves every step. On one device nothing is placed: the step is the plain jitted function.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from csm_jax.csm import CsmConfig
+from csm_jax import sharding
+from csm_jax.csm import CsmConfig, init_params
 from csm_jax.train import data as D
 from csm_jax.train.checkpoint import Checkpoints
 from csm_jax.train.lora import TARGETS, check_targets, init_lora, merge
@@ -114,17 +122,108 @@ def global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
 
 
+def training_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh | None:
+    """The mesh training runs on: `data` x `model` of `devices` (default jax.devices(); the first
+    data*model of them). data=None takes every device left after `model`. None (no mesh: plain one-device
+    training) when that is a single device."""
+    devices = list(jax.devices() if devices is None else devices)
+    if model < 1 or (data is not None and data < 1):
+        raise ValueError(f"--mesh-data ({data}) and --mesh-model ({model}) must be at least 1")
+    if data is None:
+        if len(devices) % model:
+            raise ValueError(f"--mesh-model {model} must divide the {len(devices)} devices")
+        data = len(devices) // model
+    if data * model > len(devices):
+        raise ValueError(f"a {data} x {model} mesh needs {data * model} devices, only {len(devices)} are visible; "
+                         f"lower --mesh-data/--mesh-model")
+    if data * model == 1:
+        return None
+    return sharding.make_mesh(data, model, devices[:data * model])
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the training state lives on a mesh: NamedSharding pytrees of the trainable parameters, the
+    optimizer state (each param-shaped part like its parameters, counters replicated) and the frozen ones."""
+    mesh: Mesh
+    trainable: object
+    opt_state: object
+    frozen: object
+
+    def abstract(self, trainable, opt_state):
+        """ShapeDtypeStructs of (trainable, opt_state) carrying these shardings (orbax restore targets)."""
+        sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        return jax.tree.map(sds, trainable, self.trainable), jax.tree.map(sds, opt_state, self.opt_state)
+
+
+def abstract_state(cfg: CsmConfig, tc: TrainConfig):
+    """Shapes of (trainable, opt_state, frozen) for (cfg, tc), computed without allocating."""
+    def build():
+        trainable, frozen = split_params(cfg, init_params(cfg, jax.random.key(0)), tc)
+        return trainable, make_optimizer(tc).init(trainable), frozen
+    return jax.eval_shape(build)
+
+
 @lru_cache(maxsize=8)
-def make_step(cfg: CsmConfig, tc: TrainConfig):
-    """The jitted step for (cfg, tc), made once per pair (a resumed run in the same process compiles nothing)."""
+def placement(cfg: CsmConfig, tc: TrainConfig, mesh: Mesh, fsdp: bool = False) -> Placement:
+    trainable, opt_state, frozen = abstract_state(cfg, tc)
+    t_sh = sharding.train_param_shardings(trainable, mesh, fsdp)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    o_sh = optax.tree_map_params(make_optimizer(tc), lambda _, s: s, opt_state, t_sh,
+                                 transform_non_params=lambda _: replicated)
+    return Placement(mesh, t_sh, o_sh, sharding.train_param_shardings(frozen, mesh, fsdp))
+
+
+def place_state(cfg: CsmConfig, tc: TrainConfig, trainable, frozen, mesh: Mesh | None, fsdp: bool = False):
+    """-> (trainable, opt_state, frozen) on the mesh (or as they are with no mesh), opt_state freshly made."""
+    optimizer = make_optimizer(tc)
+    if mesh is None:
+        return trainable, optimizer.init(trainable), frozen
+    pl = placement(cfg, tc, mesh, fsdp)
+    trainable, frozen = sharding.put(trainable, pl.trainable, fresh=True), sharding.put(frozen, pl.frozen)
+    return trainable, jax.jit(optimizer.init, out_shardings=pl.opt_state)(trainable), frozen
+
+
+def restore_target(cfg: CsmConfig, tc: TrainConfig, trainable, mesh: Mesh | None, fsdp: bool = False) -> dict:
+    """{"trainable", "opt_state"} as ShapeDtypeStructs placed for `mesh` (None: the first device): what
+    Checkpoints.restore reads a checkpoint into, whatever mesh wrote it."""
+    abstract = jax.eval_shape(lambda t: (t, make_optimizer(tc).init(t)), trainable)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
+    else:
+        like = placement(cfg, tc, mesh, fsdp).abstract(*abstract)
+    return {"trainable": like[0], "opt_state": like[1]}
+
+
+def place_batch(batch: dict, mesh: Mesh | None) -> dict:
+    """A collated batch onto the mesh: examples (and depth-decoder frames) split along "data"."""
+    return batch if mesh is None else sharding.put(batch, sharding.batch_shardings(batch, mesh))
+
+
+def check_batch(tc: TrainConfig, mesh: Mesh | None) -> None:
+    n = 1 if mesh is None else mesh.shape["data"]
+    if tc.batch_size % n:
+        raise ValueError(f"--batch-size {tc.batch_size} cannot be split over {n} data-parallel devices; use a "
+                         f"multiple of {n}, or fewer devices with --mesh-data")
+
+
+@lru_cache(maxsize=8)
+def make_step(cfg: CsmConfig, tc: TrainConfig, mesh: Mesh | None = None, fsdp: bool = False):
+    """The jitted step for (cfg, tc) [on `mesh`], made once per key (a resumed run in the same process
+    compiles nothing). On a mesh its outputs keep the placement's shardings (the inputs must have them:
+    place_state, place_batch)."""
     optimizer = make_optimizer(tc)
 
-    @partial(jax.jit, donate_argnums=(0, 1))
     def step(trainable, opt_state, frozen, batch):
         (_, aux), grads = jax.value_and_grad(partial(_loss, cfg, tc), has_aux=True)(trainable, frozen, batch)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, dict(aux, grad_norm=global_norm(grads))
-    return step
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    pl = placement(cfg, tc, mesh, fsdp)
+    return jax.jit(step, donate_argnums=(0, 1),
+                   out_shardings=(pl.trainable, pl.opt_state, NamedSharding(mesh, PartitionSpec())))
 
 
 @lru_cache(maxsize=8)
@@ -154,6 +253,9 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     stop_after: int | None = None  # stop (checkpointed) after this many optimizer steps of this run
+    mesh_data: int | None = None  # data-parallel devices (None: all devices left after mesh_model)
+    mesh_model: int = 1  # tensor-parallel devices
+    fsdp: bool = False  # also split parameters and optimizer state along "data"
     base: str = ""  # recorded in checkpoints: the frozen parameters' source
     extra: dict = field(default_factory=dict)
 
@@ -168,18 +270,21 @@ def fit(cfg: CsmConfig, params: dict, train_rows: list, eval_rows: list, tc: Tra
         log=print) -> tuple[dict, dict, list[dict]]:
     """Trains; -> (trainable, frozen, metrics lines). Writes run.out_dir/metrics.jsonl and checkpoints/."""
     tc = tc.check()
+    mesh = training_mesh(run.mesh_data, run.mesh_model)
+    check_batch(tc, mesh)
+    primary = jax.process_index() == 0  # the process that writes metrics and shows progress
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     turns = max(D.max_turns(train_rows), D.max_turns(eval_rows) if eval_rows else 1)
     batches = D.Batches(train_rows, tc.batch_size, tc.depth_ratio, tc.seed, turns)
-    trainable, frozen = split_params(cfg, params, tc)
-    optimizer = make_optimizer(tc)
-    opt_state = optimizer.init(trainable)
     ckpt = Checkpoints(out / "checkpoints", run.keep)
     step, epoch, index = 0, 0, 0
     metrics_path = out / "metrics.jsonl"
     if run.resume and ckpt.latest() is not None:
-        (state, record) = ckpt.restore(ckpt.latest(), {"trainable": trainable, "opt_state": opt_state})
+        trainable, frozen = split_params(cfg, params, tc)
+        if mesh is not None:
+            frozen = sharding.put(frozen, placement(cfg, tc, mesh, run.fsdp).frozen)
+        (state, record) = ckpt.restore(ckpt.latest(), restore_target(cfg, tc, trainable, mesh, run.fsdp))
         trainable, opt_state = state["trainable"], state["opt_state"]
         if record["train_config"] != _jsonable(tc):
             raise ValueError(f"--resume: the checkpoint in {ckpt.dir} was made with other training settings; "
@@ -188,35 +293,44 @@ def fit(cfg: CsmConfig, params: dict, train_rows: list, eval_rows: list, tc: Tra
         log(f"resumed at step {step} (epoch {epoch}, batch {index}) from {ckpt.dir}")
         lines = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
         lines = [m for m in lines if m["step"] <= step]  # what came after the checkpoint is done again
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in lines))
-    elif run.resume:
-        log(f"--resume: no checkpoint in {ckpt.dir} yet, starting from the beginning")
-    elif ckpt.latest() is not None:
+        if primary:
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in lines))
+    elif ckpt.latest() is not None and not run.resume:
         ckpt.close()
         raise ValueError(f"{ckpt.dir} already holds checkpoints: pass --resume to continue, or another output folder")
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    else:
+        if run.resume:
+            log(f"--resume: no checkpoint in {ckpt.dir} yet, starting from the beginning")
+        elif metrics_path.exists() and primary:
+            metrics_path.unlink()
+        trainable, opt_state, frozen = place_state(cfg, tc, *split_params(cfg, params, tc), mesh, run.fsdp)
+    if mesh is not None:
+        log(f"training on a {mesh.shape['data']} (data) x {mesh.shape['model']} (model) mesh"
+            f"{', parameters and optimizer state split along data (FSDP)' if run.fsdp else ''}")
 
-    train_step, eval_fn = make_step(cfg, tc), make_eval(cfg, tc)
-    eval_sets = list(D.eval_batches(eval_rows, tc.batch_size, turns)) if eval_rows else []
+    train_step, eval_fn = make_step(cfg, tc, mesh, run.fsdp), make_eval(cfg, tc)
+    eval_sets = [place_batch(b, mesh) for b in D.eval_batches(eval_rows, tc.batch_size, turns)] if eval_rows else []
     lr = schedule(tc)
     data = batches.iterate(epoch, index)
     history: list[dict] = []
     stop = tc.steps if run.stop_after is None else min(tc.steps, step + run.stop_after)
     bar = None
-    if run.progress:
+    if run.progress and primary:
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True)
 
     def record(next_pos):
         return {"step": step, "epoch": next_pos[0], "index": next_pos[1], "seed": tc.seed,
-                "train_config": _jsonable(tc), "base": run.base, **run.extra}
+                "train_config": _jsonable(tc), "base": run.base,
+                "mesh": dict(mesh.shape) if mesh is not None else {"data": 1, "model": 1}, "fsdp": run.fsdp,
+                **run.extra}
 
     def write(line):
         history.append(line)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+        if primary:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
 
     t_run, frames_run = time.perf_counter(), 0
     while step < stop:
@@ -226,7 +340,7 @@ def fit(cfg: CsmConfig, params: dict, train_rows: list, eval_rows: list, tc: Tra
             epoch, index, batch = next(data)
             frames += int((batch["labels"][..., 0] != D.IGNORE).sum())
             rows += int(batch["mask"].any(-1).sum())
-            trainable, opt_state, m = train_step(trainable, opt_state, frozen, batch)
+            trainable, opt_state, m = train_step(trainable, opt_state, frozen, place_batch(batch, mesh))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
         m = {k: float(v) / tc.accumulate for k, v in jax.device_get(sums).items()}
@@ -249,6 +363,7 @@ def fit(cfg: CsmConfig, params: dict, train_rows: list, eval_rows: list, tc: Tra
     if bar is not None:
         bar.close()
     ckpt.close()
-    (out / "train_config.json").write_text(json.dumps(_jsonable(tc), indent=2))
+    if primary:
+        (out / "train_config.json").write_text(json.dumps(_jsonable(tc), indent=2))
     return trainable, frozen, history
 
