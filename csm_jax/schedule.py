@@ -16,6 +16,8 @@ dispatched with it, so:
     a new request's first audio comes first.
   - Otherwise only as many rows as the smallest slack leaves room for are admitted this step (the oldest request
     that fits and its group; none when none fits): running streams keep ahead of their playback.
+  - Unless generation itself is slower than real time (a step takes longer than the audio it makes,
+    `step_audio_s`): then no deferral keeps the streams on time, and waiting requests go in at once.
   - Starvation either way is bounded: the oldest waiting request is admitted after at most `max_defer` steps
     that passed it over, whatever the slack; running streams generate at every step, and a step never prefills
     more than `max_rows` rows beyond that one request.
@@ -46,20 +48,23 @@ class Scheduler:
     """Per-step admission of waiting prefills against the running streams' playback deadlines."""
 
     def __init__(self, max_count: int = 8, max_rows: int = 1024, row_step: int = 32, max_defer: int = 4,
-                 start_buffer_s: float = 0.0, smoothing: float = 0.25):
+                 start_buffer_s: float = 0.0, step_audio_s: float | None = None, smoothing: float = 0.25):
         """`max_count`: requests prefilled together at most (rounded down to a power of two); `max_rows`: padded
         prompt rows per step at most (the oldest request alone may exceed it); `row_step`: prompts are padded to
         a multiple of it (csm.PREFILL_STEP); `max_defer`: steps the oldest waiting request may be passed over
         for the running streams' sake; `start_buffer_s`: audio a client buffers before it starts playing (0:
-        playback starts with the first audio, the strictest assumption); `smoothing`: weight of a new step-time
+        playback starts with the first audio, the strictest assumption); `step_audio_s`: seconds of audio a
+        step makes per stream (None: unknown, streams are always protected); `smoothing`: weight of a new step-time
         measurement in the moving averages."""
         if max_count < 1 or max_rows < 1 or row_step < 1 or max_defer < 0 or not 0 < smoothing <= 1:
             raise ValueError("the scheduler needs max_count, max_rows and row_step >= 1, max_defer >= 0 and "
                              "0 < smoothing <= 1")
         self.max_count, self.max_rows, self.row_step = 1 << (max_count.bit_length() - 1), max_rows, row_step
         self.max_defer, self.start_buffer_s, self.smoothing = max_defer, start_buffer_s, smoothing
+        self.step_audio_s = step_audio_s
         self.step_s: float | None = None  # a generation step without prefill, seconds
         self.row_s: float | None = None  # a prefilled (padded) row, seconds
+        self.deferrals = 0  # steps that passed the oldest waiting request over, since the start
         self.reset()
 
     def reset(self) -> None:
@@ -100,7 +105,7 @@ class Scheduler:
     def budget(self, now: float) -> float:
         """Padded prompt rows the running streams' slack allows this step (at most `max_rows`)."""
         slack = self.slack(now)
-        if slack is None:
+        if slack is None or self.overloaded():
             return self.max_rows
         spare = slack - (self.step_s or 0.0)
         if spare <= 0:
@@ -108,6 +113,10 @@ class Scheduler:
         if not self.row_s:
             return self.max_rows
         return min(self.max_rows, spare / self.row_s)
+
+    def overloaded(self) -> bool:
+        """Generation is slower than real time: no admission order can keep the streams on time."""
+        return self.step_audio_s is not None and self.step_s is not None and self.step_s >= self.step_audio_s
 
     def admit(self, now: float, waiting: Sequence[tuple[Hashable, int]]) -> list[Hashable]:
         """Which of `waiting` ((key, prompt rows), oldest first) to prefill at the step starting at `now`, in
@@ -128,6 +137,7 @@ class Scheduler:
             self.head, self.passed = None, 0
         else:
             self.passed += 1
+            self.deferrals += 1
         return [waiting[i][0] for i in chosen]
 
     def _group(self, waiting: Sequence[tuple[Hashable, int]], anchor: int, cap: float) -> list[int]:

@@ -39,6 +39,7 @@ def test_no_streams_admits_at_once_oldest_first():
     s = Scheduler(max_count=4, max_rows=1024)
     assert s.admit(0.0, [("a", 20), ("b", 25), ("c", 30)]) == ["a", "b", "c"]
     assert s.admit(0.0, []) == []
+    assert s.deferrals == 0
 
 
 def test_stream_near_its_deadline_defers_a_big_prefill():
@@ -76,6 +77,7 @@ def test_oldest_admitted_within_max_defer_steps_whatever_the_slack():
             break
     # Passed over max_defer times, then admitted (with the other request of its length class).
     assert steps == [[], [], [], ["head", "next"]]
+    assert s.deferrals == 3
     # The deferral count restarts for the next oldest request.
     assert s.passed == 0
 
@@ -110,6 +112,16 @@ def test_group_respects_row_and_count_caps():
     assert s.admit(0.0, [("big", 700), ("small", 10)]) == ["big"]
     with pytest.raises(ValueError, match="max_count"):
         Scheduler(max_count=0)
+
+
+def test_generation_slower_than_real_time_admits_at_once():
+    """When a step takes longer than the audio it makes, no deferral keeps streams on time: admit at once."""
+    s = Scheduler(max_rows=1024, step_audio_s=0.32, smoothing=1.0)
+    _learn(s, step_s=0.1, row_s=0.001)
+    s.delivered(1, now=0.0, seconds=0.1)
+    assert not s.overloaded() and s.admit(1.0, [("x", 300)]) == []
+    _learn(s, step_s=0.5, row_s=0.001)
+    assert s.overloaded() and s.admit(1.0, [("x", 300)]) == ["x"]
 
 
 def test_start_buffer_adds_to_the_slack():
