@@ -7,7 +7,7 @@
 Each utterance is split into sentences, generated in order, each with the earlier sentences' audio as
 context (appended to the utterance's KV cache, never prefilled again; the oldest sentences leave when the
 2048-row budget is reached), so a paragraph keeps one voice.
-Utterances are generated `--batch-size` at a time on the device.
+Utterances are generated `--batch-size` at a time, split evenly over all local devices (`--devices`).
 `--context AUDIO TRANSCRIPT SPEAKER` (repeatable) puts earlier turns before every utterance: voice prompting.
 Outputs are written only when complete (no partial files). If decoding or writing fails after generation,
 the utterances' Mimi codes are saved as .npy beside the intended WAVs (decode them later with
@@ -50,7 +50,12 @@ class Args:
     out_dir: Optional[Path] = None
     """Output folder for several utterances (000.wav, 001.wav, ...)."""
     batch_size: int = 4
-    """Utterances generated at once."""
+    """Utterances generated at once (by each process of a multi-host run); on several devices rounded up to a
+    multiple of their number, so each device gets as many."""
+    devices: int = 0
+    """Local devices to generate on (the first N of jax.local_devices()); 0: all of them. On several devices
+    each batch's utterances are split evenly over them (data parallel, csm_jax.sharding); every utterance gets
+    the codes it would get on one device."""
     seed: int = 0
     """Random seed; sentence r of utterance i uses seed + 1000 i + r. The same seed gives the same audio."""
     temperature: float = 0.9
@@ -96,6 +101,8 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
     check_speaker(args.speaker)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if args.devices < 0:
+        raise ValueError("--devices must be 0 (all local devices) or a count of them")
     if args.max_audio_ms < 80:
         raise ValueError("--max-audio-ms must be at least 80 (one frame)")
     if args.out is not None and args.out_dir is not None:
@@ -158,17 +165,28 @@ def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int]) -> l
     from csm_jax.generate import Generator
     from csm_jax.text import Segment
 
-    context = [Segment(spk, tr, audio=audio_io.load_audio(a)) for a, tr, spk in args.context]
+    import jax
     import jax.numpy as jnp
 
+    from csm_jax.sharding import make_mesh
+
+    local = jax.local_devices()
+    if not 0 <= args.devices <= len(local):
+        raise ValueError(f"--devices {args.devices}: this host has {len(local)} local devices; pass 1 to "
+                         f"{len(local)}, or 0 for all")
+    n = args.devices or len(local)
+    context = [Segment(spk, tr, audio=audio_io.load_audio(a)) for a, tr, spk in args.context]
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call,
-                    quantize=args.quantize)
+                    quantize=args.quantize, mesh=make_mesh(devices=local[:n]) if n > 1 else None)
     context = gen.context_codes(context)  # encode the prompts once
-    bar = tqdm(total=len(mine), unit="utt", desc="synthesizing")
+    batch = gen.round_slots(args.batch_size)  # a multiple of the devices: each holds as many slots
+    where = [f"process {jax.process_index()} of {jax.process_count()}"] if jax.process_count() > 1 else []
+    where += [f"{n} devices"] if n > 1 else []
+    bar = tqdm(total=len(mine), unit="utt", desc=f"synthesizing ({', '.join(where)})" if where else "synthesizing")
     written = []
-    for start in range(0, len(mine), args.batch_size):
-        idx = mine[start:start + args.batch_size]
+    for start in range(0, len(mine), batch):
+        idx = mine[start:start + batch]
         # Sentence by sentence, each appended to its utterance's cache (a conversation slot per utterance).
         made = gen.generate_paragraphs([texts[i] for i in idx], args.speaker, context,
                                        seeds=[args.seed + i * 1000 for i in idx], temperature=args.temperature,
