@@ -3,6 +3,7 @@
   python benchmarks/bench_train.py                                  # batch 1, 2048 rows, amortized and not
   python benchmarks/bench_train.py --batches 1 4 --rows 512 --lora-rank 16
   python benchmarks/bench_train.py --size tiny --batches 1 --rows 128 --steps 2    # a quick check that it runs
+  python benchmarks/bench_train.py --batches 8 --devices 1 2 4 8 --fsdp             # per device count
 
 Each sequence is 32 text rows then audio frames up to `--rows` (the last one the end-of-audio row), as the
 fine-tuning data builds them. One step = loss, gradients and the AdamW update of csm_jax.train (jitted,
@@ -11,6 +12,9 @@ ratio): step time, audio frames/s (labelled frames trained per second), tokens/s
 peak memory (CPU: the process's peak resident set so far; GPU/TPU: the device's peak bytes in use), the step's
 FLOPs from XLA's cost analysis and the model-FLOPs utilization against this machine's measured matmul
 throughput (benchmarks/roofline.py, same run, same dtype). Prints a table and one JSON line.
+With `--devices`, each configuration also runs on the first N devices (data parallel, a batch split N ways;
+`--fsdp` splits the parameters and optimizer state too); on a CPU force devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (they share the CPU's cores: a check, not a speed-up).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class Args:
     """Recompute layer activations in the backward pass."""
     steps: int = 3
     """Timed steps per configuration (after one compile-and-warm-up step)."""
+    devices: tuple[int, ...] = (1,)
+    """Device counts to sweep (data parallel over the first N devices; the batch must be a multiple of N)."""
+    fsdp: bool = False
+    """With several devices: split parameters and optimizer state along them too."""
 
 
 def peak_memory_gb() -> float:
@@ -66,7 +74,7 @@ def main(args: Args) -> None:
     import roofline
     from csm_jax.csm import CsmConfig, init_params
     from csm_jax.train import data as D
-    from csm_jax.train.trainer import TrainConfig, make_optimizer, make_step, split_params
+    from csm_jax.train.trainer import TrainConfig, make_step, place_batch, place_state, split_params, training_mesh
 
     cfg = {"csm-1b": CsmConfig.csm_1b, "tiny": CsmConfig.tiny}[args.size]()
     if args.rows < 40 or args.rows > cfg.max_seq_len:
@@ -88,44 +96,49 @@ def main(args: Args) -> None:
     peak_gflops = roofline.matmul_gflops(dtype=compute)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), compute {jnp.dtype(compute).name}, "
           f"matmul peak measured {peak_gflops:.0f} GFLOP/s", file=sys.stderr)
+    if max(args.devices) > jax.device_count() or min(args.devices) < 1:
+        raise SystemExit(f"--devices must lie in [1, {jax.device_count()}] (the visible devices)")
     results = []
-    for B in args.batches:
-        for ratio in args.depth_ratios:
-            tc = TrainConfig(batch_size=B, depth_ratio=ratio, lora_rank=args.lora_rank, compute_dtype=args.dtype,
-                             remat=args.remat)
-            trainable, frozen = split_params(cfg, init_params(cfg, jax.random.key(0)), tc)
-            opt_state = make_optimizer(tc).init(trainable)
-            step = make_step(cfg, tc)
-            batch = D.collate([row] * B, B, ratio, np.random.default_rng(1), 1)
-            batch = jax.tree.map(jnp.asarray, batch)
+    for B, ratio, n in ((B, r, n) for B in args.batches for r in args.depth_ratios for n in args.devices):
+        if B % n:
+            print(f"skipped: batch {B} on {n} devices (not a multiple)", file=sys.stderr)
+            continue
+        tc = TrainConfig(batch_size=B, depth_ratio=ratio, lora_rank=args.lora_rank, compute_dtype=args.dtype,
+                         remat=args.remat)
+        mesh = training_mesh(n)
+        trainable, opt_state, frozen = place_state(
+            cfg, tc, *split_params(cfg, init_params(cfg, jax.random.key(0)), tc), mesh, args.fsdp)
+        step = make_step(cfg, tc, mesh, args.fsdp)
+        batch = D.collate([row] * B, B, ratio, np.random.default_rng(1), 1)
+        batch = jax.tree.map(jnp.asarray, batch) if mesh is None else place_batch(batch, mesh)
+        t0 = time.perf_counter()
+        compiled = step.lower(trainable, opt_state, frozen, batch).compile()
+        compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        trainable, opt_state, m = compiled(trainable, opt_state, frozen, batch)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(args.steps):
             t0 = time.perf_counter()
-            compiled = step.lower(trainable, opt_state, frozen, batch).compile()
-            compile_s = time.perf_counter() - t0
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            flops = float(cost.get("flops", 0.0)) if cost else 0.0
             trainable, opt_state, m = compiled(trainable, opt_state, frozen, batch)
             jax.block_until_ready(m)
-            times = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                trainable, opt_state, m = compiled(trainable, opt_state, frozen, batch)
-                jax.block_until_ready(m)
-                times.append(time.perf_counter() - t0)
-            dt = statistics.median(times)
-            n_frames = int((np.asarray(batch["labels"])[..., 0] != D.IGNORE).sum())
-            r = {"batch": B, "rows": args.rows, "depth_ratio": ratio,
-                 "depth_frames": int(np.asarray(batch["depth_valid"]).sum()),
-                 "lora_rank": args.lora_rank, "step_s": dt, "frames_per_s": n_frames / dt,
-                 "tokens_per_s": B * args.rows / dt, "peak_memory_gb": peak_memory_gb(), "step_gflop": flops / 1e9,
-                 "mfu": flops / dt / (peak_gflops * 1e9), "compile_s": compile_s, "loss": float(m["loss"])}
-            results.append(r)
-            del trainable, opt_state, frozen
-    head = (f"{'batch':>5} {'ratio':>6} {'K':>5} {'step s':>8} {'frames/s':>9} {'tokens/s':>9} {'peak GB':>8} "
-            f"{'GFLOP':>8} {'MFU':>6}")
+            times.append(time.perf_counter() - t0)
+        dt = statistics.median(times)
+        n_frames = int((np.asarray(batch["labels"])[..., 0] != D.IGNORE).sum())
+        r = {"batch": B, "devices": n, "fsdp": args.fsdp and n > 1, "rows": args.rows, "depth_ratio": ratio,
+             "depth_frames": int(np.asarray(batch["depth_valid"]).sum()),
+             "lora_rank": args.lora_rank, "step_s": dt, "frames_per_s": n_frames / dt,
+             "tokens_per_s": B * args.rows / dt, "peak_memory_gb": peak_memory_gb(), "step_gflop": flops / 1e9,
+             "mfu": flops / dt / (peak_gflops * 1e9), "compile_s": compile_s, "loss": float(m["loss"])}
+        results.append(r)
+        del trainable, opt_state, frozen
+    head = (f"{'batch':>5} {'dev':>3} {'ratio':>6} {'K':>5} {'step s':>8} {'frames/s':>9} {'tokens/s':>9} "
+            f"{'peak GB':>8} {'GFLOP':>8} {'MFU':>6}")
     print(head)
     for r in results:
-        print(f"{r['batch']:>5} {r['depth_ratio']:>6.3f} {r['depth_frames']:>5} {r['step_s']:>8.3f} "
+        print(f"{r['batch']:>5} {r['devices']:>3} {r['depth_ratio']:>6.3f} {r['depth_frames']:>5} {r['step_s']:>8.3f} "
               f"{r['frames_per_s']:>9.1f} {r['tokens_per_s']:>9.1f} {r['peak_memory_gb']:>8.2f} "
               f"{r['step_gflop']:>8.1f} {r['mfu']:>6.1%}")
     print(json.dumps({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "size": args.size,
