@@ -31,14 +31,20 @@ from typing import Mapping
 EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 _FORCE = "CSM_JAX_DISTRIBUTED"
 _KEYS = "csm_jax"  # prefix of our keys in the coordination service's store
-# Launchers JAX's own cluster detection reads: (name, variable present only under it, number of tasks).
-_CLUSTERS = (("Slurm", "SLURM_JOB_ID", "SLURM_NTASKS"), ("Open MPI", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE"))
+# Launchers JAX's own cluster detection reads: (name, variables it needs, variables giving this step's task count).
+_CLUSTERS = (
+    ("Slurm", ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+     ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")),
+    ("Open MPI", ("OMPI_MCA_orte_hnp_uri",), ("OMPI_COMM_WORLD_SIZE",)),
+)
 
 
 def _cluster(env: Mapping[str, str]) -> str | None:
-    """The launcher running this process with more than one task, if any."""
-    for name, marker, count in _CLUSTERS:
-        if marker in env and env.get(count, "1").strip().isdigit() and int(env[count]) > 1:
+    """The launcher running this process as one of several tasks, if any (as JAX detects it: srun, not a
+    batch script's own step; mpirun)."""
+    for name, needed, counts in _CLUSTERS:
+        count = next((env[c].strip() for c in counts if c in env), "1")
+        if all(k in env for k in needed) and count.isdigit() and int(count) > 1:
             return name
     return None
 
@@ -96,8 +102,16 @@ def initialize() -> bool:
     kwargs = plan()
     if kwargs is None:
         return False
-    if not jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return True
+    try:
         jax.distributed.initialize(**kwargs)
+    except ValueError as e:
+        if kwargs:
+            raise
+        raise ValueError(f"JAX found no layout to start from ({e}): {_FORCE}=1 needs a Cloud TPU slice, a GKE or "
+                         f"Kubernetes job, Slurm or Open MPI; elsewhere set JAX_COORDINATOR_ADDRESS, "
+                         f"JAX_NUM_PROCESSES and JAX_PROCESS_ID instead") from None
     return True
 
 

@@ -41,10 +41,13 @@ def test_plan_reads_the_environment():
     assert plan({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}) == {
         "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
         "cluster_detection_method": "deactivate"}
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+             "SLURM_LOCALID": "0"}
     assert plan(slurm) == {}  # JAX's own Slurm detection fills in everything
     assert plan({**slurm, "JAX_COORDINATOR_ADDRESS": "n1:1234"}) == {"coordinator_address": "n1:1234"}
     assert plan({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: one process
+    assert plan({**slurm, "SLURM_STEP_NUM_TASKS": "1"}) is None  # a step of one task in a larger allocation
+    assert plan({k: v for k, v in slurm.items() if k != "SLURM_STEP_NODELIST"}) is None  # a batch script, no srun
     assert plan({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "8"}) == {}
     assert plan({"CSM_JAX_DISTRIBUTED": "1"}) == {}  # e.g. a TPU slice: JAX detects the layout
     bad = [
@@ -94,14 +97,15 @@ def test_two_processes_write_each_line_once_as_one_process_would(tmp_path, csm_d
         np.testing.assert_array_equal(a, b)
 
 
-def test_half_set_environment_fails_in_one_line(tmp_path, csm_dir):
+def test_half_set_environment_fails_in_one_line(tmp_path):
     for extra, msg in [({"JAX_PROCESS_ID": 1}, "JAX_PROCESS_ID is set but JAX_COORDINATOR_ADDRESS and "
                                                "JAX_NUM_PROCESSES are not"),
                        ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": 2, "JAX_PROCESS_ID": 2},
-                        "must be below JAX_NUM_PROCESSES=2")]:
-        r = subprocess.run([sys.executable, SYNTH, "--checkpoint", str(csm_dir), "--text", "hi",
-                            "--out-dir", str(tmp_path / "o")], env=env(**extra), capture_output=True, text=True,
-                           timeout=120)
+                        "must be below JAX_NUM_PROCESSES=2"),
+                       ({"CSM_JAX_DISTRIBUTED": 1}, "JAX found no layout to start from")]:
+        e = {k: v for k, v in env(**extra).items() if k != "KUBERNETES_SERVICE_HOST"}  # no cluster to detect
+        r = subprocess.run([sys.executable, SYNTH, "--checkpoint", "never/loaded", "--text", "hi",
+                            "--out-dir", str(tmp_path / "o")], env=e, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and msg in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
