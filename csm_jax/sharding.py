@@ -1,6 +1,6 @@
 """One mesh, logical axes per parameter and per state field, and rules mapping them onto the mesh.
 
-The mesh has two axes: "data" (independent streams: generation slots, later training examples) and
+The mesh has two axes: "data" (independent streams: generation slots, training examples) and
 "model" (tensor parallelism inside a layer). Every parameter and every generation-state field is named
 once by logical axes (`PARAM_AXES`, `STATE_AXES`); `RULES` maps each logical axis to a mesh axis or to None
 (replicated). The model code never sees the device count: `shard_params` and `shard_state` place the
