@@ -15,7 +15,7 @@ Without a mesh everything stays on the default device, as JAX puts it.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Sequence
 
 import jax
@@ -27,7 +27,7 @@ from csm_jax import sharding
 from csm_jax.audio import check_audio
 from csm_jax.checkpoints import load_csm
 from csm_jax.csm import CsmConfig, GenState
-from csm_jax.mimi import decode, encode, init_decoder_state, load_mimi, mimi_params_from_tensors
+from csm_jax.mimi import decode, encode, init_decoder_state, load_mimi, mimi_params_from_tensors, reset_state_rows
 from csm_jax.quantize import quantize_csm
 from csm_jax.text import FRAME_SAMPLES, Segment, Tokenizer, build_prompt
 
@@ -38,6 +38,26 @@ def bucket(n: int, lo: int = 1) -> int:
     while b < n:
         b *= 2
     return b
+
+
+# On a mesh, every state a program returns is split along "data" with the same PartitionSpec("data") that the
+# engine's shard_map'd generation returns: a program's compiled form depends on its inputs' shardings, and
+# equivalent but unequal ones (P("data") against P("data", None), or an empty leaf returned replicated) would
+# compile the next program again while serving.
+@lru_cache(maxsize=16)
+def _state_maker(cfg: CsmConfig, slots: int, dtype, mesh: Mesh):
+    """A compiled maker of fresh GenStates born split along "data" (one compilation per shape and mesh): every
+    field has the slots first (sharding.STATE_AXES), split as the rule for "batch" says."""
+    return jax.jit(partial(GenState.create, cfg, slots, dtype),
+                   out_shardings=NamedSharding(mesh, PartitionSpec(sharding.RULES["batch"])))
+
+
+@lru_cache(maxsize=16)
+def _mimi_resetter(mesh: Mesh):
+    """mimi.reset_state_rows mapped over "data": each device resets its own streams."""
+    data = PartitionSpec("data")
+    return jax.jit(jax.shard_map(reset_state_rows, mesh=mesh, in_specs=(data, data, PartitionSpec()), out_specs=data,
+                                 check_vma=False), donate_argnums=(0,))
 
 
 class ModelBundle:
@@ -123,9 +143,7 @@ class ModelBundle:
         if self.mesh is None:
             return GenState.create(self.cfg, slots, dtype)
         self._check_slots(slots)
-        make = partial(GenState.create, self.cfg, slots, dtype)
-        shapes = jax.eval_shape(make)
-        return jax.jit(make, out_shardings=sharding.state_shardings(shapes, self.mesh))()
+        return _state_maker(self.cfg, slots, dtype, self.mesh)()
 
     def new_mimi_state(self, slots: int):
         """A fresh streaming Mimi decoder state of `slots` streams, split along "data" on a mesh (every leaf has
@@ -134,7 +152,19 @@ class ModelBundle:
         if self.mesh is None:
             return state
         self._check_slots(slots)
-        return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec("data")))
+        state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec("data")))
+        # Through the (compiled) row reset once, resetting nothing: its empty leaves then come out replicated, as
+        # every later program returns them, rather than split as device_put leaves them.
+        return self.reset_mimi_rows(state, self.put(np.zeros(slots), bool),
+                                    self.replicate(init_decoder_state(self.mimi, 1)))
+
+    def reset_mimi_rows(self, state, rows, fresh):
+        """mimi.reset_state_rows (rows (B,) bool start afresh), its result split along "data" on a mesh like
+        `new_mimi_state`'s (left to itself, XLA may replicate some leaves, and the next program would compile
+        again for them)."""
+        if self.mesh is None:
+            return reset_state_rows(state, rows, fresh)
+        return _mimi_resetter(self.mesh)(state, rows, fresh)
 
     def _check_slots(self, slots: int) -> None:
         if slots % self.data_size:

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from csm_jax import csm
 from csm_jax.bundle import ModelBundle, bucket
-from csm_jax.mimi import decode_step, init_decoder_state, reset_state_rows
+from csm_jax.mimi import decode_step, init_decoder_state
 from csm_jax.text import Segment
 
 FRAME_MS = 80
@@ -358,7 +358,7 @@ class Engine:
                                       pad(cols[1], np.int32), pad(cols[2], np.uint32), pad(cols[3], np.int32))
         fresh = np.zeros(self.slots, bool)
         fresh[slots] = True
-        self.mimi_state = reset_state_rows(self.mimi_state, self._put(fresh, bool), self.mimi_fresh)
+        self.mimi_state = self.model.reset_mimi_rows(self.mimi_state, self._put(fresh, bool), self.mimi_fresh)
         for s in slots:
             self.owners[s].run += 1
         self.generating.update(slots)
@@ -448,8 +448,8 @@ class Engine:
                 self.state = csm.rewind_slots(self.state, sl, self._put(z, np.int32))
                 jax.block_until_ready(self.state.done)
                 tick(f"rewind {R} slots")
-            self.mimi_state = reset_state_rows(self.mimi_state, self._put(np.zeros(self.slots), bool),
-                                               self.mimi_fresh)
+            self.mimi_state = self.model.reset_mimi_rows(self.mimi_state, self._put(np.zeros(self.slots), bool),
+                                                         self.mimi_fresh)
             self.state = csm.reset_slots(self.state, self._put(np.arange(self.slots), np.int32))
             jax.block_until_ready(self.state.done)
             return done
@@ -472,6 +472,6 @@ class Engine:
 
     def _rows(self, active: int) -> int:
         """Rows one generation program computes for `active` generating slots: a power of two (or every slot).
-        On a mesh always every slot: each device then runs its own slots, where a subset of rows would be
-        gathered from every device onto each and computed there whole (see benchmarks/bench_mesh.py)."""
+        On a mesh always every slot, each device running its own (generate_audio's shard_map): a subset of rows
+        would be gathered from every device and computed whole on each (benchmarks/README.md, "Mesh")."""
         return self.slots if self.mesh is not None else min(bucket(active), self.slots)
