@@ -8,9 +8,12 @@
             send(event.owner, event.audio, event.finished)
 
 Seams, as JetStream's prefill / insert / generate:
-  prefill + insert  requests submitted since the last step are prefilled together (bucketed by count, in
-                    pieces of at most 128 rows: `csm.prefill_pieces`) straight into their slots: only those
-                    slots of the cache are read and written, the other slots' caches are not copied.
+  prefill + insert  requests waiting since `submit` are prefilled together (bucketed by count and by prompt
+                    length, in pieces of at most 128 rows: `csm.prefill_pieces`) straight into their slots: only
+                    those slots of the cache are read and written, the other slots' caches are not copied.
+                    Which of them each step prefills, the schedule decides (csm_jax.schedule): all at once
+                    while every generating stream's audio is far enough ahead of its playback, fewer rows when
+                    one would stall, the oldest within a bounded number of steps either way.
   generate          one device program runs K frames for the generating slots (only those, padded to a
                     power of two) and decodes them with the streaming Mimi decoder: one host copy of PCM, codes
                     and flags per step.
@@ -18,7 +21,8 @@ Seams, as JetStream's prefill / insert / generate:
                     so the host never waits on the step it just dispatched. A finished slot is seen one step
                     late: that costs one masked step for it, never a code.
 Held slots (`hold`) are conversations: a slot and its KV cache kept across turns; `extend` appends rows at its
-position, `start` generates from there, `stop` ends a reply early, `release` frees it.
+position, `start` generates from there, `stop` ends a reply early, `release` frees it. Their replies are
+streams to the schedule like plain requests; `extend` prefills at once in the caller's thread.
 
 On a mesh (a bundle made with `mesh=`, csm_jax.sharding): the generation state and the Mimi decoder state are
 split along "data" (the slot count is a multiple of its size), host values are replicated on every device,
@@ -32,6 +36,7 @@ the device: no position is mirrored on the host. One lock serialises the calls, 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -43,11 +48,13 @@ from jax.sharding import Mesh, PartitionSpec
 
 from csm_jax import csm
 from csm_jax.bundle import ModelBundle, bucket
+from csm_jax.schedule import Scheduler
 from csm_jax.mimi import decode_step, init_decoder_state
 from csm_jax.text import Segment
 
 FRAME_MS = 80
 FRAME_SAMPLES = 1920
+SAMPLE_RATE = FRAME_SAMPLES * 1000 // FRAME_MS  # 24 kHz
 MAX_SEED = 2**32 - 1  # seeds key a uint32 PRNG stream
 
 
@@ -139,10 +146,13 @@ class Engine:
     """Slots on the device, shared by plain requests (`submit`) and held conversations (`hold`)."""
 
     def __init__(self, model: ModelBundle, slots: int = 4, frames_per_call: int = 4, max_prefill: int = 8,
-                 prefill_rows: int = 1024):
+                 prefill_rows: int = 1024, schedule: Scheduler | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         """`model`: the loaded model (csm_jax.bundle; a Generator is one).
-        `max_prefill`: requests prefilled together at most; `prefill_rows`: prompt rows admitted per step at
-        most (at least one request), so admitting long prompts never starves the generating slots."""
+        `max_prefill`: requests prefilled together at most; `prefill_rows`: padded prompt rows admitted per step
+        at most (at least one request), so admitting long prompts never starves the generating slots.
+        `schedule`: decides which waiting requests each step prefills (default: csm_jax.schedule.Scheduler
+        with these two limits); `clock`: its time source, seconds."""
         if slots < 1 or frames_per_call < 1:
             raise ValueError("an engine needs at least one slot and one frame per call")
         if slots % model.data_size:
@@ -153,6 +163,9 @@ class Engine:
         self.slots, self.frames_per_call = slots, frames_per_call
         # Requests prefilled together: a power of two, so padding them to a bucket never needs more slots.
         self.max_prefill, self.prefill_rows = 1 << (min(max_prefill, slots).bit_length() - 1), prefill_rows
+        self.schedule = schedule if schedule is not None else Scheduler(
+            self.max_prefill, prefill_rows, row_step=csm.PREFILL_STEP, step_audio_s=frames_per_call * FRAME_MS / 1000)
+        self.clock = clock
         self.lock = threading.RLock()
         self.driven = threading.Event()
         self.on_work: Callable[[], None] | None = None  # told when a held slot starts or stops generating
@@ -172,6 +185,7 @@ class Engine:
             self.generating: set[int] = set()
             self.inserts: list[tuple] = []  # (slot, tokens, mask, sampling) waiting for the next step
             self.inflight: _InFlight | None = None
+            self.schedule.reset()
             return owners
 
     def fail(self, error: BaseException | str) -> list[_Owner]:
@@ -228,6 +242,7 @@ class Engine:
                 return
             del self.owners[slot]
             self.generating.discard(slot)
+            self.schedule.finished(slot)
             self.inserts = [i for i in self.inserts if i[0] != slot]
             self.state = csm.reset_slots(self.state, self._put([slot], np.int32))
 
@@ -298,6 +313,7 @@ class Engine:
             if slot in self.owners:
                 del self.owners[slot]
                 self.generating.discard(slot)
+                self.schedule.finished(slot)
                 self._clear(slot)
 
     def holder(self, slot: int):
@@ -318,21 +334,20 @@ class Engine:
         previous step made ({slot: Event}; events also go to the owners' callbacks). A finished plain
         request's slot is free at once."""
         with self.lock:
-            self._admit()
+            cost = self._admit()
             launched = self._launch()
             previous, self.inflight = self.inflight, launched
-            return self._collect(previous) if previous is not None else {}
+            events = self._collect(previous) if previous is not None else {}
+            self.schedule.step_done(self.clock(), cost, measured=previous is not None)
+            return events
 
-    def _admit(self) -> None:
-        if not self.inserts:
-            return
-        take, prompt_rows = [], 0
-        for item in self.inserts:
-            if take and (len(take) == self.max_prefill or prompt_rows + len(item[1]) > self.prefill_rows):
-                break
-            take.append(item)
-            prompt_rows += len(item[1])
-        self.inserts = self.inserts[len(take):]
+    def _admit(self) -> int:
+        """Prefills the waiting requests the schedule picks for this step; returns the padded rows it computes."""
+        chosen = set(self.schedule.admit(self.clock(), [(i[0], len(i[1])) for i in self.inserts]))
+        if not chosen:
+            return 0
+        take = [i for i in self.inserts if i[0] in chosen]
+        self.inserts = [i for i in self.inserts if i[0] not in chosen]
         slots = [i[0] for i in take]
         n, R = len(take), bucket(len(take))
         # Padding of the prefill batch: other slots (distinct) given no rows, so they are read and written back
@@ -349,6 +364,7 @@ class Engine:
         for t, m, ln in self._pieces(tokens, mask, lengths):
             self.state = csm.prefill(self.params, self.cfg, self.state, t, m, ln, padded)
         self._start_slots(slots, [i[3] for i in take])
+        return self.schedule.cost([len(i[1]) for i in take])
 
     def _start_slots(self, slots: list[int], sampling: list[tuple]) -> None:
         R = bucket(len(slots))
@@ -382,6 +398,7 @@ class Engine:
 
     def _collect(self, flight: _InFlight) -> dict[int, Event]:
         pcm, codes, valid, done = (np.asarray(a) for a in flight.out)
+        now = self.clock()
         events = {}
         for r, slot in enumerate(flight.slots):
             o, run = flight.owners.get(slot, (None, None))
@@ -392,7 +409,9 @@ class Engine:
             v = valid[r]
             audio = pcm[r].reshape(-1, FRAME_SAMPLES)[v].reshape(-1)
             ev = Event(o.owner, audio, codes[r][v], bool(done[r]))
+            self.schedule.delivered(slot, now, audio.size / SAMPLE_RATE)
             if ev.finished:
+                self.schedule.finished(slot)
                 self.generating.discard(slot)
                 if not o.held:
                     del self.owners[slot]

@@ -10,6 +10,7 @@ from csm_jax import engine as engine_module
 from csm_jax.dialogue import Dialogue
 from csm_jax.engine import Engine, Request
 from csm_jax.generate import Generator
+from csm_jax.schedule import Scheduler
 from csm_jax.text import Segment
 
 
@@ -189,3 +190,74 @@ def test_failed_step_tells_everyone_and_the_engine_recovers(gen, monkeypatch):
         codes += [ev.codes for ev in engine.step().values() if ev.owner is again]
     np.testing.assert_array_equal(np.concatenate(codes).T, _alone(gen, again)[1])
     assert np.concatenate(list(d.speak("Still here.", seed=3, max_audio_ms=240))).size > 0
+
+
+def _codes_by_owner(engine, results):
+    events = engine.step()
+    for ev in events.values():
+        results.setdefault(id(ev.owner), []).append(ev.codes)
+
+
+def test_length_buckets_reorder_admission_and_codes_equal_alone(gen):
+    """Prompts of different length classes submitted together: the schedule prefills the short ones together
+    first (a later short one ahead of an earlier long one) and the long one at the next step, and every
+    request still gets its solo codes."""
+    engine = Engine(gen, slots=4, frames_per_call=4)
+    rng = np.random.default_rng(7)
+    voice = [Segment(1, "A voice prompt with audio.", codes=rng.integers(0, 2048, (32, 80)))]
+    short1 = Request("Short one.", seed=1, max_audio_ms=480)
+    long_ = Request("The long one, after its voice prompt.", speaker=1, context=voice, seed=2, max_audio_ms=480)
+    short2 = Request("Short two.", seed=3, max_audio_ms=480)
+    rows = {id(r): len(gen.prompt(r.context, r.speaker, r.text, 6, False)[0]) for r in (short1, long_, short2)}
+    assert rows[id(short1)] <= 32 and rows[id(short2)] <= 32 and rows[id(long_)] > 64  # different classes
+    slots = [engine.submit(r) for r in (short1, long_, short2)]
+    admitted = []
+    real_start = engine._start_slots
+
+    def spy(start_slots, sampling):
+        admitted.append(sorted(start_slots))
+        real_start(start_slots, sampling)
+
+    engine._start_slots = spy
+    results = {}
+    while engine.busy():
+        _codes_by_owner(engine, results)
+    assert admitted == [sorted([slots[0], slots[2]]), [slots[1]]]
+    for r in (short1, long_, short2):
+        np.testing.assert_array_equal(np.concatenate(results[id(r)]).T,
+                                      gen.generate_codes([r.text], speakers=r.speaker, contexts=[r.context],
+                                                         seeds=r.seed, max_audio_ms=r.max_audio_ms)[0])
+
+
+def test_stream_near_its_playback_defers_admission_boundedly(gen):
+    """On a fake clock where a step takes 0.3 s (its four frames are 0.32 s of audio) and a prefilled row was
+    measured at 10 ms, the running stream's slack (0.04 s, growing 0.02 s a step) is below a step plus the new
+    request's prefill: the request waits, is admitted after max_defer = 3 steps passed it over, and both
+    get their solo codes."""
+    t = [0.0]
+    engine = Engine(gen, slots=4, frames_per_call=4, clock=lambda: t[0],
+                    schedule=Scheduler(max_count=4, max_rows=1024, max_defer=3, step_audio_s=0.32))
+    running = Request("Running for a while now.", seed=4, max_audio_ms=4000)
+    waiting = Request("Waits its turn.", seed=5, max_audio_ms=480)
+    engine.submit(running)
+    results = {}
+    for _ in range(3):  # running's first audio at the second step
+        t[0] += 0.3
+        _codes_by_owner(engine, results)
+    assert engine.schedule.step_s == pytest.approx(0.3)
+    engine.schedule.row_s = 0.01
+    assert engine.schedule.slack(t[0] + 0.3) == pytest.approx(0.04)
+    engine.submit(waiting)
+    first_step = None
+    for k in range(8):
+        t[0] += 0.3
+        _codes_by_owner(engine, results)
+        if first_step is None and id(waiting) in results:
+            first_step = k
+    # Passed over at three steps, prefilled at the fourth (k = 3), its first audio a step later (pipelining).
+    assert first_step == 4
+    while engine.busy():
+        t[0] += 0.3
+        _codes_by_owner(engine, results)
+    for r in (running, waiting):
+        np.testing.assert_array_equal(np.concatenate(results[id(r)]).T, _alone(gen, r)[1])
