@@ -8,7 +8,9 @@ ok) and stops it at the end; any csm checkpoint folder works, e.g. a random full
 `--requests` streaming requests one after another. Per level: time to the first audio byte (p50, p95, p99),
 seconds of audio delivered per wall-clock second, failed requests (any status but 200, or a broken stream),
 and real-time streams: requests whose every byte arrived no later than its playback time, playback starting
-`--start-buffer-ms` after the first byte. Prints a table and one JSON line.
+`--start-buffer-ms` after the first byte. Prints a table and one JSON line, with the server's /health after
+the run (e.g. `deferred_admissions`: steps at which the engine's schedule held a waiting request back to keep
+running streams ahead of their playback).
 
   python benchmarks/bench_server.py --checkpoint path/to/csm-1b --slots 80 --conversations 64 \
       --turn-audio turn.wav --asr-model path/to/whisper-tiny.en
@@ -265,11 +267,11 @@ def main(args: Args) -> None:
     else:
         url = args.url
     try:
-        health = httpx.get(url + "/health", timeout=10).json()
         if args.conversations:
             row = conversation_level(args, url, args.conversations)
         else:
             rows = [level(args, url, c) for c in args.clients]
+        health = httpx.get(url + "/health", timeout=10).json()  # after the run: its counters cover it
     finally:
         if proc is not None:
             proc.terminate()

@@ -179,7 +179,8 @@ class Worker(threading.Thread):
     def stats(self) -> dict:
         with self.lock:
             return {"slots": self.engine.slots, "busy_slots": len(self.jobs), "queued": len(self.pending),
-                    "capacity": self.capacity, "engine_failures": self.failures}
+                    "capacity": self.capacity, "engine_failures": self.failures,
+                    "deferred_admissions": self.engine.schedule.deferrals}
 
     # --- the worker thread ---
     def wake(self) -> None:
