@@ -118,7 +118,7 @@ def _mesh(devices: int, slots: int):
 
     local = jax.local_devices()
     if not 0 <= devices <= len(local):
-        raise ValueError(f"--devices {devices}: this machine has {len(local)} local devices; pass 1 to "
+        raise ValueError(f"--devices {devices}: this machine has {len(local)} local device(s); pass at most "
                          f"{len(local)}, or 0 for all")
     n = devices or len(local)
     if slots % n:
