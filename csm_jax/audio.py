@@ -38,6 +38,15 @@ def check_audio(audio: np.ndarray, what: str = "audio") -> np.ndarray:
     return audio
 
 
+def whole_frames(audio: np.ndarray, frame: int = 1920) -> np.ndarray:
+    """`audio` (L,) with trailing silence up to a whole number of 80 ms Mimi frames (1920 samples at 24 kHz).
+    Mimi encodes whole frames through programs compiled once per length bucket; a partial last frame needs a
+    program of its own length (Mimi pads it inside its convolutions), so recordings of any length, such as a
+    conversation's turns, go through this first."""
+    pad = -audio.size % frame
+    return audio if pad == 0 else np.concatenate([audio, np.zeros(pad, audio.dtype)])
+
+
 def resample(audio: np.ndarray, sample_rate: int, target_sr: int) -> np.ndarray:
     """Mono audio at `sample_rate` -> float32 at `target_sr` (soxr "HQ"); as it is when the rates agree."""
     audio = np.asarray(audio, np.float32)

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from csm_jax import sharding
-from csm_jax.audio import check_audio
+from csm_jax.audio import SAMPLE_RATE, check_audio
 from csm_jax.checkpoints import load_csm
 from csm_jax.csm import CsmConfig, GenState
 from csm_jax.mimi import decode, encode, init_decoder_state, load_mimi, mimi_params_from_tensors, reset_state_rows
@@ -185,6 +185,20 @@ class ModelBundle:
         padded = np.zeros(bucket(T, 4) * FRAME_SAMPLES, np.float32)
         padded[:audio.size] = audio
         return np.asarray(encode(self.mimi, jnp.asarray(padded[None])))[0, :, :T]
+
+    def warm_encoder(self, max_seconds: float, progress=None) -> int:
+        """Compiles the Mimi encoder for every whole-frame length bucket up to `max_seconds` of audio (what
+        `encode_audio` runs for recordings padded to whole frames, such as conversation turns), so no such
+        recording compiles while serving. Returns the number of buckets."""
+        top = bucket(max(1, int(np.ceil(max_seconds * SAMPLE_RATE / FRAME_SAMPLES))), 4)
+        T, n = 4, 0
+        while T <= top:
+            self.encode_audio(np.zeros(T * FRAME_SAMPLES, np.float32))
+            n += 1
+            if progress is not None:
+                progress(f"Mimi encoder for {T} frames ({T * FRAME_SAMPLES / SAMPLE_RATE:g} s)")
+            T *= 2
+        return n
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         """Mimi codes (32, T) -> 24 kHz audio (1920 T,)."""

@@ -60,8 +60,9 @@ class Args:
     frames_per_call: int = 4
     """Frames per engine step (smaller: lower latency to first audio)."""
     warmup: bool = True
-    """Compile every program the engine can run before serving (/health says "warming" until then), so nothing
-    compiles while serving; JAX's on-disk compile cache makes later starts quick."""
+    """Compile every program the engine can run (conversing: also the Mimi encoder for every turn length) before
+    serving (/health says "warming" until then), so nothing compiles while serving; JAX's on-disk compile cache
+    makes later starts quick."""
     quantize: Literal["none", "int8"] = "none"
     """int8: weight-only int8 (per-channel scales, computed at load) for the large matmul weights: half the bytes of
     bf16 per frame; codes differ a little from the unquantized model's (see benchmarks/README.md)."""
@@ -100,7 +101,9 @@ def main(args: Args) -> None:
     voices = load_voices(args.voices_dir, gen)
     conv = args.converse
     engine = Engine(gen, args.slots, args.frames_per_call)
-    factory = conv.factory(engine) if conv else None  # conversations hold slots of the same engine
+    # Conversations hold slots of the same engine; with --warmup the Mimi encoder is compiled for every turn length.
+    factory = conv.factory(engine, args.warmup, lambda msg: logging.getLogger("serve").info("warm-up: %s", msg)) \
+        if conv else None
     app = create_app(engine, voices, args.max_queue,
                      conversations=factory, max_conversations=conv.max_conversations if conv else 0,
                      max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,

@@ -124,3 +124,26 @@ def test_bad_inputs(gen):
     with pytest.raises(ValueError, match="text is empty"):
         list(d.speak("   "))
     assert d.pos == 0 and d.segments == []  # nothing half-appended
+
+
+def test_turn_audio_of_any_length_compiles_nothing_after_the_encoder_warm_up(gen):
+    """A conversation's turns come in every length: padded to whole frames (audio.whole_frames), they run the
+    encoder programs `warm_encoder` compiled, with the codes of the padded audio encoded directly."""
+    import jax
+
+    from csm_jax.audio import whole_frames
+    from csm_jax.mimi import encode
+
+    assert gen.warm_encoder(2.5) == 4  # 2.5 s = 32 frames: buckets of 4, 8, 16 and 32 frames
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    rng = np.random.default_rng(3)
+    turns = [whole_frames(0.1 * rng.standard_normal(n).astype(np.float32)) for n in (7001, 1920 * 11 + 5, 59_999)]
+    codes = [gen.encode_audio(a) for a in turns]
+    n_compiled = len(compiles)
+    assert n_compiled == 0, compiles
+    for a, c in zip(turns, codes):
+        assert a.size % 1920 == 0 and c.shape == (32, a.size // 1920)
+        np.testing.assert_array_equal(c, np.asarray(encode(gen.mimi, jnp.asarray(a[None])))[0])

@@ -11,7 +11,7 @@ from typing import Callable
 from csm_jax.converse.asr import Transcriber
 from csm_jax.converse.llm import SYSTEM_PROMPT, ChatClient
 from csm_jax.converse.session import Conversation
-from csm_jax.converse.vad import VAD_RATE, TurnDetector, VoiceActivity
+from csm_jax.converse.vad import MAX_TURN_S, VAD_RATE, TurnDetector, VoiceActivity
 from csm_jax.dialogue import Dialogue
 from csm_jax.text import Segment
 
@@ -85,11 +85,15 @@ class ConverseOptions:
             text = Path(text).read_text(encoding="utf-8").strip()
         return [Segment(self.voice_speaker, text, audio=load_audio(self.voice))]
 
-    def factory(self, engine) -> Callable[[int], tuple[Conversation, TurnDetector]]:
+    def factory(self, engine, warmup: bool = False, progress: Callable[[str], None] | None = None
+                ) -> Callable[[int], tuple[Conversation, TurnDetector]]:
         """Loads the shared parts once (ASR, VAD model, voice prompt codes) and returns
         `sample_rate -> (Conversation, TurnDetector)` making one fresh conversation per call, each holding a
-        slot of `engine` (csm_jax.engine) until it is closed."""
+        slot of `engine` (csm_jax.engine) until it is closed. `warmup`: also compile the Mimi encoder for every
+        turn length (buckets up to MAX_TURN_S), so a user's turn never waits for a compilation."""
         voice = engine.model.context_codes(self.voice_segments())
+        if warmup:
+            engine.model.warm_encoder(MAX_TURN_S, progress)
         asr = Serialized(Transcriber(self.asr_model, self.asr_device, self.asr_compute_type))
         self.detector(VAD_RATE)  # a missing VAD model fails at start-up, not at the first connection
 

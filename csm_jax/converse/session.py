@@ -14,12 +14,12 @@ from typing import Callable
 
 import numpy as np
 
-from csm_jax.audio import SAMPLE_RATE, check_audio, resample
+from csm_jax.audio import SAMPLE_RATE, check_audio, resample, whole_frames
 from csm_jax.converse.asr import Transcriber
 from csm_jax.converse.llm import ChatClient, without_markdown
 from csm_jax.converse.vad import TurnDetector
 from csm_jax.dialogue import Dialogue, codes_digest
-from csm_jax.text import FRAME_SAMPLES, Segment, SentenceCutter
+from csm_jax.text import Segment, SentenceCutter
 
 
 @dataclass
@@ -77,10 +77,7 @@ class Conversation:
         if not re.search(r"\w", text):
             return None
         on_text("user", text)
-        audio24k = resample(audio, sample_rate, SAMPLE_RATE)
-        whole = -(-audio24k.size // FRAME_SAMPLES) * FRAME_SAMPLES  # end on a whole frame of (silent) padding
-        audio24k = np.pad(audio24k, (0, whole - audio24k.size))
-        log = self.respond(text, audio24k, on_audio, on_text, cancel, t0)
+        log = self.respond(text, resample(audio, sample_rate, SAMPLE_RATE), on_audio, on_text, cancel, t0)
         log.latency["asr_s"] = round(asr_s, 4)
         return log
 
@@ -88,7 +85,8 @@ class Conversation:
                 on_audio: Callable[[np.ndarray], None] = lambda a: None,
                 on_text: Callable[[str, str], None] = lambda kind, text: None,
                 cancel: threading.Event | None = None, t0: float | None = None) -> TurnLog:
-        """The reply to a user turn given as text (and optionally its 24 kHz audio, for CSM's context)."""
+        """The reply to a user turn given as text (and optionally its 24 kHz audio, for CSM's context; it enters
+        the context ending on a whole Mimi frame, closed with silence)."""
         t0 = time.monotonic() if t0 is None else t0
         text = text.strip()[: self.max_user_text_chars]
         d = self.dialogue
@@ -117,8 +115,10 @@ class Conversation:
 
         # The user's turn enters CSM's context while the LLM thinks.
         reserve = int(self.max_sentence_ms // 80) + 64
-        user = d.add(Segment(self.user_speaker, text, audio=None if audio24k is None else check_audio(audio24k)),
-                     reserve=reserve)
+        # Whole frames (a few milliseconds of silence at the end): the Mimi encoder then runs a program compiled
+        # for its length bucket at warm-up, not a new compilation for this turn's exact length.
+        audio = None if audio24k is None else whole_frames(check_audio(audio24k))
+        user = d.add(Segment(self.user_speaker, text, audio=audio), reserve=reserve)
         log.latency["context_s"] = round(time.monotonic() - t0, 4)
         if user.codes is not None:
             log.user_frames, log.user_codes_sha1 = int(user.codes.shape[1]), codes_digest(user.codes)

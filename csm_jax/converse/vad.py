@@ -69,13 +69,16 @@ class TurnEvent:
     audio: np.ndarray | None = None  # the turn's audio (at the detector's input rate) for "turn_end"
 
 
+MAX_TURN_S = 60.0  # a turn longer than this ends there (and its audio is at most this long)
+
+
 class TurnDetector:
     """Streaming end of turn: speech starts after `min_speech_ms` above `threshold`; the turn ends after
     `min_silence_ms` below `threshold - 0.15`. Feed audio at `sample_rate` in chunks of any size."""
 
     def __init__(self, vad: VoiceActivity, sample_rate: int = VAD_RATE, threshold: float = 0.5,
                  min_speech_ms: int = 160, min_silence_ms: int = 600, pad_ms: int = 200,
-                 max_turn_s: float = 60.0):
+                 max_turn_s: float = MAX_TURN_S):
         self.vad, self.sr, self.threshold = vad, sample_rate, threshold
         win_ms = 1000 * VoiceActivity.WINDOW / VAD_RATE
         self.min_speech, self.min_silence = int(np.ceil(min_speech_ms / win_ms)), int(np.ceil(min_silence_ms / win_ms))
