@@ -45,6 +45,9 @@ class Args(ConverseOptions):
     """Llama-3 tokenizer.json when the checkpoint has none."""
     frames_per_call: int = 4
     """Frames generated per device call (smaller: earlier first audio)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """CSM's compute dtype, whatever the file stores; auto = float32 on CPU (bf16 matmuls are slow there),
+    bfloat16 on GPU/TPU. Mimi decodes in float32."""
     quantize: Literal["none", "int8"] = "none"
     """int8: weight-only int8 (per-channel scales, computed at load) for the large matmul weights: half the bytes of
     bf16 per frame; codes differ a little from the unquantized model's (see benchmarks/README.md)."""
@@ -210,6 +213,8 @@ def microphone(args: Args, gen) -> None:
 
 
 def main(args: Args) -> None:
+    import jax.numpy as jnp
+
     from csm_jax.generate import Generator
 
     if args.input:  # cheap checks first, before loading models
@@ -217,7 +222,8 @@ def main(args: Args) -> None:
         check_output_folder(args.out_dir)
     args.voice_segments()
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    frames_per_call=args.frames_per_call, quantize=args.quantize)
+                    dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call,
+                    quantize=args.quantize)
     (headless if args.input else microphone)(args, gen)
 
 

@@ -63,6 +63,9 @@ class Args:
     """Compile every program the engine can run (conversing: also the Mimi encoder for every turn length) before
     serving (/health says "warming" until then), so nothing compiles while serving; JAX's on-disk compile cache
     makes later starts quick."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """CSM's compute dtype, whatever the file stores; auto = float32 on CPU (bf16 matmuls are slow there),
+    bfloat16 on GPU/TPU. Mimi decodes in float32."""
     quantize: Literal["none", "int8"] = "none"
     """int8: weight-only int8 (per-channel scales, computed at load) for the large matmul weights: half the bytes of
     bf16 per frame; codes differ a little from the unquantized model's (see benchmarks/README.md)."""
@@ -90,6 +93,8 @@ class Args:
 def main(args: Args) -> None:
     import logging
 
+    import jax.numpy as jnp
+
     from csm_jax.engine import Engine
     from csm_jax.generate import Generator
     from csm_jax.server import create_app, load_voices, serve
@@ -97,7 +102,8 @@ def main(args: Args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # warm-up progress
     mesh = _mesh(args.devices, args.slots)
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    frames_per_call=args.frames_per_call, quantize=args.quantize, mesh=mesh)
+                    dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call,
+                    quantize=args.quantize, mesh=mesh)
     voices = load_voices(args.voices_dir, gen)
     conv = args.converse
     engine = Engine(gen, args.slots, args.frames_per_call)

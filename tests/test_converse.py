@@ -60,7 +60,7 @@ def test_headless_script_end_to_end(csm_dir, llm_server, asr_model, turns, tmp_p
     cmd = [sys.executable, str(ROOT / "scripts" / "converse.py"), "--input", str(turns[0]), "--input", str(silent),
            "--input", str(turns[1]), "--out-dir", str(out), "--checkpoint", str(csm_dir),
            "--llm-url", llm_server.url, "--llm-model", llm_server.model, "--asr-model", asr_model,
-           "--max-sentence-ms", "400", "--seed", "3"]
+           "--max-sentence-ms", "400", "--seed", "3", "--dtype", "float32"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "silence.wav: no speech found" in r.stderr

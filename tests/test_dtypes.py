@@ -334,7 +334,8 @@ def test_server_request_on_bf16_checkpoint(half, refs, tmp_path):
         port = s.getsockname()[1]
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--checkpoint",
-                             str(half["hf_bfloat16"]), "--port", str(port), "--slots", "1", "--no-warmup"],
+                             str(half["hf_bfloat16"]), "--port", str(port), "--slots", "1", "--no-warmup",
+                             "--dtype", "float32"],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
