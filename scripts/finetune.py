@@ -17,6 +17,13 @@ transformers' CsmForConditionalGeneration.from_pretrained.
 Several devices: by default training is data-parallel over every visible device (--batch-size must be a
 multiple of their count); --fsdp also splits parameters and optimizer state across them, --mesh-model M adds
 tensor parallelism. Checkpoints restore onto any device count.
+
+Several hosts: start the same command on every host (one process per host, or per GPU under Slurm/mpirun)
+with JAX_COORDINATOR_ADDRESS=host:port of process 0, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=0..N-1 (or a
+launcher JAX detects; see csm_jax/distributed.py). Training then runs on the mesh of all processes' devices,
+--batch-size being the global batch; put --out (and --cache) on a filesystem every host sees: process 0
+encodes the audio and writes metrics and the export, all processes write the checkpoints together (a host
+that does not see the cache encodes its own copy).
 """
 
 from __future__ import annotations
@@ -107,14 +114,19 @@ class Args:
 
 
 def main(args: Args) -> None:
+    from csm_jax.train.trainer import start_distributed
+
+    start_distributed()  # a multi-host run: join the other processes before anything touches a device
+    import jax
     import jax.numpy as jnp
 
+    from csm_jax import distributed
     from csm_jax.checkpoints import load_csm
     from csm_jax.mimi import load_mimi, mimi_params_from_tensors
     from csm_jax.text import Tokenizer
     from csm_jax.train import data as D
     from csm_jax.train.export import export_hf
-    from csm_jax.train.trainer import RunOptions, TrainConfig, check_batch, fit, joined, training_mesh
+    from csm_jax.train.trainer import RunOptions, TrainConfig, check_batch, fit, host_values, joined, training_mesh
 
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
                      learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
@@ -135,8 +147,20 @@ def main(args: Args) -> None:
         raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer (Llama-3's tokenizer.json)")
     tok = Tokenizer(tok_file)
     cache = args.cache or args.out / "cache"
-    D.build_cache(args.data, cache, mimi, tok, ckpt.config.max_seq_len, args.encode_batch,
-                  log=lambda s: print(s, file=sys.stderr))
+    primary = jax.process_index() == 0
+
+    def encode():
+        D.build_cache(args.data, cache, mimi, tok, ckpt.config.max_seq_len, args.encode_batch,
+                      log=lambda s: print(s, file=sys.stderr))
+    if primary or jax.process_count() == 1:
+        try:
+            encode()
+        except BaseException as e:
+            distributed.report_failure(f"encoding the training data: {e}")
+            raise
+    distributed.barrier("finetune-cache")  # the other processes read what process 0 encoded
+    if not (cache / "index.jsonl").exists():  # this host does not see process 0's cache: encode its own
+        encode()
     names, rows = D.load_index(cache, tok, args.context_loss)
     train_idx, eval_idx = D.split_eval(len(rows), args.eval_fraction, args.seed)
     print(f"{len(train_idx)} training and {len(eval_idx)} held-out examples, "
@@ -148,17 +172,25 @@ def main(args: Args) -> None:
     cfg = ckpt.config
     trainable, frozen, history = fit(cfg, ckpt.params, [rows[i] for i in train_idx], [rows[i] for i in eval_idx],
                                      tc, run, log=lambda s: print(s, file=sys.stderr))
-    del history
     lines = (args.out / "metrics.jsonl").read_text().splitlines() if (args.out / "metrics.jsonl").exists() else []
-    last = json.loads(lines[-1]) if lines else {}
-    if last:
+    last = json.loads(lines[-1]) if lines else (history[-1] if history else {})
+    del history
+    if last and primary:
         print(json.dumps({k: last[k] for k in ("step", "loss", "eval_loss") if k in last}))
     done = last.get("step", 0) >= tc.steps
     if args.export and done:
         params, _ = joined(cfg, trainable, frozen, tc, merged=True)
-        path = export_hf(args.out / "export", cfg, params, args.checkpoint, str(tok_file), dtype=args.export_dtype)
-        print(f"exported to {path}", file=sys.stderr)
-    elif not done:
+        params = host_values(params)  # every process takes part in gathering; process 0 writes
+        if primary:
+            try:
+                path = export_hf(args.out / "export", cfg, params, args.checkpoint, str(tok_file),
+                                 dtype=args.export_dtype)
+            except BaseException as e:
+                distributed.report_failure(f"exporting: {e}")
+                raise
+            print(f"exported to {path}", file=sys.stderr)
+        distributed.barrier("finetune-export")
+    elif not done and primary:
         print(f"stopped at step {last.get('step', 0)} of {tc.steps}; continue with --resume", file=sys.stderr)
 
 

@@ -12,6 +12,11 @@ On several devices the step runs on a ("data", "model") mesh of csm_jax.sharding
 and with FSDP every matrix is also split along "data"; the optimizer state is placed like the parameters it
 belongs to (optax.tree_map_params), and the step's outputs keep those placements (out_shardings), so one
 compiled program serves every step. On one device nothing is placed: the step is the plain jitted function.
+
+Several hosts (one process each, `start_distributed` first): the mesh spans every process's devices, every
+process reads the same batches (same seed) and places only its own devices' shards of them (sharding.put), the
+gradients are summed across processes by XLA's collectives, only process 0 writes metrics and progress, and
+orbax writes each checkpoint together from all processes.
 """
 
 from __future__ import annotations
@@ -122,6 +127,28 @@ def global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
 
 
+def start_distributed() -> bool:
+    """Joins a multi-host run when the environment describes one (csm_jax.distributed: JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a launcher JAX detects); returns whether it did. Call before anything
+    touches a device. Training needs cross-process collectives: on CPU they go through gloo (the setting only
+    concerns JAX's CPU backend)."""
+    from csm_jax import distributed
+
+    if distributed.plan() is None:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    return distributed.initialize()
+
+
+def host_values(tree):
+    """The whole values of a (possibly sharded across processes) pytree as numpy arrays, in every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def training_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh | None:
     """The mesh training runs on: `data` x `model` of `devices` (default jax.devices(); the first
     data*model of them). data=None takes every device left after `model`. None (no mesh: plain one-device
@@ -136,6 +163,9 @@ def training_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh
     if data * model > len(devices):
         raise ValueError(f"a {data} x {model} mesh needs {data * model} devices, only {len(devices)} are visible; "
                          f"lower --mesh-data/--mesh-model")
+    if jax.process_count() > 1 and data * model != len(devices):
+        raise ValueError(f"a multi-host run trains on all {len(devices)} devices of its {jax.process_count()} "
+                         f"processes; --mesh-data x --mesh-model ({data} x {model}) must equal {len(devices)}")
     if data * model == 1:
         return None
     return sharding.make_mesh(data, model, devices[:data * model])
@@ -227,8 +257,9 @@ def make_step(cfg: CsmConfig, tc: TrainConfig, mesh: Mesh | None = None, fsdp: b
 
 
 @lru_cache(maxsize=8)
-def make_eval(cfg: CsmConfig, tc: TrainConfig):
-    return jax.jit(lambda trainable, frozen, batch: _loss(cfg, tc, trainable, frozen, batch)[1])
+def make_eval(cfg: CsmConfig, tc: TrainConfig, mesh: Mesh | None = None):
+    fn = lambda trainable, frozen, batch: _loss(cfg, tc, trainable, frozen, batch)[1]  # noqa: E731
+    return jax.jit(fn) if mesh is None else jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def eval_loss(eval_fn, trainable, frozen, batches) -> dict:
@@ -308,7 +339,7 @@ def fit(cfg: CsmConfig, params: dict, train_rows: list, eval_rows: list, tc: Tra
         log(f"training on a {mesh.shape['data']} (data) x {mesh.shape['model']} (model) mesh"
             f"{', parameters and optimizer state split along data (FSDP)' if run.fsdp else ''}")
 
-    train_step, eval_fn = make_step(cfg, tc, mesh, run.fsdp), make_eval(cfg, tc)
+    train_step, eval_fn = make_step(cfg, tc, mesh, run.fsdp), make_eval(cfg, tc, mesh)
     eval_sets = [place_batch(b, mesh) for b in D.eval_batches(eval_rows, tc.batch_size, turns)] if eval_rows else []
     lr = schedule(tc)
     data = batches.iterate(epoch, index)
