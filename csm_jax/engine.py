@@ -47,6 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from csm_jax import csm
+from csm_jax.audio import SAMPLE_RATE
 from csm_jax.bundle import ModelBundle, bucket
 from csm_jax.schedule import Scheduler
 from csm_jax.mimi import decode_step, init_decoder_state
@@ -54,7 +55,6 @@ from csm_jax.text import Segment
 
 FRAME_MS = 80
 FRAME_SAMPLES = 1920
-SAMPLE_RATE = FRAME_SAMPLES * 1000 // FRAME_MS  # 24 kHz
 MAX_SEED = 2**32 - 1  # seeds key a uint32 PRNG stream
 
 
