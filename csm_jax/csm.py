@@ -208,11 +208,12 @@ PREFILL_CHUNK = 128
 PREFILL_STEP = 32
 
 
-def prefill_pieces(tokens: np.ndarray, mask: np.ndarray, lengths):
+def prefill_pieces(tokens: np.ndarray, mask: np.ndarray, lengths, put=jax.device_put):
     """Cuts prompts (R, S, 33) into the calls that `prefill` runs one after another: yields (tokens (R, P, 33),
     mask (R, P, 33), lengths (R,) int32). Pieces have PREFILL_CHUNK rows; the last one is the rest rounded up
     to a multiple of PREFILL_STEP. A prompt of any length then computes fewer than PREFILL_STEP padding rows
-    (a 279-row history computes 288, not 512) and compiles one program per piece size (four) and batch."""
+    (a 279-row history computes 288, not 512) and compiles one program per piece size (four) and batch.
+    `put` moves each host array to the device(s) (e.g. replicated on a mesh): one transfer per array."""
     lengths = np.asarray(lengths, np.int32)
     longest = int(lengths.max()) if lengths.size else 0
     R, C = tokens.shape[0], tokens.shape[2]
@@ -223,7 +224,7 @@ def prefill_pieces(tokens: np.ndarray, mask: np.ndarray, lengths):
         piece_t, piece_m = tokens[:, start:start + P], mask[:, start:start + P]
         t[:, :piece_t.shape[1]], m[:, :piece_m.shape[1]] = piece_t, piece_m
         # device_put, not jnp.asarray: a plain transfer, never a (tiny) compiled program per new shape
-        yield jax.device_put(t), jax.device_put(m), jax.device_put(np.clip(lengths - start, 0, P).astype(np.int32))
+        yield put(t), put(m), put(np.clip(lengths - start, 0, P).astype(np.int32))
         start += P
 
 
@@ -272,15 +273,17 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     """
     B = h.shape[0]
     dcfg, V, heads = cfg.decoder, cfg.audio_vocab_size, params["audio_head"]
-    cache = llama.init_cache(dcfg, B, cfg.num_codebooks, h.dtype)
+    # Every row is at the same position (codebook) at every step: the lockstep path, cell = position.
+    kv = llama.init_kv(dcfg, B, cfg.num_codebooks, h.dtype)
+    table = llama.rope_table(dcfg, cfg.num_codebooks)
+    forward = partial(llama.forward_shared, dcfg, params["decoder"])
     x = linear(jnp.stack([h, params["audio_embed"][c0]], 1), params["projection"])  # (B, 2, Dd)
-    pos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (B, 2))
     if B == 1 and jax.default_backend() == "cpu":
         # XLA:CPU runs a 2-row matmul 2-3x slower than two 1-row ones: feed the two positions one by one.
-        out, cache = llama.forward(dcfg, params["decoder"], x[:, :1], pos[:, :1], cache)
-        out, cache = llama.forward(dcfg, params["decoder"], x[:, 1:], pos[:, 1:], cache)
+        out, kv = forward(x[:, :1], 0, kv, table)
+        out, kv = forward(x[:, 1:], 1, kv, table)
     else:
-        out, cache = llama.forward(dcfg, params["decoder"], x, pos, cache)
+        out, kv = forward(x, 0, kv, table)
     logits = linear(out[:, -1], heads[0], jnp.float32)
     c1 = sample_fn(logits, 1)
     # One branch per head: each reads its own weight buffer (indexing a stacked (31, V, Dd) array copied the
@@ -288,14 +291,14 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     head_fns = [lambda o, w=w: linear(o, w, jnp.float32) for w in heads[1:]]
 
     def step(carry, i):
-        cache, prev = carry
+        kv, prev = carry
         x = linear(params["audio_embed"][prev + (i - 1) * V][:, None], params["projection"])
-        out, cache = llama.forward(dcfg, params["decoder"], x, jnp.full((B, 1), i, jnp.int32), cache)
+        out, kv = forward(x, i, kv, table)
         lg = jax.lax.switch(i - 2, head_fns, out[:, 0])
         c = sample_fn(lg, i)
-        return (cache, c), (c, lg)
+        return (kv, c), (c, lg)
 
-    _, (cs, lgs) = jax.lax.scan(step, (cache, c1), jnp.arange(2, cfg.num_codebooks))
+    _, (cs, lgs) = jax.lax.scan(step, (kv, c1), jnp.arange(2, cfg.num_codebooks))
     codes = jnp.concatenate([c1[:, None], cs.T], 1)
     return codes, jnp.concatenate([logits[:, None], jnp.moveaxis(lgs, 0, 1)], 1)
 

@@ -485,9 +485,8 @@ class Engine:
         return self._put(slots + [slots[0]] * (R - len(slots)), np.int32)
 
     def _pieces(self, tokens: np.ndarray, mask: np.ndarray, lengths):
-        """csm.prefill_pieces, each piece replicated on the mesh when there is one."""
-        for piece in csm.prefill_pieces(tokens, mask, lengths):
-            yield piece if self.mesh is None else self.model.replicate(piece)
+        """csm.prefill_pieces, each piece transferred once (replicated on the mesh when there is one)."""
+        return csm.prefill_pieces(tokens, mask, lengths, put=lambda x: self._put(x, x.dtype))
 
     def _rows(self, active: int) -> int:
         """Rows one generation program computes for `active` generating slots: a power of two (or every slot).
