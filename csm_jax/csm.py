@@ -273,17 +273,15 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     """
     B = h.shape[0]
     dcfg, V, heads = cfg.decoder, cfg.audio_vocab_size, params["audio_head"]
-    # Every row is at the same position (codebook) at every step: the lockstep path, cell = position.
-    kv = llama.init_kv(dcfg, B, cfg.num_codebooks, h.dtype)
-    table = llama.rope_table(dcfg, cfg.num_codebooks)
-    forward = partial(llama.forward_shared, dcfg, params["decoder"])
+    cache = llama.init_cache(dcfg, B, cfg.num_codebooks, h.dtype)
     x = linear(jnp.stack([h, params["audio_embed"][c0]], 1), params["projection"])  # (B, 2, Dd)
+    pos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (B, 2))
     if B == 1 and jax.default_backend() == "cpu":
         # XLA:CPU runs a 2-row matmul 2-3x slower than two 1-row ones: feed the two positions one by one.
-        out, kv = forward(x[:, :1], 0, kv, table)
-        out, kv = forward(x[:, 1:], 1, kv, table)
+        out, cache = llama.forward(dcfg, params["decoder"], x[:, :1], pos[:, :1], cache)
+        out, cache = llama.forward(dcfg, params["decoder"], x[:, 1:], pos[:, 1:], cache)
     else:
-        out, kv = forward(x, 0, kv, table)
+        out, cache = llama.forward(dcfg, params["decoder"], x, pos, cache)
     logits = linear(out[:, -1], heads[0], jnp.float32)
     c1 = sample_fn(logits, 1)
     # One branch per head: each reads its own weight buffer (indexing a stacked (31, V, Dd) array copied the
@@ -291,14 +289,14 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     head_fns = [lambda o, w=w: linear(o, w, jnp.float32) for w in heads[1:]]
 
     def step(carry, i):
-        kv, prev = carry
+        cache, prev = carry
         x = linear(params["audio_embed"][prev + (i - 1) * V][:, None], params["projection"])
-        out, kv = forward(x, i, kv, table)
+        out, cache = llama.forward(dcfg, params["decoder"], x, jnp.full((B, 1), i, jnp.int32), cache)
         lg = jax.lax.switch(i - 2, head_fns, out[:, 0])
         c = sample_fn(lg, i)
-        return (kv, c), (c, lg)
+        return (cache, c), (c, lg)
 
-    _, (cs, lgs) = jax.lax.scan(step, (kv, c1), jnp.arange(2, cfg.num_codebooks))
+    _, (cs, lgs) = jax.lax.scan(step, (cache, c1), jnp.arange(2, cfg.num_codebooks))
     codes = jnp.concatenate([c1[:, None], cs.T], 1)
     return codes, jnp.concatenate([logits[:, None], jnp.moveaxis(lgs, 0, 1)], 1)
 
