@@ -63,3 +63,44 @@ def test_bench_server_plain_levels_run_and_report(csm_dir):
     assert level["ttfb_p50_s"] > 0 and level["audio_s_per_wall_s"] > 0
     # 320 ms cap: four frames at most (fewer if the random model ends its speech early).
     assert 0 < level["audio_s_per_wall_s"] * level["wall_s"] <= 0.32 + 1e-9
+
+
+def test_profile_frame_splits_the_trace_into_classes(tmp_path):
+    """profile_frame.py on the tiny model (CPU: XLA's ops are thunks on host threads): every class is in the
+    table, the class totals add up to the total, and the total equals the frame program's op events read back
+    independently from the perfetto JSON that jax's profiler wrote beside the .xplane.pb the script parsed."""
+    import gzip
+
+    out = subprocess.run([sys.executable, "benchmarks/profile_frame.py", "--size", "tiny", "--frames-per-call", "2",
+                          "--calls", "2", "--warmup", "1", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads((tmp_path / "profile.json").read_text())
+    assert printed["total_us_per_frame"] == r["total_us_per_frame"]
+    classes = r["classes"]
+    assert list(classes)[:6] == ["backbone layers", "depth-decoder layers", "depth attention", "sampling",
+                                 "embeddings/projection/heads", "copies/other"]
+    total, kernels = r["total_us_per_frame"], r["kernels_per_frame"]
+    assert total > 0 and kernels > 0 and r["wall_us_per_frame"] > 0 and r["busy_us_per_frame"] > 0
+    assert math.isclose(sum(c["us_per_frame"] for c in classes.values()), total, rel_tol=1e-9)
+    assert math.isclose(sum(c["kernels_per_frame"] for c in classes.values()), kernels, rel_tol=1e-9)
+    for name in ("backbone layers", "depth-decoder layers", "depth attention", "sampling",
+                 "embeddings/projection/heads"):
+        assert classes[name]["us_per_frame"] > 0 and classes[name]["kernels_per_frame"] > 0, name
+    # The codebook scan: codebooks 2..31 of each frame (tiny has 32 codebooks, as csm-1b).
+    assert r["depth_step_trip_count"] == 30 and r["depth_step_kernels"] > 0 and r["depth_kernels_per_codebook"] > 0
+    # Independent reading: the perfetto JSON's events for the same ops, summed per frame.
+    (perfetto,) = tmp_path.glob("trace/plugins/profile/*/perfetto_trace.json.gz")
+    names = {o["op"] for o in r["ops"]}
+    events = [e for e in json.load(gzip.open(perfetto))["traceEvents"]
+              if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") == "jit_run_frames"
+              and e["args"].get("hlo_op") in names]
+    frames = r["calls_traced"] * r["frames_per_call"]
+    assert math.isclose(len(events) / frames, kernels, rel_tol=1e-9)
+    assert math.isclose(sum(e["dur"] for e in events) / frames, total, rel_tol=1e-3)
+    # The printed table shows the same figures.
+    rows = {line[:32].strip(): line[32:].split() for line in (tmp_path / "table.txt").read_text().splitlines()}
+    for name, c in classes.items():
+        assert math.isclose(float(rows[name][1]), c["us_per_frame"], abs_tol=0.051), (name, rows[name])
+    assert math.isclose(float(rows["total (op time)"][1]), total, abs_tol=0.051)
