@@ -8,7 +8,8 @@
 # under its own time limit, so one that hangs or fails costs its limit and the others still run; the exit
 # status counts the benchmarks that failed. `quick` shortens every run and skips the server's warm-up (a check
 # that the script works, not a figure).
-# Order: what is cheapest and most asked for first (batch-1 frame time, int8, Mimi memory, then the server).
+# Order: what is cheapest and most asked for first (where a batch-1 frame's time goes, batch-1 frame time, int8,
+# Mimi memory, then the server).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
@@ -47,6 +48,9 @@ else
   F=64; AGREE=200; LONG=600; LEVELS=(1 64 256 600); SLOTS=640; CONV=64; SIZE=(); SERVER_FLAGS=()
 fi
 
+# Batch 1: where a frame's device time goes, kernel by kernel, in classes (jax.profiler trace; the table,
+# profile.json, the compiled HLO and the raw trace for ui.perfetto.dev in OUT/profile).
+run profile_b1 240 "$PY" benchmarks/profile_frame.py "${SIZE[@]}" --batch 1 --frames-per-call 8 --out "$OUT/profile"
 # Batch 1: frame time split into backbone, depth pass, sampling and host, beside the bandwidth bound.
 run generate_b1 240 "$PY" benchmarks/bench_generate.py "${SIZE[@]}" --batches 1 --frames "$F" --frames-per-call 8
 # int8 weights: batch-1 speed and greedy agreement with the unquantized weights.

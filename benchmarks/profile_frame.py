@@ -338,6 +338,42 @@ def _self_times(events):
     return [(item, max(d, 0.0)) for item, d in out]
 
 
+def load_planes(trace_dir: str) -> tuple[str, list]:
+    """The newest trace under trace_dir as (file read, [(plane name, [(line name, [(event name, start ns,
+    duration ns, stats dict)])])]): its .xplane.pb through jax.profiler.ProfileData (jaxlib's own reader),
+    else (a jax without it) the .trace.json.gz the profiler writes beside it (pid = plane, tid = line)."""
+    found = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb")), key=os.path.getmtime)
+    if not found:
+        raise SystemExit(f"error: the profiler wrote no .xplane.pb under {trace_dir}")
+    try:
+        from jax.profiler import ProfileData
+    except ImportError:
+        ProfileData = None
+    if ProfileData is not None:
+        data = ProfileData.from_file(found[-1])
+        return found[-1], [(p.name, [(l.name, [(e.name, e.start_ns, e.duration_ns, dict(e.stats)) for e in l.events])
+                                     for l in p.lines]) for p in data.planes]
+    import gzip
+
+    (path,) = glob.glob(os.path.join(os.path.dirname(found[-1]), "*.trace.json.gz"))
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    planes, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            planes[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[e["pid"], e["tid"]] = e["args"]["name"]
+    lines = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X":
+            lines[e["pid"], e.get("tid")].append((e["name"], e["ts"] * 1e3, e.get("dur", 0) * 1e3, e.get("args", {})))
+    out = collections.defaultdict(list)
+    for (pid, tid), evs in lines.items():
+        out[planes.get(pid, str(pid))].append((threads.get((pid, tid), str(tid)), evs))
+    return path, list(out.items())
+
+
 def read_trace(trace_dir: str, module: str, instrs: dict) -> dict:
     """The op events of the frame program in the newest trace under trace_dir.
 
@@ -345,12 +381,7 @@ def read_trace(trace_dir: str, module: str, instrs: dict) -> dict:
     Device planes (/device:GPU:0, /device:TPU:0) are read when they hold events: their stream lines (one event
     per kernel or copy), else their XLA Ops line. Otherwise the host plane's XLA:CPU thunks, control flow
     excepted."""
-    from jax.profiler import ProfileData
-
-    files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb")), key=os.path.getmtime)
-    if not files:
-        raise SystemExit(f"error: the profiler wrote no .xplane.pb under {trace_dir}")
-    data = ProfileData.from_file(files[-1])
+    path, planes = load_planes(trace_dir)
     by_sanitized = {_sanitize(n): n for n in instrs}
 
     def op_of(name: str, stats: dict) -> str | None:
@@ -361,7 +392,7 @@ def read_trace(trace_dir: str, module: str, instrs: dict) -> dict:
             for tok in reversed(re.split(r"[;,\s]+", hlo_op)):  # several annotations joined
                 if tok.lstrip("%") in instrs:
                     return tok.lstrip("%")
-        for cand in (name, name.lstrip("%"), by_sanitized.get(_sanitize(name)), by_sanitized.get(name)):
+        for cand in (name, name.lstrip("%"), by_sanitized.get(_sanitize(name))):
             if cand and cand in instrs:
                 return cand
         return None
@@ -370,46 +401,45 @@ def read_trace(trace_dir: str, module: str, instrs: dict) -> dict:
         m = stats.get("hlo_module")
         return not isinstance(m, str) or not module or m == module or m.startswith(module + "(")
 
-    device = [p for p in data.planes if p.name.startswith("/device:") and not p.name.startswith("/device:CUSTOM")]
-    for plane in device:
-        lines = list(plane.lines)
-        picked = [l for l in lines if l.name.startswith("Stream")]
-        picked = picked or [l for l in lines if l.name == "XLA Ops"]
-        picked = picked or [l for l in lines if l.name not in DERIVED_LINES]
+    for plane, lines in planes:
+        if not plane.startswith("/device:") or plane.startswith("/device:CUSTOM"):
+            continue
+        picked = [l for l in lines if l[0].startswith("Stream")]
+        picked = picked or [l for l in lines if l[0] == "XLA Ops"]
+        picked = picked or [l for l in lines if l[0] not in DERIVED_LINES]
         events = []
-        for line in picked:
+        for _, line in picked:
             lane = []
-            for e in line.events:
-                stats = dict(e.stats)
+            for name, start, dur, stats in line:
                 if not ours(stats):
                     continue
-                op = op_of(e.name, stats)
-                lane.append((e.start_ns, e.duration_ns, (op or e.name, e.start_ns, e.duration_ns, op is not None)))
-            events += [(item[0], item[1], d, item[3]) for item, d in _self_times(lane)]
+                op = op_of(name, stats)
+                lane.append((start, dur, (op or name, start, op is not None)))
+            events += [(item[0], item[1], d, item[2]) for item, d in _self_times(lane)]
         if events:
-            names = ", ".join(l.name for l in picked)
-            return {"lane": f"device {plane.name}: {names}", "events": events}
+            names = ", ".join(sorted({l[0] for l in picked}))
+            return {"lane": f"device {plane}: {names} (from {os.path.basename(path)})", "events": events}
 
-    host = [p for p in data.planes if p.name == "/host:CPU"]
     events, threads = [], 0
-    for plane in host:
-        for line in plane.lines:
+    for plane, lines in planes:
+        if plane != "/host:CPU":
+            continue
+        for _, line in lines:
             lane = []
-            for e in line.events:
-                stats = dict(e.stats)
+            for name, start, dur, stats in line:
                 if "hlo_op" not in stats or not ours(stats):
                     continue
-                op = op_of(e.name, stats)
+                op = op_of(name, stats)
                 if op is not None and instrs[op].opcode in CONTROL_FLOW:
                     continue
-                lane.append((e.start_ns, e.duration_ns, (op or str(stats["hlo_op"]), e.start_ns, op is not None)))
+                lane.append((start, dur, (op or str(stats["hlo_op"]), start, op is not None)))
             threads += bool(lane)
             events += [(item[0], item[1], d, item[2]) for item, d in _self_times(lane)]
     if not events:
         raise SystemExit("error: the trace holds no op events of the frame program: on an NVIDIA GPU the "
                          "profiler needs CUPTI (pip install the CUDA plugin's wheels: pip install -e '.[cuda]')")
-    return {"lane": f"host threads (XLA:CPU runs ops as thunks on {threads} host threads; no device lanes)",
-            "events": events}
+    return {"lane": f"host threads (XLA:CPU runs ops as thunks on {threads} host threads; no device lanes; "
+                    f"from {os.path.basename(path)})", "events": events}
 
 
 def busy_ns(events) -> float:
@@ -514,10 +544,16 @@ def main(args: Args) -> None:
     wall_ns = (time.perf_counter() - t0) * 1e9
     trace_dir = os.path.join(args.out, "trace")
     t0 = time.perf_counter()
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    try:
         st = calls(args.calls, st)
         jax.block_until_ready(st)
-    traced_wall_ns = (time.perf_counter() - t0) * 1e9
+        traced_wall_ns = (time.perf_counter() - t0) * 1e9
+    finally:
+        try:
+            jax.profiler.stop_trace()
+        except ValueError as e:  # the .xplane.pb is written first; only the perfetto copy failed
+            print(f"note: no perfetto_trace.json.gz ({e}); the .xplane.pb is read", flush=True)
     if valid_total != B * K * (1 + args.warmup + 2 * args.calls):
         raise SystemExit("error: a row stopped early (an end-of-speech frame): the figures would be off; "
                          "rerun (random weights rarely do this) or use --size/--checkpoint")
@@ -529,7 +565,12 @@ def main(args: Args) -> None:
     step_ops, trip = depth_step(instrs, comps)
     per_op = {}
     for op, _, dur, attributed in trace["events"]:
-        cls, scope, how = classes[op] if attributed else (UNATTRIBUTED, "", "")
+        if attributed:
+            cls, scope, how = classes[op]
+        elif re.search(r"mem(cpy|set)", op, re.I):  # a transfer no op of the program made (the host's reads)
+            cls, scope, how = "copies/other", "", "(outside the program's ops)"
+        else:
+            cls, scope, how = UNATTRIBUTED, "", ""
         r = per_op.setdefault(op, {"op": op, "opcode": instrs[op].opcode if attributed else "", "class": cls,
                                    "scope": how + short_scope(scope), "count": 0, "ns": 0.0})
         r["count"] += 1
@@ -549,7 +590,7 @@ def main(args: Args) -> None:
             parts[r["sampling_part"]] += r["us_per_frame"]
     total_us = sum(r["us_per_frame"] for r in ops)
     total_kernels = sum(r["count_per_frame"] for r in ops)
-    depth_kernels = sum(r["count_per_frame"] for r in ops if "depth_decoder" in r["scope"]
+    depth_kernels = sum(r["count_per_frame"] for r in ops if "depth_decoder" in r["scope"] or r["op"] in step_ops
                         or r["class"] in ("depth-decoder layers", "depth attention"))
     step_kernels = sum(r["count_per_frame"] for r in ops if r["op"] in step_ops)
     result = {
@@ -594,7 +635,7 @@ def format_table(r: dict, top: int) -> str:
     step = (f"; the codebook scan's body runs {r['depth_step_kernels']:.1f} kernels per step "
             f"({r['depth_step_trip_count']} steps per frame)" if r["depth_step_kernels"] else "")
     lines.append(f"depth decoder: {r['depth_kernels_per_codebook']:.1f} kernels per codebook "
-                 f"(its kernels per frame / 31, sampling included){step}")
+                 f"(its kernels per frame / 31: its scopes and its scan's body, sampling and loop copies included){step}")
     if r["unscoped"]:
         lines.append(f"(not found, so unscoped: {', '.join(r['unscoped'])})")
     lines += ["", f"top {min(top, len(r['ops']))} of {len(r['ops'])} ops by time per frame:",
