@@ -23,18 +23,22 @@ Per class: ops (kernels) per frame and microseconds per frame; then the ops them
 kernels per codebook step, and the total op time per frame beside the wall time per frame. On a GPU or TPU
 the device's lanes are read (one event per kernel, copies included); XLA:CPU has no device lanes: its ops
 run as thunks on host threads, which are read instead (control-flow thunks left out: they span their body).
-Several CPU threads may run ops at once, so there the op total can exceed the wall time.
+Several CPU threads may run ops at once, so there the op total can exceed the wall time. A kernel whose
+event names no op of the program (its annotation missing, as may happen inside a CUDA graph) is listed as
+unattributed under its kernel name; XLA_FLAGS=--xla_gpu_enable_command_buffer= turns the graphs off.
 
-The scopes come from wrapping a few public functions of csm_jax (csm.depth_decoder, csm.sample,
-csm.embed_rows, csm.backbone_logits, llama.forward and the attention) in `jax.named_scope` before the
-program is traced: the computation is unchanged, only its HLO metadata is named. An op none of them covers
-still lands in a class by its own scope names (`layerN` of llama.forward, threefry for random bits).
+The scopes come from wrapping a few functions of csm_jax (csm.depth_decoder, csm.sample, csm.embed_rows,
+csm.backbone_logits, llama's forward passes `forward*` and attentions `_attention*`) in `jax.named_scope`
+before the program is traced: the computation is unchanged, only its HLO metadata is named. An op none of
+them covers still lands in a class by its own scope names (`layerN` of llama's layers, threefry for random
+bits). An op that lost its metadata in compilation (XLA:CPU's dots) is a head if it makes logits, else takes
+the class of its nearest neighbours in the dataflow (marked "(from neighbours)" in the table).
 
 Written to `--out`: the raw trace (`trace/plugins/profile/*/`: `.xplane.pb`, `.trace.json.gz` and
 `perfetto_trace.json.gz`, which ui.perfetto.dev opens), the compiled HLO (`frame_hlo.txt`), the table
 (`table.txt`) and every figure (`profile.json`, also the last line printed). Needs only jax and jaxlib (the
-trace is read with `jax.profiler.ProfileData`); on NVIDIA GPUs the trace's device lanes need CUPTI, which
-the CUDA plugin's pip wheels bring.
+trace is read with `jax.profiler.ProfileData`, or from the `.trace.json.gz` where a jax lacks it); on NVIDIA
+GPUs the trace's device lanes need CUPTI, which the CUDA plugin's pip wheels bring.
 """
 
 from __future__ import annotations
@@ -399,7 +403,7 @@ def read_trace(trace_dir: str, module: str, instrs: dict) -> dict:
 
     def ours(stats: dict) -> bool:
         m = stats.get("hlo_module")
-        return not isinstance(m, str) or not module or m == module or m.startswith(module + "(")
+        return not isinstance(m, str) or not module or module in m
 
     for plane, lines in planes:
         if not plane.startswith("/device:") or plane.startswith("/device:CUSTOM"):
@@ -636,6 +640,10 @@ def format_table(r: dict, top: int) -> str:
             f"({r['depth_step_trip_count']} steps per frame)" if r["depth_step_kernels"] else "")
     lines.append(f"depth decoder: {r['depth_kernels_per_codebook']:.1f} kernels per codebook "
                  f"(its kernels per frame / 31: its scopes and its scan's body, sampling and loop copies included){step}")
+    unattributed = r["classes"].get(UNATTRIBUTED, {}).get("us_per_frame", 0.0)
+    if unattributed > 0.05 * total:
+        lines.append(f"{unattributed:.0f} us per frame ran in kernels that name no op of the program (CUDA graphs "
+                     "can hide their annotations): compare with XLA_FLAGS=--xla_gpu_enable_command_buffer=")
     if r["unscoped"]:
         lines.append(f"(not found, so unscoped: {', '.join(r['unscoped'])})")
     lines += ["", f"top {min(top, len(r['ops']))} of {len(r['ops'])} ops by time per frame:",
