@@ -28,7 +28,7 @@ event names no op of the program (its annotation missing, as may happen inside a
 unattributed under its kernel name; XLA_FLAGS=--xla_gpu_enable_command_buffer= turns the graphs off.
 
 The scopes come from wrapping a few functions of csm_jax (csm.depth_decoder, csm.sample, csm.embed_rows,
-csm.backbone_logits, llama's forward passes `forward*` and attentions `_attention*`) in `jax.named_scope`
+csm.backbone_logits, llama's forward passes `forward*` and attention functions `*atten*`) in `jax.named_scope`
 before the program is traced: the computation is unchanged, only its HLO metadata is named. An op none of
 them covers still lands in a class by its own scope names (`layerN` of llama's layers, threefry for random
 bits). An op that lost its metadata in compilation (XLA:CPU's dots) is a head if it makes logits, else takes
@@ -108,7 +108,8 @@ def _scoped(fn, name):
 def name_scopes() -> list[str]:
     """Wraps the functions a frame is made of in named scopes (before the frame program is first traced):
     csm's depth decoder, sampling, embeddings and c0 head, and llama's forward passes (every `forward*`) and
-    attentions (every `_attention*`). Returns the ones not found (their ops fall back to their own scopes)."""
+    attention functions (every name with "atten": `_attention*`, `_attend`; a scope around a helper such as
+    `attention_windows` names nothing and costs nothing). Returns the ones not found (their ops fall back to their own scopes)."""
     import inspect
 
     from csm_jax import csm, llama
@@ -121,13 +122,14 @@ def name_scopes() -> list[str]:
             setattr(csm, attr, _scoped(fn, scope))
         else:
             missing.append(f"csm.{attr}")
-    for prefix, scope in (("forward", "transformer"), ("_attention", "attention")):
-        found = [n for n, fn in vars(llama).items() if n.startswith(prefix) and inspect.isfunction(fn)
+    for match, scope, what in ((lambda n: n.startswith("forward"), "transformer", "forward*"),
+                               (lambda n: "atten" in n, "attention", "*atten*")):
+        found = [n for n, fn in vars(llama).items() if match(n) and inspect.isfunction(fn)
                  and fn.__module__ == llama.__name__]
         for n in found:
             setattr(llama, n, _scoped(getattr(llama, n), scope))
         if not found:
-            missing.append(f"llama.{prefix}*")
+            missing.append(f"llama.{what}")
     return missing
 
 

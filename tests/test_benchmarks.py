@@ -72,7 +72,7 @@ def test_profile_frame_splits_the_trace_into_classes(tmp_path):
     import gzip
 
     out = subprocess.run([sys.executable, "benchmarks/profile_frame.py", "--size", "tiny", "--frames-per-call", "2",
-                          "--calls", "2", "--warmup", "1", "--out", str(tmp_path)],
+                          "--calls", "1", "--warmup", "0", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     printed = json.loads(out.stdout.strip().splitlines()[-1])
