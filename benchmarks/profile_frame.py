@@ -89,6 +89,9 @@ class Args:
     """Folder for the trace, the compiled HLO, the table and profile.json."""
     top: int = 40
     """Ops listed in the table (all of them are in profile.json)."""
+    reanalyse: str = ""
+    """Only redo the table and profile.json from a finished run's folder (its frame_hlo.txt, trace and
+    profile.json), e.g. a device run's output read on another machine; nothing is run."""
 
 
 # ------------------------------------------------------------------------------------------------ scopes
@@ -158,15 +161,19 @@ def classify(op_name: str, opcode: str = "") -> str:
     return "copies/other"
 
 
-def sampling_part(op_name: str) -> str:
-    """Which part of sampling an op belongs to (a finer split of the sampling class)."""
+def sampling_part(instr, instrs: dict, comps: dict) -> str:
+    """Which part of sampling an op belongs to (a finer split of the sampling class): an argmax is a
+    variadic reduce over (value, iota index), whether it picks the greedy code or the Gumbel draw."""
+    op_name = instr.op_name
+    inner = [instrs[n] for c in instr.called for n in comps.get(c, ())]
+    if "argmax" in op_name or (any(i.opcode == "iota" for i in inner) and any(
+            i.opcode == "reduce" and i.shape.startswith("(") for i in inner + [instr])):
+        return "argmax (greedy and the draw)"
     if any(r in op_name for r in ("threefry", "random_bits", "random_split", "random_fold_in", "_gumbel",
                                   "_uniform", "categorical")):
-        return "random bits and the draw"
+        return "random bits (threefry, Gumbel)"
     if any(r in op_name for r in ("top_k", "sort", "kth_largest", "bisection")):
         return "top-k"
-    if "argmax" in op_name:
-        return "argmax"
     return "masks, temperature, selects"
 
 
@@ -461,6 +468,10 @@ def busy_ns(events) -> float:
 
 # ------------------------------------------------------------------------------------------------ run
 
+_META = ("model", "batch", "dtype", "frames_per_call", "calls_traced", "backend", "device", "jax", "compile_s",
+         "wall_us_per_frame", "traced_wall_us_per_frame", "num_codebooks", "audio_vocab_size", "unscoped")
+
+
 
 def build(args):
     """(cfg, params, dtype, what) as bench_generate.py builds them, or from --checkpoint."""
@@ -501,6 +512,15 @@ def main(args: Args) -> None:
 
     from bench_generate import _prompt
 
+    if args.reanalyse:
+        path = os.path.join(args.reanalyse, "profile.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: --reanalyse {args.reanalyse}: no profile.json there (the folder of a run)")
+        with open(path) as f:
+            meta = {k: v for k, v in json.load(f).items() if k in _META}
+        meta = {"num_codebooks": 32, "audio_vocab_size": 2051, "unscoped": []} | meta  # csm-1b's, if not recorded
+        analyse(args.reanalyse, meta, args.top)
+        return
     if args.quantize not in ("none", "int8"):
         raise SystemExit(f"error: --quantize {args.quantize}: use none or int8")
     if min(args.batch, args.frames_per_call, args.calls) < 1 or args.warmup < 0:
@@ -529,11 +549,7 @@ def main(args: Args) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "frame_hlo.txt"), "w") as f:
         f.write(hlo)
-    module, instrs, comps = parse_hlo(hlo)
-    if not instrs:
-        raise SystemExit("error: could not read the compiled HLO text (no instructions found)")
-    print(f"compiled {module} ({K} frames per call, batch {B}) in {compile_s:.1f} s: {len(instrs)} HLO "
-          "instructions", flush=True)
+    print(f"compiled the frame program ({K} frames per call, batch {B}) in {compile_s:.1f} s", flush=True)
 
     valid_total = 0
 
@@ -561,13 +577,28 @@ def main(args: Args) -> None:
         except ValueError as e:  # the .xplane.pb is written first; only the perfetto copy failed
             print(f"note: no perfetto_trace.json.gz ({e}); the .xplane.pb is read", flush=True)
     if valid_total != B * K * (1 + args.warmup + 2 * args.calls):
-        raise SystemExit("error: a row stopped early (an end-of-speech frame): the figures would be off; "
-                         "rerun (random weights rarely do this) or use --size/--checkpoint")
+        raise SystemExit("error: a row ended early (an all-zero, end-of-speech frame), so fewer frames ran than "
+                         "were timed: use fewer --calls or --frames-per-call")
     del st
 
-    trace = read_trace(trace_dir, module, instrs)
-    frames = args.calls * K
-    classes = instruction_classes(instrs, comps, cfg.audio_vocab_size)
+    meta = {"model": what, "batch": B, "dtype": dtype.name, "frames_per_call": K, "calls_traced": args.calls,
+            "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "compile_s": compile_s, "wall_us_per_frame": wall_ns / (args.calls * K) / 1e3,
+            "traced_wall_us_per_frame": traced_wall_ns / (args.calls * K) / 1e3,
+            "num_codebooks": cfg.num_codebooks, "audio_vocab_size": cfg.audio_vocab_size, "unscoped": missing}
+    analyse(args.out, meta, args.top)
+
+
+def analyse(out: str, meta: dict, top: int) -> dict:
+    """The table and profile.json from out/frame_hlo.txt and the trace under out/trace; `meta` holds what the
+    run measured besides (wall times, sizes). Prints the table and the JSON line; returns the figures."""
+    with open(os.path.join(out, "frame_hlo.txt")) as f:
+        module, instrs, comps = parse_hlo(f.read())
+    if not instrs:
+        raise SystemExit(f"error: could not read the compiled HLO text in {out}/frame_hlo.txt (no instructions)")
+    trace = read_trace(os.path.join(out, "trace"), module, instrs)
+    frames = meta["calls_traced"] * meta["frames_per_call"]
+    classes = instruction_classes(instrs, comps, meta["audio_vocab_size"])
     step_ops, trip = depth_step(instrs, comps)
     per_op = {}
     for op, _, dur, attributed in trace["events"]:
@@ -586,7 +617,7 @@ def main(args: Args) -> None:
         r["count_per_frame"] = r.pop("count") / frames
         r["us_per_frame"] = r.pop("ns") / frames / 1e3
         if r["class"] == "sampling":
-            r["sampling_part"] = sampling_part(instrs[r["op"]].op_name or r["scope"])
+            r["sampling_part"] = sampling_part(instrs[r["op"]], instrs, comps)
     names = list(CLASSES) + ([UNATTRIBUTED] if any(r["class"] == UNATTRIBUTED for r in ops) else [])
     by_class = {c: {"kernels_per_frame": sum(r["count_per_frame"] for r in ops if r["class"] == c),
                     "us_per_frame": sum(r["us_per_frame"] for r in ops if r["class"] == c)} for c in names}
@@ -594,29 +625,25 @@ def main(args: Args) -> None:
     for r in ops:
         if "sampling_part" in r:
             parts[r["sampling_part"]] += r["us_per_frame"]
-    total_us = sum(r["us_per_frame"] for r in ops)
-    total_kernels = sum(r["count_per_frame"] for r in ops)
     depth_kernels = sum(r["count_per_frame"] for r in ops if "depth_decoder" in r["scope"] or r["op"] in step_ops
                         or r["class"] in ("depth-decoder layers", "depth attention"))
     step_kernels = sum(r["count_per_frame"] for r in ops if r["op"] in step_ops)
-    result = {
-        "model": what, "batch": B, "dtype": dtype.name, "frames_per_call": K, "calls_traced": args.calls,
-        "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-        "lane": trace["lane"], "compile_s": compile_s, "hlo_instructions": len(instrs),
-        "wall_us_per_frame": wall_ns / frames / 1e3, "traced_wall_us_per_frame": traced_wall_ns / frames / 1e3,
-        "total_us_per_frame": total_us, "busy_us_per_frame": busy_ns(trace["events"]) / frames / 1e3,
-        "kernels_per_frame": total_kernels, "classes": by_class, "sampling_parts": dict(parts),
-        "depth_kernels_per_codebook": depth_kernels / (cfg.num_codebooks - 1),
-        "depth_step_kernels": step_kernels / trip if trip else None, "depth_step_trip_count": trip,
-        "unscoped": missing, "ops": ops,
+    result = meta | {
+        "lane": trace["lane"], "hlo_instructions": len(instrs),
+        "total_us_per_frame": sum(r["us_per_frame"] for r in ops),
+        "busy_us_per_frame": busy_ns(trace["events"]) / frames / 1e3,
+        "kernels_per_frame": sum(r["count_per_frame"] for r in ops), "classes": by_class,
+        "sampling_parts": dict(parts), "depth_kernels_per_codebook": depth_kernels / (meta["num_codebooks"] - 1),
+        "depth_step_kernels": step_kernels / trip if trip else None, "depth_step_trip_count": trip, "ops": ops,
     }
-    table = format_table(result, args.top)
+    table = format_table(result, top)
     print(table)
-    with open(os.path.join(args.out, "table.txt"), "w") as f:
+    with open(os.path.join(out, "table.txt"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "profile.json"), "w") as f:
+    with open(os.path.join(out, "profile.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "ops"} | {"out": args.out}))
+    print(json.dumps({k: v for k, v in result.items() if k != "ops"} | {"out": out}))
+    return result
 
 
 def format_table(r: dict, top: int) -> str:

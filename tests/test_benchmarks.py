@@ -88,6 +88,8 @@ def test_profile_frame_splits_the_trace_into_classes(tmp_path):
     for name in ("backbone layers", "depth-decoder layers", "depth attention", "sampling",
                  "embeddings/projection/heads"):
         assert classes[name]["us_per_frame"] > 0 and classes[name]["kernels_per_frame"] > 0, name
+    assert math.isclose(sum(r["sampling_parts"].values()), classes["sampling"]["us_per_frame"], rel_tol=1e-9)
+    assert r["sampling_parts"]["argmax (greedy and the draw)"] > 0 and r["sampling_parts"]["top-k"] > 0
     # The codebook scan: codebooks 2..31 of each frame (tiny has 32 codebooks, as csm-1b).
     assert r["depth_step_trip_count"] == 30 and r["depth_step_kernels"] > 0 and r["depth_kernels_per_codebook"] > 0
     # Independent reading: the perfetto JSON's events for the same ops, summed per frame.
