@@ -112,7 +112,8 @@ def name_scopes() -> list[str]:
     """Wraps the functions a frame is made of in named scopes (before the frame program is first traced):
     csm's depth decoder, sampling, embeddings and c0 head, and llama's forward passes (every `forward*`) and
     attention functions (every name with "atten": `_attention*`, `_attend`; a scope around a helper such as
-    `attention_windows` names nothing and costs nothing). Returns the ones not found (their ops fall back to their own scopes)."""
+    `attention_windows` names nothing and costs nothing). Returns the ones not found (their ops fall back to
+    their own scopes)."""
     import inspect
 
     from csm_jax import csm, llama
@@ -238,10 +239,11 @@ def parse_hlo(text: str) -> tuple[str, dict, dict]:
 
 
 def instruction_classes(instrs: dict, comps: dict, vocab: int) -> dict:
-    """Instruction name -> (class, op_name, how it was inferred: "" when from its own metadata). A fusion without op_name metadata (its root has none) takes
-    the most common class among the instructions it calls. An instruction with none at all (XLA:CPU's dots
-    lose theirs) is a head if it makes logits (a last dimension of `vocab`), else takes the class of its
-    nearest neighbours in the dataflow that have one (operands first, then users, up to 4 hops)."""
+    """Instruction name -> (class, op_name, how it was inferred: "" when from its own metadata). A fusion
+    without op_name metadata (its root has none) takes the most common class among the instructions it calls.
+    An instruction with none at all (XLA:CPU's dots lose theirs) is a head if it makes logits (a last
+    dimension of `vocab`), else takes the class of its nearest neighbours in the dataflow that have one
+    (operands first, then users, up to 4 hops)."""
 
     @functools.lru_cache(maxsize=None)
     def votes(comp: str, depth: int = 0) -> tuple:
@@ -290,7 +292,8 @@ def instruction_classes(instrs: dict, comps: dict, vocab: int) -> dict:
             out[n] = known[n] + ("",)
         elif i.opcode in CONTROL_FLOW:
             out[n] = ("copies/other", "", "")
-        elif i.opcode in ("dot", "convolution", "custom-call", "fusion") and re.search(rf"\[(?:\d+,)*{vocab}\]", i.shape):
+        elif (i.opcode in ("dot", "convolution", "custom-call", "fusion")
+              and re.search(rf"\[(?:\d+,)*{vocab}\]", i.shape)):
             out[n] = ("embeddings/projection/heads", "", "(makes logits: a head)")
         else:
             near = sorted(neighbours(n), key=lambda x: x[0])
@@ -325,9 +328,8 @@ def depth_step(instrs: dict, comps: dict) -> tuple[set, int | None]:
 
 def short_scope(op_name: str) -> str:
     """op_name without the program's and the loops' own segments (jit(..), while/body, closed_call)."""
-    parts = [p for p in op_name.split("/") if p not in ("while", "body", "closed_call", "cond", "branch_0_fun")
-             and not p.startswith("jit(run_frames")]
-    return "/".join(parts)
+    parts = [p for p in op_name.split("/") if p not in ("while", "body", "closed_call", "cond", "branch_0_fun")]
+    return "/".join(parts[1:] if parts and parts[0].startswith("jit(") else parts)
 
 
 # ------------------------------------------------------------------------------------------------ trace
@@ -398,17 +400,15 @@ def read_trace(trace_dir: str, module: str, instrs: dict) -> dict:
     by_sanitized = {_sanitize(n): n for n in instrs}
 
     def op_of(name: str, stats: dict) -> str | None:
+        """The instruction an event ran: its hlo_op annotation (the innermost of several joined), else its
+        kernel's name (XLA names a fusion's kernel after it, '.' as '_'). An annotation that names a container
+        (a command buffer's call, a loop) gives way to the kernel's own fusion when that is known."""
         hlo_op = stats.get("hlo_op")
-        if isinstance(hlo_op, str):
-            if hlo_op in instrs:
-                return hlo_op
-            for tok in reversed(re.split(r"[;,\s]+", hlo_op)):  # several annotations joined
-                if tok.lstrip("%") in instrs:
-                    return tok.lstrip("%")
-        for cand in (name, name.lstrip("%"), by_sanitized.get(_sanitize(name))):
-            if cand and cand in instrs:
-                return cand
-        return None
+        cands = [t.lstrip("%") for t in reversed(re.split(r"[;,\s]+", hlo_op))] if isinstance(hlo_op, str) else []
+        cands += [name, name.lstrip("%"), by_sanitized.get(_sanitize(name), "")]
+        found = [c for c in cands if c in instrs]
+        leaf = [c for c in found if instrs[c].opcode not in CONTROL_FLOW]
+        return (leaf or found or [None])[0]
 
     def ours(stats: dict) -> bool:
         m = stats.get("hlo_module")
@@ -668,7 +668,8 @@ def format_table(r: dict, top: int) -> str:
     step = (f"; the codebook scan's body runs {r['depth_step_kernels']:.1f} kernels per step "
             f"({r['depth_step_trip_count']} steps per frame)" if r["depth_step_kernels"] else "")
     lines.append(f"depth decoder: {r['depth_kernels_per_codebook']:.1f} kernels per codebook "
-                 f"(its kernels per frame / 31: its scopes and its scan's body, sampling and loop copies included){step}")
+                 f"(its kernels per frame / 31: its scopes and its scan's body, sampling and loop copies "
+                 f"included){step}")
     unattributed = r["classes"].get(UNATTRIBUTED, {}).get("us_per_frame", 0.0)
     if unattributed > 0.05 * total:
         lines.append(f"{unattributed:.0f} us per frame ran in kernels that name no op of the program (CUDA graphs "

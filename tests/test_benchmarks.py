@@ -106,3 +106,65 @@ def test_profile_frame_splits_the_trace_into_classes(tmp_path):
     for name, c in classes.items():
         assert math.isclose(float(rows[name][1]), c["us_per_frame"], abs_tol=0.051), (name, rows[name])
     assert math.isclose(float(rows["total (op time)"][1]), total, abs_tol=0.051)
+
+
+def test_profile_frame_reads_a_device_lane(tmp_path):
+    """profile_frame.py's reading of a GPU trace, on a hand-built one (no GPU here): the device plane's stream
+    line is read, not the XLA Ops line derived from it nor the host's thunks; an event is attributed by its
+    hlo_op annotation or else by its kernel's name, another module's kernel is left out, a copy no op made
+    counts as copies/other and an unknown kernel as unattributed. Figures by hand: 10 + 3 + 1 + 2 us."""
+    import jax
+    import jax.numpy as jnp
+    from jax.profiler import ProfileData
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_frame as pf
+
+    def f(x, w):
+        with jax.named_scope("depth_decoder"), jax.named_scope("transformer"):
+            y = jnp.tanh(x @ w)
+        with jax.named_scope("sampling"):
+            return jnp.argmax(y, -1)
+
+    hlo = jax.jit(f).lower(jnp.ones((4, 8)), jnp.ones((8, 2051))).compile().as_text()
+    _, instrs, _ = pf.parse_hlo(hlo)
+    layer = next(n for n, i in instrs.items() if i.computation.startswith("main") and "transformer" in i.op_name
+                 and i.opcode in ("fusion", "dot", "custom-call"))
+    argmax = next(n for n, i in instrs.items() if i.computation.startswith("main") and "sampling" in i.op_name
+                  and i.opcode == "fusion")
+    (tmp_path / "frame_hlo.txt").write_text(hlo)
+    names = ["kernel_of_the_matmul", pf._sanitize(argmax), "MemcpyD2H", "sm90_xmma_gemm", "other", "dup", "thunk"]
+    stats = ["hlo_op", "hlo_module"]
+
+    def line(lid, lname, evs):
+        out, t = f'lines {{ id: {lid} name: "{lname}" timestamp_ns: 1000 ', 0
+        for name, us, st in evs:
+            kv = "".join(f'stats {{ metadata_id: {stats.index(k) + 1} str_value: "{v}" }} ' for k, v in st.items())
+            out += (f"events {{ metadata_id: {names.index(name) + 1} offset_ps: {t * 10**6} "
+                    f"duration_ps: {us * 10**6} {kv}}} ")
+            t += us + 1
+        return out + "} "
+
+    meta = "".join(f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }} ' for i, n in enumerate(names, 1))
+    meta += "".join(f'stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }} ' for i, n in enumerate(stats, 1))
+    module = {"hlo_module": "jit_f"}
+    stream = [("kernel_of_the_matmul", 10, {"hlo_op": layer} | module), (pf._sanitize(argmax), 3, {}),
+              ("MemcpyD2H", 1, {}), ("sm90_xmma_gemm", 2, {}), ("other", 50, {"hlo_op": layer, "hlo_module": "jit_g"})]
+    proto = (f'planes {{ id: 1 name: "/device:GPU:0" {line(7, "Stream #7(Compute)", stream)}'
+             f'{line(8, "XLA Ops", [("dup", 100, {"hlo_op": layer} | module)])}{meta}}} '
+             f'planes {{ id: 2 name: "/host:CPU" {line(1, "tf_XLA", [("thunk", 500, {"hlo_op": layer} | module)])}'
+             f'{meta}}}')
+    run = tmp_path / "trace" / "plugins" / "profile" / "run"
+    run.mkdir(parents=True)
+    (run / "host.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(proto))
+    r = pf.analyse(str(tmp_path), {"model": "hand-built", "batch": 1, "dtype": "float32", "frames_per_call": 1,
+                                   "calls_traced": 1, "backend": "gpu", "device": "none", "jax": jax.__version__,
+                                   "compile_s": 0.0, "wall_us_per_frame": 20.0, "traced_wall_us_per_frame": 20.0,
+                                   "num_codebooks": 32, "audio_vocab_size": 2051, "unscoped": []}, 10)
+    assert r["lane"].startswith("device /device:GPU:0: Stream #7(Compute)")
+    got = {c: (v["kernels_per_frame"], round(v["us_per_frame"], 6)) for c, v in r["classes"].items()}
+    assert got == {"backbone layers": (0, 0), "depth-decoder layers": (1, 10), "depth attention": (0, 0),
+                   "sampling": (1, 3), "embeddings/projection/heads": (0, 0), "copies/other": (1, 1),
+                   "unattributed": (1, 2)}, got
+    assert r["total_us_per_frame"] == 16 and r["busy_us_per_frame"] == 16
+    assert r["sampling_parts"] == {"argmax (greedy and the draw)": 3.0}
