@@ -11,7 +11,8 @@ A dialogue holds one engine slot for its whole life (csm_jax.engine `hold`), so 
 device's batch with plain requests. The slot's cache holds exactly the rows Sesame's generator would build
 from the whole history (text rows, audio rows, and the all-zero end-of-audio row of every segment), but each
 turn only appends its own rows: nothing is prefilled twice while the history fits. The voice prompt is pinned
-at the front.
+at the front. Rows go to the engine's queue (`extend`) and its steps prefill them as its schedule allows, so a
+long turn never stalls the other streams for its whole prefill.
 
 Positions beyond the trained 2048 are never used. When a new turn (plus the reply it reserves room for)
 would pass position 2048, the oldest non-pinned segments leave and the slot is rebuilt by one prefill of
@@ -20,8 +21,10 @@ trained on and the rows keep the order and relative positions they had. A rebuil
 most 2048 rows; it happens once per that many rows of conversation, not per turn. A user turn that alone
 cannot fit keeps its most recent audio frames.
 
-When no thread drives the engine (`engine.driven` unset), `speak` steps it itself: conversations and
-requests on the same engine advance together whoever steps.
+When no thread drives the engine (`engine.driven` unset), a dialogue steps it itself: until its rows are in
+(`add`, and each part of `speak`) and while it waits for its reply's frames, so conversations and requests on
+the same engine advance together whoever steps. Plain requests sharing such an engine need an `on_event`
+callback: the events a dialogue's steps return are not theirs to keep.
 """
 
 from __future__ import annotations
@@ -113,10 +116,15 @@ class Dialogue:
         return self.slot
 
     def _prefill(self, tokens: np.ndarray, mask: np.ndarray) -> None:
+        """Queues rows for the slot. When no thread drives the engine, steps it until they are in, so nothing
+        of this conversation is left waiting for whoever steps next."""
         if self.pos + len(tokens) > self.capacity:
             raise AssertionError("the caller makes room first")
-        self.engine.extend(self._slot(), tokens, mask)
+        slot = self._slot()
+        self.engine.extend(slot, tokens, mask)
         self.pos += len(tokens)
+        while not self.engine.driven.is_set() and self.engine.waiting_rows(slot):
+            self.engine.step()
 
     def _rebuild(self) -> None:
         """Empties the cache and prefills the pinned prompt and the kept history from position 0."""

@@ -11,18 +11,22 @@ Seams, as JetStream's prefill / insert / generate:
   prefill + insert  requests waiting since `submit` are prefilled together (bucketed by count and by prompt
                     length, in pieces of at most 128 rows: `csm.prefill_pieces`) straight into their slots: only
                     those slots of the cache are read and written, the other slots' caches are not copied.
-                    Which of them each step prefills, the schedule decides (csm_jax.schedule): all at once
-                    while every generating stream's audio is far enough ahead of its playback, fewer rows when
-                    one would stall, the oldest within a bounded number of steps either way.
+                    Which rows each step prefills, the schedule decides (csm_jax.schedule): at most a step's
+                    row budget (`prefill_rows`, less when a generating stream's audio is close to its playback),
+                    so a long prompt is prefilled across steps, each keeping its offset; partly prefilled
+                    prompts go on first (oldest first), then new ones, the oldest within a bounded number of
+                    steps. A slot starts generating when its last rows are in.
   generate          one device program runs K frames for the generating slots (only those, padded to a
                     power of two) and decodes them with the streaming Mimi decoder: one host copy of PCM, codes
                     and flags per step.
   pipelining        `step` dispatches the next program before it copies the previous one's results to the host,
                     so the host never waits on the step it just dispatched. A finished slot is seen one step
                     late: that costs one masked step for it, never a code.
-Held slots (`hold`) are conversations: a slot and its KV cache kept across turns; `extend` appends rows at its
-position, `start` generates from there, `stop` ends a reply early, `release` frees it. Their replies are
-streams to the schedule like plain requests; `extend` prefills at once in the caller's thread.
+Held slots (`hold`) are conversations: a slot and its KV cache kept across turns; `extend` queues rows to append
+at its position (prefilled by the steps like a request's prompt, in order), `start` generates from there once
+they are in, `stop` ends a reply early, `release` frees it. Their replies are streams to the schedule like plain
+requests. Whoever calls `step` makes the queued rows progress: the thread driving the engine, or a
+conversation waiting for its events when none does.
 
 On a mesh (a bundle made with `mesh=`, csm_jax.sharding): the generation state and the Mimi decoder state are
 split along "data" (the slot count is a multiple of its size), host values are replicated on every device,
@@ -106,6 +110,23 @@ class _Owner:
 
 
 @dataclass
+class _Prefill:
+    """Prompt rows waiting to be prefilled into a slot, across as many steps as the schedule takes."""
+
+    slot: int
+    tokens: np.ndarray  # (S, 33): rows [done:] are still to prefill
+    mask: np.ndarray
+    sampling: tuple | None  # (temperature, topk, seed, max_frames): generate when the rows are in (None: don't)
+    fresh: bool  # a request's slot: emptied before its first rows
+    done: int = 0  # rows prefilled so far
+    stopped: bool = False  # a held slot's reply stopped before it started: it starts done (a finished event)
+
+    @property
+    def left(self) -> int:
+        return len(self.tokens) - self.done
+
+
+@dataclass
 class _InFlight:
     slots: list[int]  # the generating slots, in the program's row order
     owners: dict  # slot -> (the _Owner it had when the step was dispatched, its run then)
@@ -149,8 +170,9 @@ class Engine:
                  prefill_rows: int = 1024, schedule: Scheduler | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         """`model`: the loaded model (csm_jax.bundle; a Generator is one).
-        `max_prefill`: requests prefilled together at most; `prefill_rows`: padded prompt rows admitted per step
-        at most (at least one request), so admitting long prompts never starves the generating slots.
+        `max_prefill`: requests prefilled together at most; `prefill_rows`: padded prompt rows prefilled per step
+        at most (a longer prompt goes in across steps), so admitting long prompts never stalls the generating
+        slots.
         `schedule`: decides which waiting requests each step prefills (default: csm_jax.schedule.Scheduler
         with these two limits); `clock`: its time source, seconds."""
         if slots < 1 or frames_per_call < 1:
@@ -183,7 +205,7 @@ class Engine:
             self.mimi_fresh = self.model.replicate(init_decoder_state(self.mimi, 1))  # what a reset Mimi row becomes
             self.owners: dict[int, _Owner] = {}
             self.generating: set[int] = set()
-            self.inserts: list[tuple] = []  # (slot, tokens, mask, sampling) waiting for the next step
+            self.prefills: list[_Prefill] = []  # prompt rows waiting for steps, in arrival order (one per slot)
             self.inflight: _InFlight | None = None
             self.schedule.reset()
             return owners
@@ -205,7 +227,7 @@ class Engine:
     def busy(self) -> bool:
         """Work is waiting or on the device: `step` has something to do."""
         with self.lock:
-            return bool(self.generating or self.inserts or self.inflight)
+            return bool(self.generating or self.prefills or self.inflight)
 
     # ------------------------------------------------------------------------------------ plain requests
 
@@ -219,7 +241,8 @@ class Engine:
         with self.lock:
             slot = self._reserve(_Owner(req, on_event, held=False))
             if slot is not None:
-                self.inserts.append((slot, tokens, mask, (req.temperature, req.topk, req.seed, max_frames)))
+                self.prefills.append(_Prefill(slot, tokens, mask, (req.temperature, req.topk, req.seed, max_frames),
+                                              fresh=True))
             return slot
 
     def _reserve(self, owner: _Owner) -> int | None:
@@ -243,7 +266,7 @@ class Engine:
             del self.owners[slot]
             self.generating.discard(slot)
             self.schedule.finished(slot)
-            self.inserts = [i for i in self.inserts if i[0] != slot]
+            self._drop_prefill(slot)
             self.state = csm.reset_slots(self.state, self._put([slot], np.int32))
 
     # --------------------------------------------------------------------------------------- held slots
@@ -258,41 +281,59 @@ class Engine:
             return slot
 
     def _clear(self, slot: int) -> None:
+        self._drop_prefill(slot)
         self.state = csm.reset_slots(self.state, self._put([slot], np.int32))
 
     def clear(self, slot: int) -> None:
-        """Empties a held slot's cache (position 0), to prefill it anew."""
+        """Empties a held slot's cache (position 0), to prefill it anew; rows still waiting are dropped."""
         with self.lock:
             self._held(slot)
+            self._busy_held(slot, "clearing")
             self._clear(slot)
 
     def extend(self, slot: int, tokens: np.ndarray, mask: np.ndarray) -> None:
-        """Appends prompt rows (S, 33) to a held slot's cache at its position (in pieces; only its part of
-        the cache is touched). The caller keeps the position below the cache's capacity."""
+        """Queues prompt rows (S, 33) to append to a held slot's cache at its position: the steps prefill them
+        as the schedule allows, like a request's prompt (only the slot's part of the cache is touched). Rows
+        of several calls are appended in order. The caller keeps the position below the cache's capacity."""
         with self.lock:
             self._held(slot)
-            if slot in self.generating:
-                raise RuntimeError(f"slot {slot} is generating; wait for its finished event before extending it")
+            self._busy_held(slot, "extending")
             if len(tokens) == 0:
                 return
-            sl = self._put([slot], np.int32)
-            for t, m, n in self._pieces(tokens[None], mask[None], [len(tokens)]):
-                self.state = csm.prefill(self.params, self.cfg, self.state, t, m, n, sl)
+            waiting = self._prefill_of(slot)
+            if waiting is None:
+                self.prefills.append(_Prefill(slot, np.asarray(tokens), np.asarray(mask), None, fresh=False))
+            else:
+                waiting.tokens = np.concatenate([waiting.tokens, tokens])
+                waiting.mask = np.concatenate([waiting.mask, mask])
+        if self.on_work is not None:
+            self.on_work()
 
     def start(self, slot: int, seed: int = 0, temperature: float = 0.9, topk: int = 50,
               max_frames: int = 125) -> None:
-        """Generates from a held slot's last row until end of speech or `max_frames`: events go to its owner,
-        the last one with finished=True. The frames stay in the slot's cache."""
+        """Generates from a held slot's last row until end of speech or `max_frames` (once its queued rows are
+        in): events go to its owner, the last one with finished=True. The frames stay in the slot's cache."""
         with self.lock:
             self._held(slot)
             check_seed(seed)
-            self._start_slots([slot], [(temperature, topk, seed, max_frames)])
+            self._busy_held(slot, "starting")
+            sampling = (temperature, topk, seed, max_frames)
+            waiting = self._prefill_of(slot)
+            if waiting is None:
+                self._start_slots([slot], [sampling])
+            else:
+                waiting.sampling = sampling
         if self.on_work is not None:
             self.on_work()
 
     def stop(self, slot: int) -> None:
-        """Ends a held slot's reply early; a finished event follows (frames already made are delivered)."""
+        """Ends a held slot's reply early; a finished event follows (frames already made are delivered; none
+        when the reply had not started: its rows still go in, then it finishes at once)."""
         with self.lock:
+            waiting = self._prefill_of(slot)
+            if waiting is not None and waiting.sampling is not None:
+                waiting.stopped = True
+                return
             if slot not in self.generating:
                 return
             self.state = csm.stop_slots(self.state, self._put([slot], np.int32))
@@ -303,18 +344,36 @@ class Engine:
         """A held slot forgets its last `rows` rows (frames made after a reply was stopped but never heard)."""
         with self.lock:
             self._held(slot)
-            if slot in self.generating:
-                raise RuntimeError(f"slot {slot} is generating; wait for its finished event before rewinding it")
+            self._busy_held(slot, "rewinding")
+            if self._prefill_of(slot) is not None:
+                raise RuntimeError(f"slot {slot} has rows waiting to be prefilled; rewind it before extending it")
             self.state = csm.rewind_slots(self.state, self._put([slot], np.int32), self._put([rows], np.int32))
 
     def release(self, slot: int) -> None:
-        """Frees a held slot."""
+        """Frees a held slot (rows still waiting are dropped)."""
         with self.lock:
             if slot in self.owners:
                 del self.owners[slot]
                 self.generating.discard(slot)
                 self.schedule.finished(slot)
                 self._clear(slot)
+
+    def _busy_held(self, slot: int, what: str) -> None:
+        waiting = self._prefill_of(slot)
+        if slot in self.generating or (waiting is not None and waiting.sampling is not None):
+            raise RuntimeError(f"slot {slot} is generating; wait for its finished event before {what} it")
+
+    def _prefill_of(self, slot: int) -> _Prefill | None:
+        return next((p for p in self.prefills if p.slot == slot), None)
+
+    def _drop_prefill(self, slot: int) -> None:
+        self.prefills = [p for p in self.prefills if p.slot != slot]
+
+    def waiting_rows(self, slot: int) -> int:
+        """Rows queued for `slot` that the steps have not prefilled yet."""
+        with self.lock:
+            p = self._prefill_of(slot)
+            return 0 if p is None else p.left
 
     def holder(self, slot: int):
         """Who holds `slot` (None when nobody does, e.g. after `fail`)."""
@@ -330,8 +389,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------ the loop
 
     def step(self) -> dict[int, Event]:
-        """Admits the submitted requests, dispatches K frames for every generating slot, and returns what the
-        previous step made ({slot: Event}; events also go to the owners' callbacks). A finished plain
+        """Prefills the queued rows the schedule picks (starting the slots whose prompts are in), dispatches K
+        frames for every generating slot, and returns what the previous step made ({slot: Event}; events also go to the owners' callbacks). A finished plain
         request's slot is free at once."""
         with self.lock:
             cost = self._admit()
@@ -342,29 +401,41 @@ class Engine:
             return events
 
     def _admit(self) -> int:
-        """Prefills the waiting requests the schedule picks for this step; returns the padded rows it computes."""
-        chosen = set(self.schedule.admit(self.clock(), [(i[0], len(i[1])) for i in self.inserts]))
+        """Prefills the rows the schedule picks for this step (partly prefilled prompts first, oldest first,
+        then new ones) and starts the slots whose last rows are in; returns the padded rows it computes."""
+        order = [p for p in self.prefills if p.done] + [p for p in self.prefills if not p.done]
+        chosen = dict(self.schedule.admit(self.clock(), [(p.slot, p.left) for p in order]))
         if not chosen:
             return 0
-        take = [i for i in self.inserts if i[0] in chosen]
-        self.inserts = [i for i in self.inserts if i[0] not in chosen]
-        slots = [i[0] for i in take]
+        take = [p for p in order if p.slot in chosen]
+        slots = [p.slot for p in take]
         n, R = len(take), bucket(len(take))
         # Padding of the prefill batch: other slots (distinct) given no rows, so they are read and written back
         # unchanged.
         others = [s for s in range(self.slots) if s not in slots][:R - n]
-        longest = max(len(i[1]) for i in take)
-        tokens = np.zeros((R, longest, 33), np.int32)
-        mask = np.zeros((R, longest, 33), bool)
+        rows = [chosen[p.slot] for p in take]
+        tokens = np.zeros((R, max(rows), 33), np.int32)
+        mask = np.zeros((R, max(rows), 33), bool)
         lengths = np.zeros(R, np.int32)
-        for r, (_, t, m, _) in enumerate(take):
-            tokens[r, :len(t)], mask[r, :len(t)], lengths[r] = t, m, len(t)
+        for r, (p, k) in enumerate(zip(take, rows)):
+            tokens[r, :k], mask[r, :k], lengths[r] = p.tokens[p.done:p.done + k], p.mask[p.done:p.done + k], k
+        fresh = [p.slot for p in take if p.fresh and p.done == 0]
+        if fresh:
+            self.state = csm.reset_slots(self.state, self._pad(fresh, bucket(len(fresh))))
         padded = self._put(slots + others, np.int32)
-        self.state = csm.reset_slots(self.state, self._pad(slots, R))
         for t, m, ln in self._pieces(tokens, mask, lengths):
             self.state = csm.prefill(self.params, self.cfg, self.state, t, m, ln, padded)
-        self._start_slots(slots, [i[3] for i in take])
-        return self.schedule.cost([len(i[1]) for i in take])
+        for p, k in zip(take, rows):
+            p.done += k
+        complete = [p for p in take if not p.left]
+        self.prefills = [p for p in self.prefills if p.left]
+        starting = [p for p in complete if p.sampling is not None]
+        if starting:
+            self._start_slots([p.slot for p in starting], [p.sampling for p in starting])
+            stopped = [p.slot for p in starting if p.stopped]
+            if stopped:
+                self.state = csm.stop_slots(self.state, self._pad(stopped, bucket(len(stopped))))
+        return self.schedule.cost(rows)
 
     def _start_slots(self, slots: list[int], sampling: list[tuple]) -> None:
         R = bucket(len(slots))

@@ -1,7 +1,7 @@
 """Which waiting requests the engine prefills at a step: new requests' first audio soon, running streams on time.
 
     sched = Scheduler(max_count=8, max_rows=1024)
-    keys = sched.admit(now, [(slot, prompt_rows), ...])   # oldest first -> the slots to prefill this step
+    chosen = sched.admit(now, [(slot, rows_left), ...])   # oldest first -> [(slot, rows to prefill now), ...]
     sched.delivered(slot, now, seconds)                   # audio handed to a stream's client
     sched.finished(slot)                                  # the stream made its last frame
     sched.step_done(now, cost, measured)                  # a step ended: the step-time estimates learn from it
@@ -11,18 +11,23 @@ A stream's client plays its audio in real time from its first audio (after `star
 playback stalls. The engine's next step delivers the next audio after about one generation step plus the prefill
 dispatched with it, so:
 
-  - When every running stream's slack covers the next step plus the prefill, the waiting requests are admitted
+  - A prompt is prefilled across steps when it is longer than a step's rows: each step gives a prompt at most
+    the step's row cap (whole `row_step`-row pieces) and the rest waits for the next steps, so one long voice
+    prompt never stalls the running streams for its whole prefill. The engine lists partly prefilled prompts
+    first (oldest first), then new ones: what was started is finished first.
+  - When every running stream's slack covers the next step plus the prefill, the waiting prompts are admitted
     at once, oldest first, up to `max_rows` padded rows and `max_count` requests (and always the oldest one):
     a new request's first audio comes first.
-  - Otherwise only as many rows as the smallest slack leaves room for are admitted this step (the oldest request
-    that fits and its group; none when none fits): running streams keep ahead of their playback.
+  - Otherwise only as many rows as the smallest slack leaves room for are prefilled this step (the oldest
+    prompt's next rows and its group; none when not even one `row_step` piece fits): running streams keep
+    ahead of their playback.
   - Unless generation itself is slower than real time (a step takes longer than the audio it makes,
     `step_audio_s`): then no deferral keeps the streams on time, and waiting requests go in at once.
-  - Starvation either way is bounded: the oldest waiting request is admitted after at most `max_defer` steps
+  - Starvation either way is bounded: the oldest waiting prompt gets rows after at most `max_defer` steps
     that passed it over, whatever the slack; running streams generate at every step, and a step never prefills
-    more than `max_rows` rows beyond that one request.
+    more than `max_rows` padded rows (one `row_step` piece when `max_rows` is smaller).
 
-Groups are bucketed by prompt length: with the oldest (admissible) request come the waiting requests of its
+Groups are bucketed by the rows each prompt prefills this step: with the oldest come the waiting prompts of its
 length class (padded rows within the same power of two of `row_step`-row pieces), and prompts no longer than the
 group's longest fill the rows the count bucket pads to anyway. A prefill of n requests computes
 bucket(n) x (longest rounded up to `row_step`) rows (see `cost`), so similar lengths waste little padding.
@@ -50,7 +55,7 @@ class Scheduler:
     def __init__(self, max_count: int = 8, max_rows: int = 1024, row_step: int = 32, max_defer: int = 4,
                  start_buffer_s: float = 0.0, step_audio_s: float | None = None, smoothing: float = 0.25):
         """`max_count`: requests prefilled together at most (rounded down to a power of two); `max_rows`: padded
-        prompt rows per step at most (the oldest request alone may exceed it); `row_step`: prompts are padded to
+        prompt rows per step at most (longer prompts are prefilled across steps); `row_step`: prompts are padded to
         a multiple of it (csm.PREFILL_STEP); `max_defer`: steps the oldest waiting request may be passed over
         for the running streams' sake; `start_buffer_s`: audio a client buffers before it starts playing (0:
         playback starts with the first audio, the strictest assumption); `step_audio_s`: seconds of audio a
@@ -118,27 +123,29 @@ class Scheduler:
         """Generation is slower than real time: no admission order can keep the streams on time."""
         return self.step_audio_s is not None and self.step_s is not None and self.step_s >= self.step_audio_s
 
-    def admit(self, now: float, waiting: Sequence[tuple[Hashable, int]]) -> list[Hashable]:
-        """Which of `waiting` ((key, prompt rows), oldest first) to prefill at the step starting at `now`, in
-        their order in `waiting`; [] defers them all this step."""
+    def admit(self, now: float, waiting: Sequence[tuple[Hashable, int]]) -> list[tuple[Hashable, int]]:
+        """Which of `waiting` ((key, prompt rows still to prefill), oldest first; the engine puts partly
+        prefilled prompts first) to prefill at the step starting at `now`, and how many of their rows:
+        [(key, rows this step), ...] in their order in `waiting`; [] defers them all this step. A prompt longer
+        than the step's rows gets a multiple of `row_step` rows now and the rest at later steps."""
         if not waiting:
             self.head, self.passed = None, 0
             return []
         if waiting[0][0] != self.head:
             self.head, self.passed = waiting[0][0], 0
         budget = self.budget(now)
-        if self.passed >= self.max_defer or budget >= self.max_rows:
-            anchor, cap = 0, self.max_rows
-        else:
-            anchor = next((i for i, (_, rows) in enumerate(waiting) if self.cost([rows]) <= budget), None)
-            cap = budget
-        chosen = [] if anchor is None else self._group(waiting, anchor, cap)
+        cap = self.max_rows if self.passed >= self.max_defer or budget >= self.max_rows else budget
+        # Rows one prompt may prefill this step: whole pieces of `row_step` rows within the cap (at least one
+        # piece when the head is forced in or the cap allows one).
+        per = max(int(cap) // self.row_step * self.row_step, self.row_step if cap >= self.max_rows else 0)
+        rows = [(key, min(n, per)) for key, n in waiting]
+        chosen = [] if per == 0 else self._group(rows, 0, cap)
         if chosen and chosen[0] == 0:
             self.head, self.passed = None, 0
         else:
             self.passed += 1
             self.deferrals += 1
-        return [waiting[i][0] for i in chosen]
+        return [rows[i] for i in chosen]
 
     def _group(self, waiting: Sequence[tuple[Hashable, int]], anchor: int, cap: float) -> list[int]:
         """The anchor and the waiting requests of its length class (oldest first) within `cap` padded rows, then

@@ -2,6 +2,8 @@
 in slots beside them; every request's results equal generating it alone; nothing compiles after warm-up; a
 failed step is told to everyone and the engine starts afresh."""
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -141,26 +143,36 @@ def test_nothing_compiles_after_warmup(gen):
     engine = Engine(gen, slots=4, frames_per_call=4, max_prefill=4)
     messages = []
     assert engine.warmup(messages.append) == len(messages) > 0
+    # The same load with prompts prefilled across steps (64 rows a step): an engine of the same shapes, so the
+    # first one's warm-up compiled its programs (its own warm-up runs before counting anyway).
+    chunked = Engine(gen, slots=4, frames_per_call=4, max_prefill=4, prefill_rows=64)
+    chunked.warmup()
     counting[0] = True
     try:
-        rng = np.random.default_rng(0)
-        d = Dialogue(engine, [Segment(1, "Voice.", codes=rng.integers(0, 2048, (32, 150)))])
-        d.add(Segment(0, "A user turn.", codes=rng.integers(0, 2048, (32, 40))))
-        engine.submit(Request("One request alone.", seed=1, max_audio_ms=800))
-        engine.step()
-        engine.submit(Request("Two at once.", seed=2, max_audio_ms=400))
-        doomed = engine.submit(Request("Two at once, the second is cancelled.", seed=3, max_audio_ms=2000))
-        engine.step()
-        engine.cancel(doomed)
-        cancel = __import__("threading").Event()
-        for _ in d.speak("A reply, cut short.", seed=4, max_audio_ms=2000, cancel=cancel):
-            cancel.set()
-        while engine.busy():
-            engine.step()
-        d.close()
+        _mixed_load(engine)
+        _mixed_load(chunked)
     finally:
         counting[0] = False
     assert compiles == []
+
+
+def _mixed_load(engine):
+    rng = np.random.default_rng(0)
+    d = Dialogue(engine, [Segment(1, "Voice.", codes=rng.integers(0, 2048, (32, 150)))])
+    d.add(Segment(0, "A user turn.", codes=rng.integers(0, 2048, (32, 40))))
+    engine.submit(Request("One request alone.", seed=1, max_audio_ms=800))
+    engine.step()
+    engine.submit(Request("Two at once.", seed=2, max_audio_ms=400))
+    voice = [Segment(1, "A long voice prompt.", codes=rng.integers(0, 2048, (32, 200)))]
+    doomed = engine.submit(Request("The second is cancelled.", context=voice, seed=3, max_audio_ms=2000))
+    engine.step()
+    engine.cancel(doomed)
+    cancel = threading.Event()
+    for _ in d.speak("A reply, cut short.", seed=4, max_audio_ms=2000, cancel=cancel):
+        cancel.set()
+    while engine.busy():
+        engine.step()
+    d.close()
 
 
 def test_failed_step_tells_everyone_and_the_engine_recovers(gen, monkeypatch):
@@ -261,3 +273,74 @@ def test_stream_near_its_playback_defers_admission_boundedly(gen):
         _codes_by_owner(engine, results)
     for r in (running, waiting):
         np.testing.assert_array_equal(np.concatenate(results[id(r)]).T, _alone(gen, r)[1])
+
+
+def test_long_prompt_prefilled_across_steps_beside_a_running_stream(gen):
+    """With 64 prompt rows a step, a request whose prompt (a voice prompt) is several pieces long, submitted
+    while another stream generates, is prefilled over several steps and starts only when its last rows are in;
+    the running stream gets its four frames at every one of those steps, and both get their solo codes (alone,
+    the prompt is prefilled in one go). A frozen clock keeps the schedule's row budget at prefill_rows."""
+    engine = Engine(gen, slots=2, frames_per_call=4, prefill_rows=64, clock=lambda: 0.0)
+    rng = np.random.default_rng(11)
+    voice = [Segment(1, "A voice prompt of many frames.", codes=rng.integers(0, 2048, (32, 200)))]
+    running = Request("Running all along.", seed=4, max_audio_ms=4000)
+    long_ = Request("Spoken after a long prompt.", speaker=1, context=voice, seed=5, max_audio_ms=480)
+    results = {}
+    engine.submit(running)
+    for _ in range(2):
+        _codes_by_owner(engine, results)
+    slot = engine.submit(long_)
+    left = [engine.waiting_rows(slot)]
+    assert left[0] > 3 * 64
+    while engine.waiting_rows(slot):
+        assert slot not in engine.generating
+        heard = len(results[id(running)])
+        _codes_by_owner(engine, results)
+        left.append(engine.waiting_rows(slot))
+        assert len(results[id(running)]) == heard + 1 and len(results[id(running)][-1]) == 4
+    assert slot in engine.generating
+    # 64 rows a step, the rest at the last one.
+    assert left == [max(left[0] - 64 * k, 0) for k in range(len(left))] and len(left) - 1 == -(-left[0] // 64)
+    while engine.busy():
+        _codes_by_owner(engine, results)
+    np.testing.assert_array_equal(np.concatenate(results[id(running)]).T, _alone(gen, running)[1])
+    np.testing.assert_array_equal(np.concatenate(results[id(long_)]).T,
+                                  gen.generate_codes([long_.text], speakers=1, contexts=[voice], seeds=5,
+                                                     max_audio_ms=480)[0])
+
+
+def test_partial_prefills_leave_nothing_behind(gen):
+    """A request cancelled halfway through its prefill frees and empties its slot; a held slot's queued rows
+    (two extends, appended in order) go in at the steps, a start waits for them, and a stop before they are in
+    ends the reply with no frame; rewinding with rows queued is refused; release drops queued rows."""
+    engine = Engine(gen, slots=2, frames_per_call=4, prefill_rows=64, clock=lambda: 0.0)
+    rng = np.random.default_rng(12)
+    voice = [Segment(1, "A voice prompt.", codes=rng.integers(0, 2048, (32, 200)))]
+    slot = engine.submit(Request("Cancelled while prefilled.", context=voice, seed=1))
+    rows = engine.waiting_rows(slot)
+    engine.step()
+    assert engine.waiting_rows(slot) == rows - 64 and int(engine.state.pos[slot]) == 64
+    engine.cancel(slot)
+    assert engine.waiting_rows(slot) == 0 and engine.free_slots() == [0, 1] and not engine.busy()
+    assert int(engine.state.pos[slot]) == 0
+
+    told = []
+    held = engine.hold("a conversation", told.append)
+    tokens, mask = gen.prompt([], 0, "Some words to append to the held slot.", 6)
+    engine.extend(held, tokens[:5], mask[:5])
+    engine.extend(held, tokens[5:], mask[5:])
+    assert engine.waiting_rows(held) == len(tokens) and int(engine.state.pos[held]) == 0
+    with pytest.raises(RuntimeError, match="rows waiting"):
+        engine.rewind(held, 1)
+    engine.start(held, seed=1, max_frames=6)
+    assert held not in engine.generating
+    with pytest.raises(RuntimeError, match="generating"):
+        engine.extend(held, tokens, mask)
+    engine.stop(held)
+    while engine.busy():
+        engine.step()
+    assert told and told[-1].finished and sum(len(ev.codes) for ev in told) == 0
+    assert int(engine.state.pos[held]) == len(tokens)
+    engine.extend(held, tokens, mask)
+    engine.release(held)
+    assert engine.waiting_rows(held) == 0 and engine.free_slots() == [0, 1] and not engine.busy()

@@ -1,7 +1,8 @@
 """The admission policy on a fake clock: waiting requests go in at once while the running streams have slack, a
-stream near its playback deadline defers a big prefill (a small one that fits still goes in), the oldest
-waiting request is admitted within max_defer + 1 steps whatever the slack, groups share a length class, and the
-step-time estimates follow the measured steps. Expected values are worked out by hand from the rules."""
+stream near its playback deadline gets only the rows its slack leaves room for (a long prompt is prefilled
+across steps), the oldest waiting request gets rows within max_defer + 1 steps whatever the slack, groups share
+a length class, and the step-time estimates follow the measured steps. Expected values are worked out by hand
+from the rules."""
 
 import pytest
 
@@ -37,30 +38,41 @@ def test_step_time_estimates():
 
 def test_no_streams_admits_at_once_oldest_first():
     s = Scheduler(max_count=4, max_rows=1024)
-    assert s.admit(0.0, [("a", 20), ("b", 25), ("c", 30)]) == ["a", "b", "c"]
+    assert s.admit(0.0, [("a", 20), ("b", 25), ("c", 30)]) == [("a", 20), ("b", 25), ("c", 30)]
     assert s.admit(0.0, []) == []
     assert s.deferrals == 0
 
 
-def test_stream_near_its_deadline_defers_a_big_prefill():
+def test_stream_near_its_deadline_prefills_a_big_prompt_across_steps():
     s = Scheduler(max_count=4, max_rows=1024, max_defer=4)
     _learn(s, step_s=0.1, row_s=0.001)  # a 512-row prefill costs ~0.51 s
     s.delivered("running", now=10.0, seconds=0.32)  # first audio at 10.0: 0.32 s of it
-    # At 10.05 its slack is 0.27 s: one step (0.1) + at most 170 rows fit. A 500-row prompt (512 padded) waits.
+    # At 10.05 its slack is 0.27 s: one step (0.1) + at most 170 rows fit. Of a 500-row prompt, 160 rows (five
+    # 32-row pieces) go in now, the rest waits.
     assert s.budget(10.05) == pytest.approx((0.27 - 0.1) / 0.001)
-    assert s.admit(10.05, [("long", 500)]) == []
-    # With plenty of slack (more audio delivered) it goes in at once.
+    assert s.admit(10.05, [("long", 500)]) == [("long", 160)]
+    # With plenty of slack (more audio delivered) the remaining 340 rows go in at once.
     s.delivered("running", now=10.1, seconds=2.0)
-    assert s.admit(10.1, [("long", 500)]) == ["long"]
+    assert s.admit(10.1, [("long", 340)]) == [("long", 340)]
+    # Slack under one step plus a 32-row piece: nothing this step.
+    s.delivered("late", now=12.0, seconds=0.12)
+    assert s.budget(12.0) == pytest.approx(20)
+    assert s.admit(12.0, [("long", 340)]) == [] and s.passed == 1
 
 
-def test_small_prompt_fits_the_slack_a_big_one_does_not():
+def test_the_oldest_prompt_goes_on_within_the_slack():
     s = Scheduler(max_count=4, max_rows=1024)
     _learn(s, step_s=0.1, row_s=0.001)
     s.delivered("running", now=0.0, seconds=0.32)
-    # Slack 0.32 at t=0: room for 220 rows; the 500-row head is passed over for the 40-row one (64 padded).
-    assert s.admit(0.0, [("long", 500), ("short", 40)]) == ["short"]
-    assert s.passed == 1
+    # Slack 0.32 at t=0: room for 220 rows; the 500-row head gets 192 (six pieces), the 40-row one waits (with
+    # it, two rows of the batch of 192 each would exceed 220).
+    assert s.admit(0.0, [("long", 500), ("short", 40)]) == [("long", 192)]
+    assert s.passed == 0
+    # Next step (the engine lists the partly prefilled prompt first), room for 420 rows: the head's other 308
+    # rows all go in; the short one is of another length class, and two rows of 320 would exceed the cap.
+    s.delivered("running", now=0.0, seconds=0.2)
+    assert s.budget(0.0) == pytest.approx(420)
+    assert s.admit(0.0, [("long", 308), ("short", 40)]) == [("long", 308)]
 
 
 def test_oldest_admitted_within_max_defer_steps_whatever_the_slack():
@@ -76,7 +88,7 @@ def test_oldest_admitted_within_max_defer_steps_whatever_the_slack():
         if steps[-1]:
             break
     # Passed over max_defer times, then admitted (with the other request of its length class).
-    assert steps == [[], [], [], ["head", "next"]]
+    assert steps == [[], [], [], [("head", 300), ("next", 300)]]
     assert s.deferrals == 3
     # The deferral count restarts for the next oldest request.
     assert s.passed == 0
@@ -89,7 +101,7 @@ def test_finished_stream_no_longer_constrains():
     assert s.admit(1.0, [("x", 300)]) == []
     s.finished(7)
     assert s.slack(1.0) is None
-    assert s.admit(1.0, [("x", 300)]) == ["x"]
+    assert s.admit(1.0, [("x", 300)]) == [("x", 300)]
 
 
 def test_length_buckets_group_similar_prompts():
@@ -97,19 +109,21 @@ def test_length_buckets_group_similar_prompts():
     waiting = [("a", 40), ("b", 300), ("c", 50), ("d", 290), ("e", 60), ("f", 10)]
     # a (40 rows: two 32-row pieces, class 2) goes with c and e (50, 60: class 2); three requests pad to four
     # rows of the batch, so f (10 rows, no longer than the group's 64 padded rows) rides along for free.
-    assert s.admit(0.0, waiting) == ["a", "c", "e", "f"]
+    assert s.admit(0.0, waiting) == [("a", 40), ("c", 50), ("e", 60), ("f", 10)]
     assert s.cost([40, 50, 60, 10]) == 4 * 64
     # Then b and d (300 and 290: class 16) together.
-    assert s.admit(0.0, [("b", 300), ("d", 290)]) == ["b", "d"]
+    assert s.admit(0.0, [("b", 300), ("d", 290)]) == [("b", 300), ("d", 290)]
 
 
 def test_group_respects_row_and_count_caps():
     s = Scheduler(max_count=2, max_rows=256)
     assert s.max_count == 2
     # Three of one class: at most two together; 2 x 128 = 256 rows fit the cap.
-    assert s.admit(0.0, [("a", 100), ("b", 120), ("c", 110)]) == ["a", "b"]
-    # The oldest always goes in, even alone over the cap.
-    assert s.admit(0.0, [("big", 700), ("small", 10)]) == ["big"]
+    assert s.admit(0.0, [("a", 100), ("b", 120), ("c", 110)]) == [("a", 100), ("b", 120)]
+    # A prompt over the cap goes in across steps: 256 rows now (then 256, then 188).
+    assert s.admit(0.0, [("big", 700), ("small", 10)]) == [("big", 256)]
+    # A cap under one piece still prefills one piece a step.
+    assert Scheduler(max_rows=20).admit(0.0, [("big", 700)]) == [("big", 32)]
     with pytest.raises(ValueError, match="max_count"):
         Scheduler(max_count=0)
 
@@ -121,7 +135,7 @@ def test_generation_slower_than_real_time_admits_at_once():
     s.delivered(1, now=0.0, seconds=0.1)
     assert not s.overloaded() and s.admit(1.0, [("x", 300)]) == []
     _learn(s, step_s=0.5, row_s=0.001)
-    assert s.overloaded() and s.admit(1.0, [("x", 300)]) == ["x"]
+    assert s.overloaded() and s.admit(1.0, [("x", 300)]) == [("x", 300)]
 
 
 def test_start_buffer_adds_to_the_slack():
