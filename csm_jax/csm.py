@@ -6,7 +6,8 @@ embedding is the masked sum of audio_embed[code + 2051 * codebook] and text_embe
 
 One frame, from the backbone's final hidden state h of the last row:
   c0 = sample(h · c0_head)
-  depth decoder over [proj(h), proj(audio_embed[c0])] at positions 0, 1 (fresh 32-slot cache), then
+  depth decoder over [proj(h), proj(audio_embed[c0])] at positions 0, 1 (fresh 32-slot cache; every row is
+  at the same position, so it runs `llama.forward_shared`: in-place cache writes, no positions stored), then
   c_i = sample(dec_out · audio_head[i-1]) and proj(audio_embed[c_i + 2051 i]) is fed at position i+1
   the frame's row [c0..c31 | no text] is fed to the backbone, giving the next h.
 A frame whose 32 codes are all 0 is end-of-speech: it is not emitted nor fed back (csm/generator.py) and
@@ -273,15 +274,17 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     """
     B = h.shape[0]
     dcfg, V, heads = cfg.decoder, cfg.audio_vocab_size, params["audio_head"]
-    cache = llama.init_cache(dcfg, B, cfg.num_codebooks, h.dtype)
+    # Every row is at the same position (codebook) at every step: the lockstep path, cell = position.
+    kv = llama.init_shared_cache(dcfg, B, cfg.num_codebooks, h.dtype)
+    table = llama.rope_table(dcfg, cfg.num_codebooks)
+    forward = partial(llama.forward_shared, dcfg, params["decoder"])
     x = linear(jnp.stack([h, params["audio_embed"][c0]], 1), params["projection"])  # (B, 2, Dd)
-    pos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (B, 2))
     if B == 1 and jax.default_backend() == "cpu":
         # XLA:CPU runs a 2-row matmul 2-3x slower than two 1-row ones: feed the two positions one by one.
-        out, cache = llama.forward(dcfg, params["decoder"], x[:, :1], pos[:, :1], cache)
-        out, cache = llama.forward(dcfg, params["decoder"], x[:, 1:], pos[:, 1:], cache)
+        out, kv = forward(x[:, :1], 0, kv, table)
+        out, kv = forward(x[:, 1:], 1, kv, table)
     else:
-        out, cache = llama.forward(dcfg, params["decoder"], x, pos, cache)
+        out, kv = forward(x, 0, kv, table)
     logits = linear(out[:, -1], heads[0], jnp.float32)
     c1 = sample_fn(logits, 1)
     # One branch per head: each reads its own weight buffer (indexing a stacked (31, V, Dd) array copied the
@@ -289,14 +292,14 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     head_fns = [lambda o, w=w: linear(o, w, jnp.float32) for w in heads[1:]]
 
     def step(carry, i):
-        cache, prev = carry
+        kv, prev = carry
         x = linear(params["audio_embed"][prev + (i - 1) * V][:, None], params["projection"])
-        out, cache = llama.forward(dcfg, params["decoder"], x, jnp.full((B, 1), i, jnp.int32), cache)
+        out, kv = forward(x, i, kv, table)
         lg = jax.lax.switch(i - 2, head_fns, out[:, 0])
         c = sample_fn(lg, i)
-        return (cache, c), (c, lg)
+        return (kv, c), (c, lg)
 
-    _, (cs, lgs) = jax.lax.scan(step, (cache, c1), jnp.arange(2, cfg.num_codebooks))
+    _, (cs, lgs) = jax.lax.scan(step, (kv, c1), jnp.arange(2, cfg.num_codebooks))
     codes = jnp.concatenate([c1[:, None], cs.T], 1)
     return codes, jnp.concatenate([logits[:, None], jnp.moveaxis(lgs, 0, 1)], 1)
 

@@ -8,9 +8,12 @@ GQA: query head n reads kv head n // (N / K). RoPE uses Llama-3 frequency scalin
 ("rotate_half") pairing of transformers' layout; Sesame's interleaved q/k rows are permuted at load.
 
 Axes: B batch, T new positions, S cache cells, N query heads, K kv heads, G = N/K, H head dim, D width.
-Attention always runs against an explicit cache {k, v: (B, K, S, H), pos: (B, S)} holding the absolute
-position of each cell (-1 = empty): new keys are written at cell pos % S first, then every query attends to
-the cells whose position is <= its own. RoPE, norms and softmax run in fp32 whatever the weights' dtype.
+Attention always runs against an explicit cache. `forward` (per-row positions: the backbone) uses
+{k, v: (B, K, S, H), pos: (B, S)} holding the absolute position of each cell (-1 = empty): new keys are
+written at cell pos % S first, then every query attends to the cells whose position is <= its own.
+`forward_shared` (one position for every row: the depth decoder) uses {k, v} whose cell s holds position s,
+written in place at the shared position, with a mask from the position alone and RoPE angles from a table.
+RoPE, norms and softmax run in fp32 whatever the weights' dtype.
 """
 
 from __future__ import annotations
@@ -72,13 +75,28 @@ def rope_frequencies(cfg: LlamaConfig) -> jnp.ndarray:
     return jnp.where(wavelen < old_ctx / high, inv, scaled)
 
 
-def rope(x, pos, inv_freq):
-    """x (B, T, heads, H), pos (B, T) -> rotated in half-split pairs (x[i], x[i + H/2])."""
-    ang = pos.astype(jnp.float32)[:, :, None, None] * inv_freq  # (B, T, 1, H/2)
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
+def rope_angles(pos, inv_freq):
+    """pos (B, T) -> (cos, sin), each (B, T, 1, H/2) fp32."""
+    ang = pos.astype(jnp.float32)[:, :, None, None] * inv_freq
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def rope_table(cfg: LlamaConfig, size: int):
+    """(cos, sin) of positions 0..size-1, each (1, size, 1, H/2): read by position (`forward_shared`) instead
+    of computed at every step."""
+    return rope_angles(jnp.arange(size, dtype=jnp.int32)[None], rope_frequencies(cfg))
+
+
+def rotate(x, cos, sin):
+    """x (B, T, heads, H) rotated in half-split pairs (x[i], x[i + H/2]) by angles given as cos, sin."""
     x32 = x.astype(jnp.float32)
     a, b = jnp.split(x32, 2, axis=-1)
     return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1).astype(x.dtype)
+
+
+def rope(x, pos, inv_freq):
+    """x (B, T, heads, H), pos (B, T) -> rotated in half-split pairs (x[i], x[i + H/2])."""
+    return rotate(x, *rope_angles(pos, inv_freq))
 
 
 def linear(x, w, out_dtype=None):
@@ -111,6 +129,16 @@ def init_cache(cfg: LlamaConfig, batch: int, size: int, dtype) -> dict:
             "pos": jnp.full((batch, size), -1, jnp.int32)}
 
 
+def init_shared_cache(cfg: LlamaConfig, batch: int, size: int, dtype) -> dict:
+    """An empty cache of `size` cells for `forward_shared`: {"k": [...], "v": [...] per layer (B * K, S, H)},
+    cell s = position s. Batch and kv head are one axis, the attention products' batch axis: the products
+    read the cache in the shape it is stored and written in (with (B, K, S, H) at batch 1, XLA:CPU wrote
+    each new key twice, once into a copy of the cache for the product)."""
+    shape = (batch * cfg.num_kv_heads, size, cfg.head_dim)
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+            "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]}
+
+
 def attention_windows(size: int) -> tuple[int, ...]:
     """The attention windows a cache of `size` cells is read through: powers of two from 128, then the whole
     cache. Each call picks, on the device, the smallest that holds every position it attends to."""
@@ -136,13 +164,26 @@ def _attend(q, k_cache, v_cache, cache_pos, pos, rows, window: int):
     return jnp.einsum("bkgts,bksh->btkgh", w, vs).reshape(R, T, K * G * H)
 
 
-def _attention(cfg, p, x, pos, rows, cells, cache_pos, k_cache, v_cache, inv_freq, window_index):
+def _qkv(cfg, p, x):
+    """x (R, T, D) -> q (R, T, N, H), k and v (R, T, K, H), before RoPE."""
     R, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv = linear(x, p["wqkv"])
-    q = qkv[..., : N * H].reshape(R, T, N, H)
-    k = qkv[..., N * H:(N + K) * H].reshape(R, T, K, H)
-    v = qkv[..., (N + K) * H:].reshape(R, T, K, H)
+    return (qkv[..., : N * H].reshape(R, T, N, H), qkv[..., N * H:(N + K) * H].reshape(R, T, K, H),
+            qkv[..., (N + K) * H:].reshape(R, T, K, H))
+
+
+def _mlp(cfg, p, x):
+    """The feed-forward branch of a layer: W2 · (silu(W1 · m) * (W3 · m)), m = RMSNorm_mlp(x)."""
+    m = linear(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p["w13"])
+    gate, up = jnp.split(m, 2, axis=-1)
+    return linear(jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up, p["w2"])
+
+
+def _attention(cfg, p, x, pos, rows, cells, cache_pos, k_cache, v_cache, inv_freq, window_index):
+    R, T, _ = x.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = _qkv(cfg, p, x)
     q, k = rope(q, pos, inv_freq), rope(k, pos, inv_freq)
     at = (jnp.arange(R) if rows is None else rows)[:, None, None], jnp.arange(K)[None, :, None], cells[:, None, :]
     k_cache = k_cache.at[at].set(jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), mode="drop")
@@ -181,12 +222,55 @@ def forward(cfg: LlamaConfig, params: dict, x, pos, cache: dict, rows=None):
             a, k_i, v_i = _attention(cfg, p, rms_norm(x, p["attn_norm"], cfg.norm_eps), pos, rows, cells, cache_pos,
                                      cache["k"][i], cache["v"][i], inv_freq, window_index)
             x = x + a
-            m = linear(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p["w13"])
-            gate, up = jnp.split(m, 2, axis=-1)
-            x = x + linear(jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up, p["w2"])
+            x = x + _mlp(cfg, p, x)
             ks.append(k_i)
             vs.append(v_i)
     return rms_norm(x, params["norm"], cfg.norm_eps), {"k": ks, "v": vs, "pos": cache_pos}
+
+
+def _attention_shared(cfg, p, x, start, k_cache, v_cache, cos, sin, visible):
+    """`_attention` at the shared position `start` against caches (B * K, S, H); queries and keys are put
+    in that order, so each product runs over the B * K (kv head) axis with the G query heads and T
+    positions of a kv head as its rows."""
+    R, T, _ = x.shape
+    K, G, H = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    q, k, v = _qkv(cfg, p, x)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    by_kv_head = lambda a: jnp.swapaxes(a, 1, 2).reshape(R * K, -1, H)  # (R, T, K, ., H) -> (R * K, T * ., H)  # noqa: E731
+    at = (0, start, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, by_kv_head(k).astype(k_cache.dtype), at)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, by_kv_head(v).astype(v_cache.dtype), at)
+    q = by_kv_head(q.reshape(R, T, K, G, H))  # rows (t, g)
+    logits = jnp.einsum("bqh,bsh->bqs", q, k_cache, preferred_element_type=jnp.float32) / math.sqrt(H)
+    w = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bqs,bsh->bqh", w, v_cache).reshape(R, K, T, G * H)
+    return linear(jnp.swapaxes(out, 1, 2).reshape(R, T, K * G * H), p["wo"]), k_cache, v_cache
+
+
+def forward_shared(cfg: LlamaConfig, params: dict, x, start, kv: dict, table):
+    """x (B, T, D) at positions start .. start + T - 1, the same for every row (`start` an int32 scalar, may
+    be traced), against keys and values `kv` (`init_shared_cache`) whose cell s holds position s. `table` is
+    `rope_table(cfg, S)`. Returns (final-normed hidden (B, T, D), updated kv).
+
+    `forward` for a batch in lockstep (the depth decoder: every row at codebook i): the new keys and values
+    are written in place at cell `start` (a dynamic-update-slice, no scatter), a query at position t sees
+    cells 0..t (a mask from an iota, no positions stored), and RoPE reads its angles from `table`.
+    Positions must stay below S (nothing wraps)."""
+    T, S = x.shape[1], kv["k"][0].shape[-2]
+    cos, sin = (jax.lax.dynamic_slice_in_dim(t, start, T, axis=1) for t in table)
+    G = cfg.num_heads // cfg.num_kv_heads
+    t = start + jnp.arange(T)[:, None]  # query rows (t, g), as `_attention_shared` orders them
+    visible = jnp.repeat(jnp.arange(S)[None, :] <= t, G, axis=0)[None]  # (1, T * G, S)
+    ks, vs = [], []
+    for i, p in enumerate(params["layers"]):
+        with jax.named_scope(f"layer{i}"):
+            a, k_i, v_i = _attention_shared(cfg, p, rms_norm(x, p["attn_norm"], cfg.norm_eps), start,
+                                            kv["k"][i], kv["v"][i], cos, sin, visible)
+            x = x + a
+            x = x + _mlp(cfg, p, x)
+            ks.append(k_i)
+            vs.append(v_i)
+    return rms_norm(x, params["norm"], cfg.norm_eps), {"k": ks, "v": vs}
 
 
 def param_shapes(cfg: LlamaConfig) -> dict:
