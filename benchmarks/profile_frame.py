@@ -243,7 +243,7 @@ def instruction_classes(instrs: dict, comps: dict, vocab: int) -> dict:
     without op_name metadata (its root has none) takes the most common class among the instructions it calls.
     An instruction with none at all (XLA:CPU's dots lose theirs) is a head if it makes logits (a last
     dimension of `vocab`), else takes the class of its nearest neighbours in the dataflow that have one
-    (operands first, then users, up to 4 hops)."""
+    (operands and users, up to 4 hops; between two classes, the more specific)."""
 
     @functools.lru_cache(maxsize=None)
     def votes(comp: str, depth: int = 0) -> tuple:
@@ -275,16 +275,21 @@ def instruction_classes(instrs: dict, comps: dict, vocab: int) -> dict:
             users[o].append(n)
     known = {n: own(n) for n in instrs}
 
-    def neighbours(n: str):
-        for side in (lambda x: instrs[x].operands, lambda x: users[x]):
-            seen, frontier = {n}, [n]
-            for hop in range(4):
-                frontier = [y for x in frontier for y in side(x) if y not in seen]
-                seen.update(frontier)
-                found = [known[y] for y in frontier if known[y] and known[y][0] != "copies/other"]
-                if found:
-                    yield hop, found
-                    break
+    # Where an op sits between two classes (a q/k/v or output projection between a layer's norm and its
+    # attention, the depth projection between an embedding lookup and a layer), the more specific one wins.
+    specific = ("sampling", "depth attention", "embeddings/projection/heads", "depth-decoder layers",
+                "backbone layers")
+
+    def nearest(n: str):
+        """(class, op_name) of the nearest neighbours with metadata, operands and users alike, or None."""
+        seen, frontier = {n}, [n]
+        for _ in range(4):
+            frontier = [y for x in frontier for y in instrs[x].operands + users[x] if y not in seen]
+            seen.update(frontier)
+            found = [known[y] for y in frontier if known[y] and known[y][0] in specific]
+            if found:
+                return min(found, key=lambda k: specific.index(k[0]))
+        return None
 
     out = {}
     for n, i in instrs.items():
@@ -296,12 +301,9 @@ def instruction_classes(instrs: dict, comps: dict, vocab: int) -> dict:
               and re.search(rf"\[(?:\d+,)*{vocab}\]", i.shape)):
             out[n] = ("embeddings/projection/heads", "", "(makes logits: a head)")
         else:
-            near = sorted(neighbours(n), key=lambda x: x[0])
-            if near and i.opcode not in ("copy", "get-tuple-element", "tuple", "parameter", "bitcast"):
-                cls = collections.Counter(c for c, _ in near[0][1]).most_common(1)[0][0]
-                out[n] = (cls, next(s for c, s in near[0][1] if c == cls), "(from neighbours) ")
-            else:
-                out[n] = ("copies/other", "", "")
+            plumbing = i.opcode in ("copy", "get-tuple-element", "tuple", "parameter", "bitcast")
+            near = None if plumbing else nearest(n)
+            out[n] = (near[0], near[1], "(from neighbours) ") if near else ("copies/other", "", "")
     return out
 
 
@@ -628,8 +630,12 @@ def analyse(out: str, meta: dict, top: int) -> dict:
     depth_kernels = sum(r["count_per_frame"] for r in ops if "depth_decoder" in r["scope"] or r["op"] in step_ops
                         or r["class"] in ("depth-decoder layers", "depth attention"))
     step_kernels = sum(r["count_per_frame"] for r in ops if r["op"] in step_ops)
+    lane = trace["lane"]
+    if meta["backend"] != "cpu" and lane.startswith("host"):
+        lane = ("NOT device time: the trace has no device lanes (on NVIDIA GPUs the profiler needs CUPTI), so the "
+                "host's op events are read: " + lane)
     result = meta | {
-        "lane": trace["lane"], "hlo_instructions": len(instrs),
+        "lane": lane, "hlo_instructions": len(instrs),
         "total_us_per_frame": sum(r["us_per_frame"] for r in ops),
         "busy_us_per_frame": busy_ns(trace["events"]) / frames / 1e3,
         "kernels_per_frame": sum(r["count_per_frame"] for r in ops), "classes": by_class,
