@@ -147,3 +147,79 @@ def test_turn_audio_of_any_length_compiles_nothing_after_the_encoder_warm_up(gen
     for a, c in zip(turns, codes):
         assert a.size % 1920 == 0 and c.shape == (32, a.size // 1920)
         np.testing.assert_array_equal(c, np.asarray(encode(gen.mimi, jnp.asarray(a[None])))[0])
+
+
+def test_turns_prefilled_across_steps_beside_a_running_stream(gen):
+    """On an engine that prefills 64 rows a step, a conversation's voice prompt and long user turn (several
+    pieces each), queued while a plain request generates, go in over several steps: the request gets its four
+    frames at every one of them, its codes equal its solo run, and the reply equals Sesame's way (the whole
+    history as one prompt, alone). A frozen clock keeps the schedule's row budget at prefill_rows."""
+    from csm_jax.engine import Request
+
+    engine = gen.engine(2, prefill_rows=64, clock=lambda: 0.0)
+    rng = np.random.default_rng(5)
+    running = Request("A plain request speaking meanwhile.", seed=7, max_audio_ms=6000)
+    frames = []
+    engine.submit(running, on_event=lambda ev: frames.append(ev.codes))
+    engine.step()
+    engine.step()
+    steps = []  # frames events the running request got at each step the dialogue took
+    real_step = engine.step
+
+    def step():
+        heard = len(frames)
+        out = real_step()
+        steps.append([len(c) for c in frames[heard:]])
+        return out
+
+    engine.step = step
+    d = Dialogue(engine, [Segment(1, "My voice.", codes=random_codes(rng, 150))])
+    d.add(Segment(0, "A long user turn.", codes=random_codes(rng, 120)))
+    assert d.pos > 4 * 64 and len(steps) >= -(-d.pos // 64)  # prefilled 64 rows a step, by add's own steps
+    assert steps == [[4]] * len(steps)
+    history = list(d.segments)
+    reply = list(d.speak("A reply.", seed=8, max_audio_ms=480))
+    engine.step = real_step
+    while engine.busy():
+        engine.step()
+    ref = gen.generate_codes(["A reply."], speakers=1, contexts=[history], seeds=8, max_audio_ms=480)
+    np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
+    assert sum(c.size for c in reply) == 1920 * ref[0].shape[1]
+    alone = gen.generate_codes([running.text], seeds=7, max_audio_ms=6000)[0]
+    np.testing.assert_array_equal(np.concatenate(frames).T, alone)
+    d.close()
+
+
+def test_driven_engine_prefills_the_queued_turns(gen):
+    """With a thread driving the engine (as the server's), a dialogue's turns are only queued by the caller
+    (`add` returns at once; the reply starts when its rows are in): the reply equals Sesame's way (the whole
+    history as one prompt, alone)."""
+    import time
+
+    engine = gen.engine(2, prefill_rows=64)
+    stop = threading.Event()
+
+    def drive():
+        while not stop.is_set():
+            if engine.busy():
+                engine.step()
+            else:
+                time.sleep(0.002)
+
+    engine.driven.set()
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    try:
+        rng = np.random.default_rng(6)
+        d = Dialogue(engine, [Segment(1, "My voice.", codes=random_codes(rng, 100))])
+        d.add(Segment(0, "A user turn.", codes=random_codes(rng, 80)))
+        history = list(d.segments)
+        reply = list(d.speak("A reply.", seed=9, max_audio_ms=480))
+    finally:
+        stop.set()
+        driver.join()
+        engine.driven.clear()
+    ref = gen.generate_codes(["A reply."], speakers=1, contexts=[history], seeds=9, max_audio_ms=480)
+    np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
+    assert sum(c.size for c in reply) == 1920 * ref[0].shape[1]
+    d.close()
