@@ -390,8 +390,8 @@ class Engine:
 
     def step(self) -> dict[int, Event]:
         """Prefills the queued rows the schedule picks (starting the slots whose prompts are in), dispatches K
-        frames for every generating slot, and returns what the previous step made ({slot: Event}; events also go to the owners' callbacks). A finished plain
-        request's slot is free at once."""
+        frames for every generating slot, and returns what the previous step made ({slot: Event}; events also
+        go to the owners' callbacks). A finished plain request's slot is free at once."""
         with self.lock:
             cost = self._admit()
             launched = self._launch()
