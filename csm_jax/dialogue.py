@@ -17,14 +17,15 @@ long turn never stalls the other streams for its whole prefill.
 Positions beyond the trained 2048 are never used. When a new turn (plus the reply it reserves room for)
 would pass position 2048, the oldest non-pinned segments leave and the slot is rebuilt by one prefill of
 what remains (voice prompt first, at position 0), so every position stays inside the range the model was
-trained on and the rows keep the order and relative positions they had. A rebuild costs one prefill of at
-most 2048 rows; it happens once per that many rows of conversation, not per turn. A user turn that alone
+trained on and the rows keep the order and relative positions they had. A rebuild costs a prefill of at
+most 2048 rows (queued like a turn's rows, so spread over steps); it happens once per that many rows of
+conversation, not per turn. A user turn that alone
 cannot fit keeps its most recent audio frames.
 
 When no thread drives the engine (`engine.driven` unset), a dialogue steps it itself: until its rows are in
 (`add`, and each part of `speak`) and while it waits for its reply's frames, so conversations and requests on
 the same engine advance together whoever steps. Plain requests sharing such an engine need an `on_event`
-callback: the events a dialogue's steps return are not theirs to keep.
+callback: a dialogue drops what its own steps return.
 """
 
 from __future__ import annotations
