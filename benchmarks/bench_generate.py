@@ -171,7 +171,7 @@ def run_ours(args, roof):
             return set_sampling(st, jnp.arange(B), jnp.full(B, 0.9), jnp.full(B, 50), jnp.arange(B),
                                 jnp.full(B, args.frames + 1 + args.frames_per_call))
 
-        # Compile (prefill, 1-frame and K-frame calls), then time to first frame.
+        # Compile (prefill, 1-frame and F-frame calls), then time to first frame.
         st = start()
         st, f, _ = generate_frames(params, cfg, st, 1)
         st, f, _ = generate_frames(params, cfg, st, args.frames_per_call)
@@ -187,7 +187,7 @@ def run_ours(args, roof):
         valid_total = 0
         for _ in range(calls):
             st, f, v = generate_frames(params, cfg, st, args.frames_per_call)
-            valid_total += int(np.asarray(v).sum())  # one host copy per K frames, as a server would
+            valid_total += int(np.asarray(v).sum())  # one host copy per F frames, as a server would
         el = time.perf_counter() - t0
         frames_done = calls * args.frames_per_call
         assert valid_total == B * frames_done, "a row stopped early (EOS): timing would be off"

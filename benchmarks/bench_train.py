@@ -134,7 +134,7 @@ def main(args: Args) -> None:
              "mfu": flops / dt / (peak_gflops * 1e9), "compile_s": compile_s, "loss": float(m["loss"])}
         results.append(r)
         del trainable, opt_state, frozen
-    head = (f"{'batch':>5} {'dev':>3} {'ratio':>6} {'K':>5} {'step s':>8} {'frames/s':>9} {'tokens/s':>9} "
+    head = (f"{'batch':>5} {'dev':>3} {'ratio':>6} {'depth':>5} {'step s':>8} {'frames/s':>9} {'tokens/s':>9} "
             f"{'peak GB':>8} {'GFLOP':>8} {'MFU':>6}")
     print(head)
     for r in results:

@@ -533,9 +533,9 @@ def main(args: Args) -> None:
     if missing:
         print(f"note: not found, left unscoped: {', '.join(missing)}", flush=True)
     cfg, params, dtype, what = build(args)
-    B, K = args.batch, args.frames_per_call
+    B, F = args.batch, args.frames_per_call
     tokens, mask, S = _prompt(B)
-    frames_needed = K * (1 + args.warmup + 2 * args.calls)
+    frames_needed = F * (1 + args.warmup + 2 * args.calls)
     if S + frames_needed + 1 > cfg.max_seq_len:
         raise SystemExit(f"error: {frames_needed} frames after a {S}-row prompt exceed the {cfg.max_seq_len}-row "
                          "cache: lower --calls, --warmup or --frames-per-call")
@@ -545,13 +545,13 @@ def main(args: Args) -> None:
     st = set_sampling(st, jnp.arange(B), jnp.full(B, 0.9), jnp.full(B, 50), jnp.arange(B),
                       jnp.full(B, frames_needed + 1))
     t0 = time.perf_counter()
-    compiled = generate_frames.lower(params, cfg, st, K).compile()
+    compiled = generate_frames.lower(params, cfg, st, F).compile()
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "frame_hlo.txt"), "w") as f:
         f.write(hlo)
-    print(f"compiled the frame program ({K} frames per call, batch {B}) in {compile_s:.1f} s", flush=True)
+    print(f"compiled the frame program ({F} frames per call, batch {B}) in {compile_s:.1f} s", flush=True)
 
     valid_total = 0
 
@@ -578,15 +578,15 @@ def main(args: Args) -> None:
             jax.profiler.stop_trace()
         except ValueError as e:  # the .xplane.pb is written first; only the perfetto copy failed
             print(f"note: no perfetto_trace.json.gz ({e}); the .xplane.pb is read", flush=True)
-    if valid_total != B * K * (1 + args.warmup + 2 * args.calls):
+    if valid_total != B * F * (1 + args.warmup + 2 * args.calls):
         raise SystemExit("error: a row ended early (an all-zero, end-of-speech frame), so fewer frames ran than "
                          "were timed: use fewer --calls or --frames-per-call")
     del st
 
-    meta = {"model": what, "batch": B, "dtype": dtype.name, "frames_per_call": K, "calls_traced": args.calls,
+    meta = {"model": what, "batch": B, "dtype": dtype.name, "frames_per_call": F, "calls_traced": args.calls,
             "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "compile_s": compile_s, "wall_us_per_frame": wall_ns / (args.calls * K) / 1e3,
-            "traced_wall_us_per_frame": traced_wall_ns / (args.calls * K) / 1e3,
+            "compile_s": compile_s, "wall_us_per_frame": wall_ns / (args.calls * F) / 1e3,
+            "traced_wall_us_per_frame": traced_wall_ns / (args.calls * F) / 1e3,
             "num_codebooks": cfg.num_codebooks, "audio_vocab_size": cfg.audio_vocab_size, "unscoped": missing}
     analyse(args.out, meta, args.top)
 

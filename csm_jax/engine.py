@@ -4,7 +4,7 @@
     engine.warmup()                                          # compiles every program it can run
     slot = engine.submit(Request("Hello there.", seed=1))    # -> slot, or None when every slot is busy
     while engine.busy():
-        for slot, event in engine.step().items():            # K frames per generating slot, decoded
+        for slot, event in engine.step().items():            # F frames per generating slot, decoded
             send(event.owner, event.audio, event.finished)
 
 Seams, as JetStream's prefill / insert / generate:
@@ -16,7 +16,7 @@ Seams, as JetStream's prefill / insert / generate:
                     so a long prompt is prefilled across steps, each keeping its offset; partly prefilled
                     prompts go on first (oldest first), then new ones, the oldest within a bounded number of
                     steps. A slot starts generating when its last rows are in.
-  generate          one device program runs K frames for the generating slots (only those, padded to a
+  generate          one device program runs F = frames_per_call frames for the generating slots (only those, padded to a
                     power of two) and decodes them with the streaming Mimi decoder: one host copy of PCM, codes
                     and flags per step.
   pipelining        `step` dispatches the next program before it copies the previous one's results to the host,
@@ -130,7 +130,7 @@ class _Prefill:
 class _InFlight:
     slots: list[int]  # the generating slots, in the program's row order
     owners: dict  # slot -> (the _Owner it had when the step was dispatched, its run then)
-    out: tuple  # device arrays: pcm (R, K * 1920), codes (R, K, C), valid (R, K), done (R,)
+    out: tuple  # device arrays: pcm (R, F * 1920), codes (R, F, C), valid (R, F), done (R,)
 
 
 @partial(jax.jit, static_argnums=(1, 6, 7), donate_argnums=(3, 4))
@@ -389,7 +389,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------ the loop
 
     def step(self) -> dict[int, Event]:
-        """Prefills the queued rows the schedule picks (starting the slots whose prompts are in), dispatches K
+        """Prefills the queued rows the schedule picks (starting the slots whose prompts are in), dispatches F
         frames for every generating slot, and returns what the previous step made ({slot: Event}; events also
         go to the owners' callbacks). A finished plain request's slot is free at once."""
         with self.lock:
