@@ -309,9 +309,12 @@ def _frame(params, cfg: CsmConfig, slots, state: GenState, _):
     keys = jax.vmap(jax.random.split)(state.key)  # (B, 2) keys
     frame_key, next_key = keys[:, 0], keys[:, 1]
 
+    # Codebook i draws with fold_in(frame_key, i); the 32 keys are derived once per frame, not per step.
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, None))
+    codebook_keys = fold(frame_key, jnp.arange(cfg.num_codebooks, dtype=jnp.int32))  # (B, C)
+
     def sample_fn(logits, i):
-        ks = jax.vmap(jax.random.fold_in, in_axes=(0, None))(frame_key, i)
-        return sample(logits, ks, state.temperature, state.topk, MIMI_CODES)
+        return sample(logits, codebook_keys[:, i], state.temperature, state.topk, MIMI_CODES)
 
     c0 = sample_fn(backbone_logits(params, state.h), 0)
     rest, _ = depth_decoder(cfg, params, state.h, c0, sample_fn)
