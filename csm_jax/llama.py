@@ -133,7 +133,7 @@ def init_shared_cache(cfg: LlamaConfig, batch: int, size: int, dtype) -> dict:
     """An empty cache of `size` cells for `forward_shared`: {"k": [...], "v": [...] per layer (B * K, S, H)},
     cell s = position s. Batch and kv head are one axis, the attention products' batch axis: the products
     read the cache in the shape it is stored and written in (with (B, K, S, H) at batch 1, XLA:CPU wrote
-    each new key twice, once into a copy of the cache for the product)."""
+    each new key twice, once into a copy of the cache for the product; it still does when B * K = 1)."""
     shape = (batch * cfg.num_kv_heads, size, cfg.head_dim)
     return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
             "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]}
@@ -236,7 +236,8 @@ def _attention_shared(cfg, p, x, start, k_cache, v_cache, cos, sin, visible):
     K, G, H = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     q, k, v = _qkv(cfg, p, x)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    by_kv_head = lambda a: jnp.swapaxes(a, 1, 2).reshape(R * K, -1, H)  # (R, T, K, ., H) -> (R * K, T * ., H)  # noqa: E731
+    # (R, T, K, ..., H) -> (R * K, T * ..., H)
+    by_kv_head = lambda a: jnp.swapaxes(a, 1, 2).reshape(R * K, -1, H)  # noqa: E731
     at = (0, start, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, by_kv_head(k).astype(k_cache.dtype), at)
     v_cache = jax.lax.dynamic_update_slice(v_cache, by_kv_head(v).astype(v_cache.dtype), at)

@@ -17,7 +17,8 @@ def test_lockstep_decode_equals_full_forward():
     params = init_params(CsmConfig(backbone=CsmConfig.tiny().backbone, decoder=cfg), jax.random.key(3))["decoder"]
     B, S = 3, 32
     x = jax.random.normal(jax.random.key(4), (B, S, cfg.dim))
-    full, _ = llama.forward(cfg, params, x, jnp.broadcast_to(jnp.arange(S), (B, S)), llama.init_cache(cfg, B, S, x.dtype))
+    pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+    full, _ = llama.forward(cfg, params, x, pos, llama.init_cache(cfg, B, S, x.dtype))
     kv, table = llama.init_shared_cache(cfg, B, S, x.dtype), llama.rope_table(cfg, S)
     step = jax.jit(llama.forward_shared, static_argnums=0)
     out, kv = step(cfg, params, x[:, :2], 0, kv, table)  # two positions at once, as the decoder starts
