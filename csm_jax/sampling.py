@@ -7,6 +7,11 @@ Logits from `allowed` upward (the audio vocabulary's 2048..2050, which Mimi cann
 The k-th largest logit is found without sorting the vocabulary (a sort of 2051 logits per row and codebook
 was 7% of a batch-16 frame on XLA:CPU): `lax.top_k` when every row's k is at most 64 (the usual 50), else an
 exact bisection over the logits' bit patterns. Both return exactly the value a sort would.
+
+The categorical draw is jax.random.categorical's (argmax of logits plus Gumbel noise), with the noise made
+ahead by `gumbel_noise`: a frame's 32 draws take their noise from one batched generation before the
+codebook loop instead of one per sequential step, and the bits are the ones `jax.random.categorical(key, ...)`
+would draw, so the codes are too.
 """
 
 from __future__ import annotations
@@ -15,8 +20,17 @@ import jax
 import jax.numpy as jnp
 
 
-def sample(logits, keys, temperature, topk, allowed: int):
-    """logits (B, V) fp32, keys (B,) PRNG keys, temperature (B,), topk (B,) int -> (B,) int32."""
+def gumbel_noise(keys, vocab: int):
+    """keys (...) PRNG keys -> (..., vocab) fp32: the Gumbel noise `jax.random.categorical(key, logits)` adds to
+    (vocab,) logits before its argmax, one row per key."""
+    flat = keys.reshape(-1)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(flat)
+    return noise.reshape(keys.shape + (vocab,))
+
+
+def sample(logits, noise, temperature, topk, allowed: int):
+    """logits (B, V) fp32, noise (B, V) (`gumbel_noise` of each row's key), temperature (B,), topk (B,) int
+    -> (B,) int32: as jax.random.categorical with that key over the top-k logits divided by the temperature."""
     V = logits.shape[-1]
     logits = jnp.where(jnp.arange(V) < allowed, logits.astype(jnp.float32), -jnp.inf)
     greedy = jnp.argmax(logits, -1)
@@ -25,7 +39,7 @@ def sample(logits, keys, temperature, topk, allowed: int):
     k = jnp.clip(topk, 1, allowed)
     kth = kth_largest(scaled, k)
     scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+    drawn = jnp.argmax(noise + scaled, axis=-1)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 

@@ -12,7 +12,7 @@ from csm_jax import llama
 from csm_jax.checkpoints import CheckpointError, load_csm
 from csm_jax.csm import (CsmConfig, GenState, embed_rows, generate_frames, init_params, prefill, reset_slots,
                          set_sampling)
-from csm_jax.sampling import _kth_by_bisection, kth_largest, sample
+from csm_jax.sampling import _kth_by_bisection, gumbel_noise, kth_largest, sample
 from csm_fixtures import build_hf_csm, save_hf_layout
 
 CFG = CsmConfig.tiny()
@@ -107,12 +107,31 @@ def test_sampling_rules():
     logits = jnp.array([[0.0, 5.0, 1.0, 9.0, 3.0], [2.0, 2.0, 2.0, 1.0, 0.0]])
     keys = jax.random.split(jax.random.key(0), 2)
     # Greedy never picks a masked code (index 3 is outside `allowed`).
-    got = sample(logits, keys, jnp.zeros(2), jnp.array([5, 5]), allowed=3)
+    got = sample(logits, gumbel_noise(keys, 5), jnp.zeros(2), jnp.array([5, 5]), allowed=3)
     assert got.tolist() == [1, 0]
     # top-k 1 is greedy; ties with the k-th value survive (row 1: three equal logits, k=1).
-    draws = np.stack([np.asarray(sample(logits, jax.random.split(jax.random.key(i), 2), jnp.ones(2), jnp.array([1, 1]),
-                                        allowed=5)) for i in range(60)])
+    draws = np.stack([np.asarray(sample(logits, gumbel_noise(jax.random.split(jax.random.key(i), 2), 5), jnp.ones(2),
+                                        jnp.array([1, 1]), allowed=5)) for i in range(60)])
     assert set(draws[:, 0]) == {3} and set(draws[:, 1]) == {0, 1, 2}
+
+
+def test_draw_with_noise_made_ahead_is_jax_categorical():
+    """A draw from `gumbel_noise` made ahead (a frame makes its 32 draws' noise in one go) equals
+    jax.random.categorical with the same key over the top-k logits divided by the temperature, row by row:
+    the sampled codes are the ones a per-step categorical draw gives."""
+    rng = np.random.default_rng(3)
+    B, V, allowed = 6, 2051, 2048
+    logits = jnp.asarray(rng.standard_normal((B, V)).astype(np.float32) * 3)
+    temperature, topk = jnp.array([0.9, 1.0, 0.5, 1.3, 0.9, 0.7]), jnp.array([50, 1, 7, 200, 2048, 64])
+    for seed in range(4):
+        keys = jax.random.split(jax.random.key(seed), B)
+        got = np.asarray(sample(logits, gumbel_noise(keys, V), temperature, topk, allowed))
+        for b in range(B):
+            x = np.asarray(logits[b])[:allowed] / float(temperature[b])
+            kth = -np.sort(-x)[int(topk[b]) - 1]
+            filtered = np.full(V, -np.inf, np.float32)
+            filtered[:allowed] = np.where(x < kth, -np.inf, x)
+            assert got[b] == int(jax.random.categorical(keys[b], jnp.asarray(filtered))), (seed, b)
 
 
 def test_kth_largest_equals_a_sort():
