@@ -107,12 +107,13 @@ def run_ours(args, roof):
     import jax.numpy as jnp
 
     from csm_jax import csm, llama
+    from csm_jax.checkpoints import compute_dtype
     from csm_jax.csm import CsmConfig, GenState, generate_frames, init_params, prefill, prefill_pieces, set_sampling
     from csm_jax.quantize import greedy_agreement, quantize_csm
     from csm_jax.sampling import gumbel_noise, sample
 
     cfg = CsmConfig.tiny() if args.size == "tiny" else CsmConfig.csm_1b()
-    dtype = jnp.dtype(args.dtype) if args.dtype else (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    dtype = compute_dtype(args.dtype or None)
     t0 = time.perf_counter()
     params = init_params(cfg, jax.random.key(0), dtype)
     jax.block_until_ready(params)

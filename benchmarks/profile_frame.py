@@ -480,6 +480,7 @@ def build(args):
     import jax
     import jax.numpy as jnp
 
+    from csm_jax.checkpoints import compute_dtype
     from csm_jax.csm import CsmConfig, init_params
 
     t0 = time.perf_counter()
@@ -494,8 +495,7 @@ def build(args):
         if args.size not in ("csm-1b", "tiny"):
             raise SystemExit(f"error: --size {args.size}: use csm-1b or tiny")
         cfg = CsmConfig.tiny() if args.size == "tiny" else CsmConfig.csm_1b()
-        dtype = jnp.dtype(args.dtype) if args.dtype else (
-            jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+        dtype = compute_dtype(args.dtype or None)
         params = init_params(cfg, jax.random.key(0), dtype)
         what = f"random {args.size}"
     jax.block_until_ready(params)

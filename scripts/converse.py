@@ -213,8 +213,6 @@ def microphone(args: Args, gen) -> None:
 
 
 def main(args: Args) -> None:
-    import jax.numpy as jnp
-
     from csm_jax.generate import Generator
 
     if args.input:  # cheap checks first, before loading models
@@ -222,7 +220,7 @@ def main(args: Args) -> None:
         check_output_folder(args.out_dir)
     args.voice_segments()
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call,
+                    dtype=args.dtype, frames_per_call=args.frames_per_call,
                     quantize=args.quantize)
     (headless if args.input else microphone)(args, gen)
 

@@ -93,8 +93,6 @@ class Args:
 def main(args: Args) -> None:
     import logging
 
-    import jax.numpy as jnp
-
     from csm_jax.engine import Engine
     from csm_jax.generate import Generator
     from csm_jax.server import create_app, load_voices, serve
@@ -102,7 +100,7 @@ def main(args: Args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # warm-up progress
     mesh = _mesh(args.devices, args.slots)
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call,
+                    dtype=args.dtype, frames_per_call=args.frames_per_call,
                     quantize=args.quantize, mesh=mesh)
     voices = load_voices(args.voices_dir, gen)
     conv = args.converse

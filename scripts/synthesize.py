@@ -166,7 +166,6 @@ def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int]) -> l
     from csm_jax.text import Segment
 
     import jax
-    import jax.numpy as jnp
 
     from csm_jax.sharding import make_mesh
 
@@ -177,7 +176,7 @@ def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int]) -> l
     n = args.devices or len(local)
     context = [Segment(spk, tr, audio=audio_io.load_audio(a)) for a, tr, spk in args.context]
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
-                    dtype=None if args.dtype == "auto" else jnp.dtype(args.dtype), frames_per_call=args.frames_per_call,
+                    dtype=args.dtype, frames_per_call=args.frames_per_call,
                     quantize=args.quantize, mesh=make_mesh(devices=local[:n]) if n > 1 else None)
     context = gen.context_codes(context)  # encode the prompts once
     batch = gen.round_slots(args.batch_size)  # a multiple of the devices: each holds as many slots
