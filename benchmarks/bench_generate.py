@@ -110,7 +110,7 @@ def run_ours(args, roof):
     from csm_jax.checkpoints import compute_dtype
     from csm_jax.csm import CsmConfig, GenState, generate_frames, init_params, prefill, prefill_pieces, set_sampling
     from csm_jax.quantize import greedy_agreement, quantize_csm
-    from csm_jax.sampling import gumbel_noise, sample
+    from csm_jax.sampling import codebook_noise, sample
 
     cfg = CsmConfig.tiny() if args.size == "tiny" else CsmConfig.csm_1b()
     dtype = compute_dtype(args.dtype or None)
@@ -137,9 +137,7 @@ def run_ours(args, roof):
     @jax.jit
     def draws(logits, keys, temperature, topk):  # logits (32, B, V): c0 and the 31 codebooks of one frame
         # As csm's frame: the 32 draws' noise made in one go, then one draw per sequential step.
-        ks = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, None))(
-            keys, jnp.arange(logits.shape[0]))
-        noise = jnp.moveaxis(gumbel_noise(ks, logits.shape[-1]), 1, 0)  # (32, B, V)
+        noise = jnp.moveaxis(codebook_noise(keys, logits.shape[0], logits.shape[-1]), 1, 0)  # (32, B, V)
 
         def one(_, x):
             lg, nz = x

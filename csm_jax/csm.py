@@ -32,7 +32,7 @@ import numpy as np
 
 from csm_jax import llama
 from csm_jax.llama import LlamaConfig, linear
-from csm_jax.sampling import gumbel_noise, sample
+from csm_jax.sampling import codebook_noise, sample
 
 AUDIO_VOCAB = 2051
 MIMI_CODES = 2048
@@ -309,11 +309,8 @@ def _frame(params, cfg: CsmConfig, slots, state: GenState, _):
     keys = jax.vmap(jax.random.split)(state.key)  # (B, 2) keys
     frame_key, next_key = keys[:, 0], keys[:, 1]
 
-    # Codebook i draws with fold_in(frame_key, i). The 32 keys and their Gumbel noise are made once per frame,
-    # in one batched generation, not at each sequential codebook step.
-    fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, None))
-    codebook_keys = fold(frame_key, jnp.arange(cfg.num_codebooks, dtype=jnp.int32))  # (B, C)
-    noise = gumbel_noise(codebook_keys, cfg.audio_vocab_size)  # (B, C, V)
+    # The 32 draws' noise is made once per frame, in one batched generation, not at each sequential step.
+    noise = codebook_noise(frame_key, cfg.num_codebooks, cfg.audio_vocab_size)  # (B, C, V)
 
     def sample_fn(logits, i):
         return sample(logits, noise[:, i], state.temperature, state.topk, MIMI_CODES)

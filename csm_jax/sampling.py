@@ -28,6 +28,13 @@ def gumbel_noise(keys, vocab: int):
     return noise.reshape(keys.shape + (vocab,))
 
 
+def codebook_noise(frame_keys, codebooks: int, vocab: int):
+    """frame_keys (B,) -> (B, codebooks, vocab): the noise of each row's draws for codebooks 0..codebooks-1,
+    codebook i's drawn with fold_in(frame_key, i), all in one batched generation."""
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, None))
+    return gumbel_noise(fold(frame_keys, jnp.arange(codebooks, dtype=jnp.int32)), vocab)
+
+
 def sample(logits, noise, temperature, topk, allowed: int):
     """logits (B, V) fp32, noise (B, V) (`gumbel_noise` of each row's key), temperature (B,), topk (B,) int
     -> (B,) int32: as jax.random.categorical with that key over the top-k logits divided by the temperature."""
