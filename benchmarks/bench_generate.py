@@ -109,7 +109,8 @@ def run_ours(args, roof):
     from csm_jax import csm, llama
     from csm_jax.checkpoints import compute_dtype
     from csm_jax.csm import CsmConfig, GenState, generate_frames, init_params, prefill, prefill_pieces, set_sampling
-    from csm_jax.quantize import greedy_agreement, quantize_csm
+    from csm_jax.evaluate import greedy_agreement
+    from csm_jax.quantize import quantize_csm
     from csm_jax.sampling import codebook_noise, sample
 
     cfg = CsmConfig.tiny() if args.size == "tiny" else CsmConfig.csm_1b()

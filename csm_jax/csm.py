@@ -304,8 +304,15 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     return codes, jnp.concatenate([logits[:, None], jnp.moveaxis(lgs, 0, 1)], 1)
 
 
+def embed_frame(cfg: CsmConfig, params, codes, dtype):
+    """A frame's codes (B, C) as the backbone row [c0..c31 | no text], embedded: (B, 1, D) in `dtype`."""
+    B = codes.shape[0]
+    row = jnp.concatenate([codes, jnp.zeros((B, 1), jnp.int32)], 1)[:, None]
+    mask = jnp.concatenate([jnp.ones((B, 1, cfg.num_codebooks), bool), jnp.zeros((B, 1, 1), bool)], -1)
+    return embed_rows(cfg, params, row, mask).astype(dtype)
+
+
 def _frame(params, cfg: CsmConfig, slots, state: GenState, _):
-    B = state.h.shape[0]
     keys = jax.vmap(jax.random.split)(state.key)  # (B, 2) keys
     frame_key, next_key = keys[:, 0], keys[:, 1]
 
@@ -320,9 +327,7 @@ def _frame(params, cfg: CsmConfig, slots, state: GenState, _):
     codes = jnp.concatenate([c0[:, None], rest], 1)  # (B, C)
     eos = jnp.all(codes == 0, axis=-1)
     valid = ~state.done & ~eos
-    row = jnp.concatenate([codes, jnp.zeros((B, 1), jnp.int32)], 1)[:, None]
-    mask = jnp.concatenate([jnp.ones((B, 1, cfg.num_codebooks), bool), jnp.zeros((B, 1, 1), bool)], -1)
-    x = embed_rows(cfg, params, row, mask).astype(state.h.dtype)
+    x = embed_frame(cfg, params, codes, state.h.dtype)
     pos = jnp.where(valid, state.pos, -1)[:, None]
     h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache, slots)
     n_frames = state.n_frames + valid

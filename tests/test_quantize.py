@@ -17,7 +17,8 @@ import pytest
 
 from csm_jax import csm
 from csm_jax.llama import linear
-from csm_jax.quantize import Int8Weight, greedy_agreement, quantize_csm, quantize_int8
+from csm_jax.evaluate import greedy_agreement
+from csm_jax.quantize import Int8Weight, quantize_csm, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 
