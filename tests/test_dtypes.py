@@ -76,17 +76,6 @@ def half(csm_dir, mimi_files, tmp_path_factory):
     return out
 
 
-def _script(name, monkeypatch):
-    """scripts/NAME.py imported as a module (registered, as dataclasses need), to call its main in-process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _rounded(tree, name):
     """Our fp32 parameters rounded to bf16/fp16 by torch, back in fp32: what a half file must load as."""
     return jax.tree.map(lambda x: torch.from_numpy(np.asarray(x)).to(TORCH[name]).float().numpy(), tree)
@@ -133,9 +122,10 @@ def test_bad_dtype_is_a_clear_error(half):
         load_mimi(half["mimi_float16"], "fp8")
 
 
-def test_convert_ckpt_keeps_bf16(half, fp32_csm, tmp_path, capsys, monkeypatch):
+def test_convert_ckpt_keeps_bf16(half, fp32_csm, tmp_path, capsys):
     """Sesame's ckpt.pt saved in bf16 converts to a bf16 safetensors that loads like the rounded weights."""
-    convert = _script("convert_ckpt", monkeypatch)
+    from csm_jax.commands import convert
+
     torch.save(load_file(str(half["ses_bfloat16"] / "model.safetensors")), tmp_path / "ckpt.pt")
     out = tmp_path / "converted"
     out.mkdir()
@@ -228,9 +218,8 @@ def test_offline_sesame_folder_needs_mimi(half, tmp_path):
 def test_failure_after_generation_keeps_the_codes(half, refs, mimi_files, tmp_path, monkeypatch, capsys):
     """synthesize.py on fp16 Sesame-layout files; decoding fails after generation: the codes are saved, the error
     is one line naming them, and the command it suggests decodes them (codec.py as a process)."""
+    from csm_jax.commands import synthesize
     from csm_jax.generate import Generator
-
-    synthesize = _script("synthesize", monkeypatch)
 
     def broken(self, codes):
         raise RuntimeError("the accelerator went away\nsecond line of a long report")

@@ -51,7 +51,7 @@ class Decode:
     """Compute dtype, whatever the file stores (the audio is written from float32 either way)."""
 
 
-Command = Union[Annotated[Encode, tyro.conf.subcommand("encode")], Annotated[Decode, tyro.conf.subcommand("decode")]]
+Args = Union[Annotated[Encode, tyro.conf.subcommand("encode")], Annotated[Decode, tyro.conf.subcommand("decode")]]
 
 
 def _load_codes(path: Path) -> np.ndarray:
@@ -70,7 +70,7 @@ def _load_codes(path: Path) -> np.ndarray:
     return codes.astype(np.int32)
 
 
-def main(cmd: Command) -> None:
+def main(cmd: Args) -> None:
     import jax.numpy as jnp
 
     from csm_jax import audio as audio_io
@@ -93,8 +93,3 @@ def main(cmd: Command) -> None:
         audio_io.write_audio(cmd.audio, y)
         print(f"{cmd.codes}: codes {codes.shape} -> {cmd.audio}: {len(y) / 24000:.2f} s at 24 kHz")
 
-
-if __name__ == "__main__":
-    from csm_jax.cli import run
-
-    run(main, Command, __doc__)

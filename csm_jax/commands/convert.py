@@ -66,8 +66,3 @@ def main(args: Args) -> None:
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
     print(f"{args.ckpt} -> {args.out / 'model.safetensors'} ({len(sd)} tensors, {', '.join(dtypes)})")
 
-
-if __name__ == "__main__":
-    from csm_jax.cli import run
-
-    run(main, Args, __doc__)

@@ -237,8 +237,3 @@ def _keep_codes_and_exit(args: Args, gen, pending, error: Exception) -> None:
           f"({type(error).__name__}: {reason}); {kept}", file=sys.stderr)
     sys.exit(1)
 
-
-if __name__ == "__main__":
-    from csm_jax.cli import run
-
-    run(main, Args, __doc__)
