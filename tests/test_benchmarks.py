@@ -1,11 +1,16 @@
-"""The generation benchmark runs end to end (tiny widths, ours and transformers' generate in the same run)
-and reports what it promises. Its figures are not checked here: speed is the benchmark's business."""
+"""The benchmarks run end to end (tiny widths) and report what they promise; the accelerator command keeps to
+its budget and writes each figure as it is measured; the server benchmark counts what it should as failures.
+Speed figures are not checked here: speed is the benchmarks' business."""
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,18 +56,181 @@ def test_bench_server_conversations_runs_and_reports(csm_dir, asr_model, tmp_pat
     assert row["end_to_audio_s_p50"] >= row["asr_s_p50"]
 
 
-def test_bench_server_plain_levels_run_and_report(csm_dir):
-    """bench_server.py --checkpoint starts the server itself and reports a plain level: the request is served
-    (no failure), its first audio and audio rate measured."""
-    out = subprocess.run([sys.executable, "benchmarks/bench_server.py", "--checkpoint", str(csm_dir), "--slots", "1",
-                          "--no-warmup", "--clients", "1", "--requests", "1", "--max-audio-ms", "320",
-                          "--startup-timeout", "300"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    (level,) = json.loads(out.stdout.strip().splitlines()[-1])["levels"]
-    assert level["clients"] == 1 and level["requests"] == 1 and level["failed"] == 0, level
-    assert level["ttfb_p50_s"] > 0 and level["audio_s_per_wall_s"] > 0
-    # 320 ms cap: four frames at most (fewer if the random model ends its speech early).
-    assert 0 < level["audio_s_per_wall_s"] * level["wall_s"] <= 0.32 + 1e-9
+def test_accelerator_quick_writes_each_figure_when_measured(csm_dir, tmp_path):
+    """accelerator.py --quick (tiny sizes, CPU) runs the headline stages in order and writes each figure into
+    figures.jsonl when it is measured: batch 1 beside its bandwidth bound, then one server (its own log in the
+    output folder) at 2, 4 and 1 streams, each level's line written when that level ended (before the next one
+    began). Every request delivered exactly its 320 ms (4 frames of 1,920 samples, 16-bit)."""
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "benchmarks/accelerator.py", str(csm_dir), str(out), "--quick",
+                          "--only", "generate_b1", "server", "--budget", "900"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "figures.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["event"], r.get("figure")) for r in lines] == [
+        ("device", "figure", None), ("server", "figure", "slots"),
+        ("generate_b1", "start", None), ("generate_b1", "figure", None), ("generate_b1", "end", None),
+        ("server", "start", None), ("server", "figure", "ready"), *[("server", "figure", "level")] * 3,
+        ("server", "end", None), *[(s, "skipped", None) for s in ("profile_b1", "int8", "mimi", "conversations",
+                                                                   "train")]]
+    b1 = lines[3]
+    assert b1["size"] == "tiny" and b1["frames_per_s_stream"] > 0 and b1["bandwidth_bound_fps"] > 0
+    assert math.isclose(b1["pct_of_bandwidth_bound"], 100 * b1["frames_per_s_stream"] / b1["bandwidth_bound_fps"])
+    assert math.isclose(b1["bandwidth_bound_fps"] * b1["frame_bound_ms"], 1000, rel_tol=1e-9)
+    assert lines[4]["status"] == "ok" and lines[10]["status"] == "ok"
+    levels = lines[7:10]
+    assert [r["clients"] for r in levels] == [2, 4, 1]
+    for r in levels:
+        assert r["requests"] == r["clients"] and r["failed"] == 0 and r["ended_early"] == 0, r
+        assert math.isclose(r["audio_s_per_wall_s"] * r["wall_s"], 0.32 * r["requests"], rel_tol=1e-9), r
+        assert r["ttfb_p50_s"] > 0
+    # Written as each level ended: a level's line is at least that level's duration after the previous line.
+    for before, r in zip(lines[6:9], levels):
+        assert r["time"] - before["time"] >= r["wall_s"] - 0.01, (before, r)
+    assert lines[-1]["reason"] == "not among --only generate_b1 server"
+    assert lines[-2]["reason"] == "needs --turn-audio and --asr-model"
+    assert "Uvicorn running" in (out / "serve.log").read_text()
+    assert (out / "generate_b1.log").stat().st_size > 0 and "4 streams: 0 failed" in (out / "summary.txt").read_text()
+
+
+def test_accelerator_budget_skips_stops_and_goes_on(tmp_path):
+    """run_stages on stand-in stages: a stage expected to overrun the budget left is skipped with the reason, one
+    that overruns its limit is stopped there (with the process it started) and keeps the lines it wrote, a failing
+    one is recorded, and the stages after them still run; the last one is stopped at the budget's end."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accelerator as acc
+
+    figures = tmp_path / "figures.jsonl"
+    child = tmp_path / "child.pid"
+    py = lambda code: lambda limit: [sys.executable, "-c", code]  # noqa: E731
+    hang = (f"import json, subprocess, time; p = subprocess.Popen(['sleep', '300']); "
+            f"open({str(child)!r}, 'w').write(str(p.pid)); "
+            f"open({str(figures)!r}, 'a').write(json.dumps({{'stage': 'hang', 'event': 'figure', 'n': 1}}) + '\\n'); "
+            f"time.sleep(300)")
+    plan = [acc.Stage("first", 1, 30, py("import json; print('x'); print(json.dumps({'fps': 2.5}))"),
+                      lambda r: {"fps": r["fps"]}),
+            acc.Stage("hang", 1, 2, py(hang)),
+            acc.Stage("too_long", 1000, 2000, py("print('never run')")),
+            acc.Stage("fails", 1, 30, py("raise SystemExit(3)")),
+            acc.Stage("no_json", 1, 30, py("print('no figures')"), lambda r: r),
+            acc.Stage("last", 1, 300, py("import time; time.sleep(300)"))]
+    t0 = time.monotonic()
+    bad = acc.run_stages(plan, acc.Recorder(tmp_path), budget=14)
+    took = time.monotonic() - t0
+    assert bad == 4 and 12 < took < 40, (bad, took)
+    lines = [json.loads(line) for line in figures.read_text().splitlines()]
+    events = [(r["stage"], r["event"]) for r in lines]
+    assert events == [("first", "start"), ("first", "figure"), ("first", "end"), ("hang", "start"),
+                      ("hang", "figure"), ("hang", "end"), ("too_long", "skipped"), ("fails", "start"),
+                      ("fails", "end"), ("no_json", "start"), ("no_json", "end"), ("last", "start"), ("last", "end")]
+    by = {(r["stage"], r["event"]): r for r in lines}
+    assert by["first", "figure"]["fps"] == 2.5 and by["first", "end"]["status"] == "ok"
+    assert by["hang", "end"]["status"] == "killed at its limit (2 s)" and 2 <= by["hang", "end"]["seconds"] < 10
+    with pytest.raises(ProcessLookupError):  # the stage's own child was stopped with it
+        os.kill(int(child.read_text()), 0)
+    assert by["too_long", "skipped"]["reason"].startswith("expected 1000 s, ")
+    assert by["fails", "end"]["status"] == "failed (exit 3)"
+    assert by["no_json", "end"]["status"] == "failed (no JSON line)"
+    left = by["last", "start"]["limit_s"]
+    assert left < 14 - 2 and by["last", "end"]["status"].startswith("killed at its limit")
+    assert math.isclose(by["last", "end"]["seconds"], left, abs_tol=3)
+
+
+def test_bench_server_counts_short_cut_and_wrong_audio_as_failures():
+    """bench_server's client against a stand-in server: 4 whole frames asked for; a complete stream passes, a
+    short one properly ended fails (or, with --no-full-length, counts as ended by speech), a stream cut before
+    its last chunk, audio that is not whole frames or longer than asked, and a 503 fail."""
+    import http.server
+    import threading
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_server as bs
+
+    frame = 3840  # 1920 samples of 16-bit PCM: 80 ms at 24 kHz, by hand
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802 - http.server's name
+            seed = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["seed"]
+            if seed == 5:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            sizes = {0: [frame] * 4, 1: [frame] * 2, 2: [frame] * 2, 3: [frame] * 4 + [100], 4: [frame] * 5}[seed]
+            for n in sizes:
+                self.wfile.write(b"%x\r\n" % n + bytes(n) + b"\r\n")
+            if seed == 2:  # cut: the connection closes without the last chunk
+                self.wfile.flush()
+                self.connection.shutdown(2)
+                self.close_connection = True
+                return
+            self.wfile.write(b"0\r\n\r\n")
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for full_length in (True, False):
+            args = bs.Args(url=url, max_audio_ms=320, full_length=full_length)
+            got = {}
+            for seed in range(6):
+                out = []
+                bs.one(args, url, seed, out)
+                got[seed] = out[0]
+            assert got[0]["ok"] and got[0]["audio_s"] == 0.32 and not got[0]["ended_early"]
+            if full_length:
+                assert got[1] == {"ok": False, "why": "short", "bytes": 2 * frame}
+            else:
+                assert got[1]["ok"] and got[1]["ended_early"] and got[1]["audio_s"] == 0.16
+            assert not got[2]["ok"] and got[2]["why"] == "cut: RemoteProtocolError", got[2]
+            assert got[3] == {"ok": False, "why": "not whole frames", "bytes": 4 * frame + 100}
+            assert got[4] == {"ok": False, "why": "longer than asked", "bytes": 5 * frame}
+            assert got[5] == {"ok": False, "why": "status 503"}
+    finally:
+        server.shutdown()
+
+
+def test_bench_server_stops_at_once_when_the_server_cannot_start(csm_dir, tmp_path):
+    """A server that exits at start-up (no checkpoint there), and one whose warm-up fails (injected: its engine
+    thread dies while /health would say "warming"), end bench_server with status 1 and the cause within seconds
+    of it, not after --startup-timeout (600 s here); the cause is in --figures and the server's log."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if sys.argv and sys.argv[0].endswith('serve.py'):\n"
+        "    from csm_jax import engine\n"
+        "    def warmup(self, *a, **k):\n"
+        "        raise RuntimeError('injected warm-up failure')\n"
+        "    engine.Engine.warmup = warmup\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    injected = {"PYTHONPATH": f"{inject}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for name, ckpt, env in (("exits", empty, {}), ("warmup", csm_dir, injected)):
+        figures, log = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.log"
+        t0 = time.monotonic()
+        run = subprocess.run([sys.executable, "benchmarks/bench_server.py", "--checkpoint", str(ckpt), "--slots", "1",
+                              "--clients", "1", "--startup-timeout", "600", "--figures", str(figures),
+                              "--server-log", str(log)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, **env})
+        took = time.monotonic() - t0
+        assert run.returncode == 1 and took < 300, (name, took, run.stdout[-2000:], run.stderr[-3000:])
+        (line,) = [json.loads(x) for x in figures.read_text().splitlines()]
+        assert line["figure"] == "error" and line["server_log"] == str(log), line
+        if name == "exits":
+            assert "the server exited with code" in line["error"]
+        else:  # today the engine thread dies; a server that exits non-zero on a failed warm-up is as good
+            assert "injected warm-up failure" in log.read_text()
+            assert "a thread of the server died" in line["error"] or "the server exited with code" in line["error"]
+        assert line["error"] in run.stderr.replace("error: ", "", 1)
 
 
 def test_profile_frame_splits_the_trace_into_classes(tmp_path):
