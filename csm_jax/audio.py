@@ -5,6 +5,7 @@ Resampling uses soxr (libsoxr's "HQ" quality), never a hand-written filter.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -130,6 +131,13 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return _atomic_write(Path(path), ".tmp.npy", lambda fh: np.save(fh, array))
 
 
+def remove_unfinished(path: str | os.PathLike) -> None:
+    """Removes the temporary files a killed process left while writing `path` (atomically, as above)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{path.suffix.lower()}"):
+        tmp.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     """The process umask, read without changing it where Linux shows it (os.umask sets it to read it)."""
     try:
@@ -145,13 +153,15 @@ def _umask() -> int:
 
 
 def _atomic_write(path: Path, suffix: str, write) -> Path:
-    """`write(file object)` into a temporary file beside `path`, renamed over it only when complete."""
+    """`write(file object)` into a temporary file beside `path`, synced and renamed over it only when complete."""
     parent = check_output_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: give open()'s usual mode
             write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before it has its name: a crash never leaves a named, empty file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

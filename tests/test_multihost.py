@@ -1,5 +1,6 @@
 """A multi-host run on one machine: two CPU processes joined by jax.distributed, as two hosts would be."""
 
+import json
 import os
 import re
 import socket
@@ -87,7 +88,11 @@ def test_two_processes_write_each_line_once_as_one_process_would(tmp_path, csm_d
     assert "4 utterances" in outs[0][0] and "written by 2 processes" in outs[0][0]
     assert "written by" not in outs[1][0] and "written by" not in single.stdout
     names = sorted(p.name for p in (tmp_path / "multi").iterdir())
-    assert names == sorted(f"{i:03d}.{ext}" for i in range(4) for ext in ("npy", "wav"))  # nothing else, no temps
+    manifests = ["manifest.process0.jsonl", "manifest.process1.jsonl"]  # one per process: no shared appends
+    assert names == sorted([f"{i:03d}.{ext}" for i in range(4) for ext in ("npy", "wav")] + manifests)  # no temps
+    for p, name in enumerate(manifests):
+        lines = [json.loads(line) for line in (tmp_path / "multi" / name).read_text().splitlines()]
+        assert lines[0]["utterances"] == 4 and [e["index"] for e in lines[1:]] == [p, p + 2]
     for i in range(4):
         np.testing.assert_array_equal(np.load(tmp_path / "multi" / f"{i:03d}.npy"),
                                       np.load(tmp_path / "single" / f"{i:03d}.npy"))
@@ -95,6 +100,15 @@ def test_two_processes_write_each_line_once_as_one_process_would(tmp_path, csm_d
         b, _ = sf.read(tmp_path / "single" / f"{i:03d}.wav", dtype="int16")
         assert sr == 24000 and a.size > 0
         np.testing.assert_array_equal(a, b)
+    # Rerun as one process: it reads both processes' manifests and finds nothing left to do.
+    stamps = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "multi").iterdir()}
+    again = subprocess.run([sys.executable, SYNTH, *map(str, common), "--out-dir", str(tmp_path / "multi")],
+                           env=env(**cache), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "4 of 4 utterances are written already" in again.stderr, again.stderr
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "multi").iterdir()}
+    assert [json.loads(line) for line in after.pop("manifest.jsonl")[0].decode().splitlines()] == \
+        [json.loads((tmp_path / "multi" / manifests[0]).read_text().splitlines()[0])]  # its own: the job, nothing new
+    assert after == stamps
 
 
 def test_half_set_environment_fails_in_one_line(tmp_path):

@@ -1,8 +1,12 @@
 """scripts/synthesize.py as a user runs it: a real process, a tiny random checkpoint folder, real audio files."""
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +82,78 @@ def test_bad_inputs_fail_clearly_without_partial_files(tmp_path, csm_dir):
         r = run("--checkpoint", csm_dir, "--text", "hi", "--out", locked / "a.wav")
         assert r.returncode == 2 and "not writable" in r.stderr
     assert list(out.iterdir()) == []
+
+
+LINES = ["Good morning.", "The sky is clear today.", "Bring a coat anyway.", "We leave at nine.",
+         "The train is on time.", "Tea or coffee?", "It was a long week.", "See you soon."]
+
+
+def _manifest(folder):
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def _stamps(folder):
+    """name -> (bytes, modification time in ns) of every file in `folder`."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_a_killed_batch_job_resumes_where_it_stopped(tmp_path, csm_dir):
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(LINES) + "\n")
+    out = tmp_path / "out"
+    job = ["--checkpoint", csm_dir, "--text-file", text, "--out-dir", out, "--batch-size", 1, "--max-audio-ms", 320,
+           "--frames-per-call", 2, "--seed", 3]
+    # The rerun loads the programs the first run compiled from a cache of this test's own.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # Killed (SIGKILL, as a preempted machine's job is) once the manifest holds its first utterance.
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "synthesize.py"), *map(str, job)], env=env,
+                                stdout=log, stderr=log)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (out / "manifest.jsonl").exists() and len(_manifest(out)) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()
+    first = _manifest(out)
+    k = len(first) - 1
+    assert 1 <= k < len(LINES), first  # killed in the middle of the job
+    finished = {e["file"] for e in first[1:]}
+    before = {name: stamp for name, stamp in _stamps(out).items() if name in finished}
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "synthesize.py"), *map(str, job)], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert f"{out}: {k} of {len(LINES)} utterances are written already (manifest*.jsonl); {len(LINES) - k} to go" \
+        in r.stderr
+    spoken = sorted(int(m) for m in re.findall(r"(\d{3})\.wav: ", r.stdout))
+    assert spoken == sorted(set(range(len(LINES))) - {int(f[:3]) for f in finished})
+    after = _stamps(out)
+    assert sorted(after) == sorted([f"{i:03d}.wav" for i in range(len(LINES))] + ["manifest.jsonl"])  # no temps
+    assert {name: after[name] for name in finished} == before  # the same bytes, not even rewritten
+    lines = _manifest(out)
+    assert lines[:len(first)] == first  # appended to, never rewritten
+    assert lines[0]["utterances"] == len(LINES) and lines[0]["job"]["seed"] == 3
+    assert sorted(e["index"] for e in lines[1:]) == list(range(len(LINES)))  # each exactly once
+    for e in lines[1:]:
+        i = e["index"]
+        info = sf.info(out / e["file"])
+        assert e == {"index": i, "text": LINES[i], "file": f"{i:03d}.wav", "audio_s": round(info.frames / 24000, 3),
+                     "seed": 3 + 1000 * i}
+        assert info.samplerate == 24000 and info.frames > 0
+
+    # Done: a rerun writes nothing. Another temperature, or a changed line, is refused before the model loads.
+    r = run(*job)
+    assert r.returncode == 0 and f"{len(LINES)} of {len(LINES)} utterances are written already" in r.stderr, r.stderr
+    assert _stamps(out) == after
+    r = run(*job, "--temperature", 0.5)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {out} holds a job with other settings (manifest.jsonl): --temperature was "
+                               f"0.9, now 0.5. To finish that job") and "give another --out-dir" in r.stderr, r.stderr
+    text.write_text("\n".join(["Good evening."] + LINES[1:]) + "\n")
+    r = run(*job)
+    assert r.returncode == 2 and "utterance 0 (000.wav) was 'Good morning.', now 'Good evening.'" in r.stderr, r.stderr
+    assert _stamps(out) == after

@@ -12,12 +12,17 @@ Utterances are generated `--batch-size` at a time, split evenly over all local d
 Outputs are written only when complete (no partial files). If decoding or writing fails after generation,
 the utterances' Mimi codes are saved as .npy beside the intended WAVs (decode them later with
 scripts/codec.py) and the script exits with status 1 and a one-line error naming them.
+A --text-file job is resumable: the out-dir's manifest.jsonl gets one JSON line per utterance written (index,
+text, file, audio seconds, seed; csm_jax/manifest.py), and the same command run again, after a crash or a
+kill at any moment, speaks only the utterances not written yet. Other texts or settings than the manifest's
+are refused (give another --out-dir).
 Several hosts: start the same command on each, one process per host, with JAX's distributed environment
 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or under Slurm or Open MPI; or
 CSM_JAX_DISTRIBUTED=1 on a TPU slice; see csm_jax/distributed.py). Process p speaks the utterances i with
 i % processes == p on its own devices and writes them under their usual names (each exactly once, in its
-own --out-dir: share one folder between hosts to get them all in one place); process 0 prints a summary
-when all are done. If one process fails, the others finish their share and then exit with status 1.
+own --out-dir: share one folder between hosts to get them all in one place; each process keeps its own
+manifest there, manifest.processP.jsonl); process 0 prints a summary when all are done. If one process
+fails, the others finish their share and then exit with status 1.
 The default checkpoint, sesame/csm-1b, is gated on the hub: accept its license and run
 `huggingface-cli login` first. Checkpoints stored in fp32, bf16 or fp16 all load; --dtype picks the compute
 dtype. Offline (HF_HUB_OFFLINE=1), give a local folder and, for Sesame's layout, --mimi.
@@ -39,7 +44,8 @@ class Args:
     text: Annotated[list[str], tyro.conf.UseAppendAction] = dataclasses.field(default_factory=list)
     """Text to speak (repeat the flag for several utterances)."""
     text_file: Optional[Path] = None
-    """A file with one utterance per line (blank lines skipped)."""
+    """A file with one utterance per line (blank lines skipped); a rerun into the same --out-dir continues the
+    job (see above)."""
     speaker: int = 0
     """Speaker id, as CSM writes it: [0], [1], ..."""
     context: Annotated[list[tuple[Path, str, int]], tyro.conf.UseAppendAction] = dataclasses.field(
@@ -128,36 +134,84 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
 
 
 def main(args: Args) -> None:
+    from csm_jax import audio as audio_io
     from csm_jax import distributed
 
     distributed.plan()  # a half-described multi-host environment fails here, in one line, before anything runs
     multi = distributed.initialize()
+    record = None
     try:
         texts, outs = _plan(args)
         mine = distributed.share(len(texts))  # every line of a multi-host run is spoken by exactly one process
-        made = _speak(args, texts, outs, mine) if mine else []
+        if args.text_file is not None and args.out is None:  # a batch job: resumable
+            record = _manifest(args, texts, outs[0].parent)
+            todo = [i for i in mine if i not in record.done]
+            for i in todo:  # a kill while writing leaves a temporary file
+                audio_io.remove_unfinished(outs[i])
+                audio_io.remove_unfinished(outs[i].with_suffix(".npy"))
+            if len(todo) < len(mine):
+                print(f"{record.folder}: {len(mine) - len(todo)} of {len(mine)} utterances{_of_this_process()} "
+                      f"are written already (manifest*.jsonl); {len(todo)} to go", file=sys.stderr)
+        else:
+            todo = mine
+        made = _speak(args, texts, outs, todo, record) if todo else []
     except BaseException as e:
         if not isinstance(e, SystemExit):
             distributed.report_failure(f"{type(e).__name__}: {e}")
         elif e.code:
             distributed.report_failure(f"exit status {e.code}; its error output says why")
         raise
+    finally:
+        if record is not None:
+            record.close()
     if multi:  # process 0 reports once every process has written its files
         try:
-            done = [json.loads(v) for v in distributed.gather("synthesize-done", json.dumps(made))]
+            done = [json.loads(v) for v in distributed.gather(
+                "synthesize-done", json.dumps({"written": made, "before": len(mine) - len(todo)}))]
         except (RuntimeError, TimeoutError) as e:  # another process failed: its own error output says why
             sys.exit(f"error: {e}; this process wrote its {len(made)} utterances")
         import jax
 
         if jax.process_index() == 0:
-            n, seconds = sum(len(d) for d in done), sum(s for d in done for _, s in d)
+            written = [d["written"] for d in done]
+            n, seconds = sum(map(len, written)), sum(s for w in written for _, s in w)
+            before = sum(d["before"] for d in done)
             print(f"{n} utterances ({seconds:.1f} s of audio) written by {len(done)} processes "
-                  f"({', '.join(f'process {p}: {len(d)}' for p, d in enumerate(done))})")
+                  f"({', '.join(f'process {p}: {len(w)}' for p, w in enumerate(written))})"
+                  + (f"; {before} were written before" if before else ""))
 
 
-def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int]) -> list[tuple[int, float]]:
+def _of_this_process() -> str:
+    import jax
+
+    return f" of process {jax.process_index()}" if jax.process_count() > 1 else ""
+
+
+def _manifest(args: Args, texts: list[str], folder: Path):
+    """The manifest of this process in `folder`, checked against the settings that decide the audio."""
+    import hashlib
+
+    import jax
+
+    from csm_jax.checkpoints import compute_dtype
+    from csm_jax.manifest import Manifest
+
+    # Not --batch-size, --devices or --frames-per-call: an utterance's codes do not depend on them.
+    job = {"checkpoint": args.checkpoint, "mimi": args.mimi,
+           "tokenizer": str(args.tokenizer) if args.tokenizer else None,
+           "dtype": compute_dtype(args.dtype).name, "quantize": args.quantize, "speaker": args.speaker,
+           "context": [{"audio_sha256": hashlib.sha256(a.read_bytes()).hexdigest(), "transcript": tr, "speaker": spk}
+                       for a, tr, spk in args.context],
+           "seed": args.seed, "temperature": args.temperature, "topk": args.topk, "max_audio_ms": args.max_audio_ms,
+           "save_codes": args.save_codes}
+    return Manifest(folder, job, texts, jax.process_index(), jax.process_count(),
+                    also=(".npy",) if args.save_codes else ())
+
+
+def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int], record) -> list[tuple[int, float]]:
     """Speaks the utterances `mine` (indices into texts) on this process's devices, `--batch-size` at a time,
-    and writes each; returns (index, seconds of audio) of each one written."""
+    and writes each (recording it in the manifest `record`, if any); returns (index, seconds of audio) of each
+    one written."""
     import numpy as np
     from tqdm import tqdm
 
@@ -201,6 +255,8 @@ def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int]) -> l
                 if args.save_codes:
                     audio_io.save_npy(outs[i].with_suffix(".npy"), codes[i])
                 audio_io.write_audio(outs[i], wav)
+                if record is not None:
+                    record.add(i, outs[i].name, len(wav) / 24000, args.seed + i * 1000)
             except Exception as e:  # noqa: BLE001 - whatever failed, the generated codes must survive
                 bar.close()
                 _keep_codes_and_exit(args, gen, [(j, outs[j], codes[j]) for j in idx if j >= i], e)
