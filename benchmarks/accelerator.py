@@ -283,7 +283,7 @@ def summary(out: Path) -> str:
             fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
             lines.append(f"  {r['clients']:5d} streams: {r['failed']} failed, first audio p50 {fmt(r['ttfb_p50_s'])} "
                          f"s p95 {fmt(r['ttfb_p95_s'])} s, {r['audio_s_per_wall_s']:.1f} audio s/s, "
-                         f"{r['real_time_streams']} real-time")
+                         f"{r['real_time_streams']} real-time, sent over {r.get('start_spread_s', 0):.2f} s")
         elif e == "figure" and r.get("figure") == "error":
             lines.append(f"  server: {r['error'].splitlines()[0]}")
         elif e == "figure" and s == "profile_b1":

@@ -110,18 +110,26 @@ class Args:
     llm_model: str = "stub"
 
 
-def one(args: Args, url: str, seed: int, out: list) -> None:
+def http_client(url: str):
+    """A client for one thread's requests: threads sharing one client's connection pool saw connections fail and
+    waits of seconds at 1,000 streams (httpx, loopback); a client that loads the TLS certificates (~50 ms of CPU
+    each) spread 1,000 clients over half a minute, so plain http loads none."""
     import httpx
 
+    return httpx.Client(timeout=600, verify=not url.startswith("http:"))
+
+
+def one(args: Args, url: str, seed: int, http) -> dict:
+    """One streaming request on `http` (an http_client): its outcome, with `start` (perf_counter) and, when it
+    failed, `why`."""
     body = {"model": "csm-1b", "input": args.text, "voice": args.voice, "response_format": "pcm",
             "seed": seed, "max_audio_ms": args.max_audio_ms}
     t0 = time.perf_counter()
     first, n, late = None, 0, 0.0
     try:
-        with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=600) as r:
+        with http.stream("POST", url + "/v1/audio/speech", json=body) as r:
             if r.status_code != 200:
-                out.append({"ok": False, "why": f"status {r.status_code}"})
-                return
+                return {"ok": False, "start": t0, "why": f"status {r.status_code}"}
             for chunk in r.iter_bytes():
                 if not chunk:
                     continue
@@ -133,15 +141,13 @@ def one(args: Args, url: str, seed: int, out: list) -> None:
                 late = max(late, now - due)
                 n += len(chunk)
     except Exception as e:  # noqa: BLE001 - any transport failure (a stream cut short included) is a failure
-        out.append({"ok": False, "why": f"cut: {type(e).__name__}", "error": repr(e)[:300], "bytes": n})
-        return
+        return {"ok": False, "start": t0, "why": f"transport: {type(e).__name__}", "error": repr(e)[:300], "bytes": n}
     why = audio_problem(n, args.max_audio_ms // FRAME_MS, args.full_length)
     if why:
-        out.append({"ok": False, "why": why, "bytes": n})
-        return
-    out.append({"ok": True, "ttfb": first, "audio_s": n / BYTES_PER_SECOND, "wall": time.perf_counter() - t0,
-                "real_time": first is not None and late <= 0, "worst_late_s": late,
-                "ended_early": n < args.max_audio_ms // FRAME_MS * FRAME_BYTES})
+        return {"ok": False, "start": t0, "why": why, "bytes": n}
+    return {"ok": True, "start": t0, "ttfb": first, "audio_s": n / BYTES_PER_SECOND, "wall": time.perf_counter() - t0,
+            "real_time": first is not None and late <= 0, "worst_late_s": late,
+            "ended_early": n < args.max_audio_ms // FRAME_MS * FRAME_BYTES}
 
 
 def audio_problem(n_bytes: int, frames_asked: int, full_length: bool) -> str | None:
@@ -157,22 +163,29 @@ def audio_problem(n_bytes: int, frames_asked: int, full_length: bool) -> str | N
 
 def level(args: Args, url: str, clients: int) -> dict:
     out: list = []
+    go = threading.Barrier(clients + 1)  # the threads are started first, then all clients begin at once
 
     def client(c):
-        for i in range(args.requests):
-            one(args, url, c * 1000 + i, out)
+        with http_client(url) as http:
+            go.wait()
+            for i in range(args.requests):
+                out.append({**one(args, url, c * 1000 + i, http), "first": i == 0})
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
+    go.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
     ok = [r for r in out if r["ok"]]
     ttfb = np.array([r["ttfb"] for r in ok if r["ttfb"] is not None])
     pct = lambda q: float(np.percentile(ttfb, q)) if ttfb.size else None  # noqa: E731
+    starts = [r["start"] for r in out if r["first"]]
     return {"clients": clients, "requests": len(out), "failed": len(out) - len(ok),
+            # how far apart this client sent the clients' first requests (they are meant to arrive together)
+            "start_spread_s": max(starts) - min(starts),
             "failures": dict(Counter(r["why"] for r in out if not r["ok"])),
             "ended_early": sum(r["ended_early"] for r in ok),
             "ttfb_p50_s": pct(50), "ttfb_p95_s": pct(95), "ttfb_p99_s": pct(99),

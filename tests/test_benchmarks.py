@@ -182,15 +182,15 @@ def test_bench_server_counts_short_cut_and_wrong_audio_as_failures():
             args = bs.Args(url=url, max_audio_ms=320, full_length=full_length)
             got = {}
             for seed in range(6):
-                out = []
-                bs.one(args, url, seed, out)
-                got[seed] = out[0]
+                with bs.http_client(url) as http:
+                    got[seed] = bs.one(args, url, seed, http)
+                assert got[seed].pop("start") > 0
             assert got[0]["ok"] and got[0]["audio_s"] == 0.32 and not got[0]["ended_early"]
             if full_length:
                 assert got[1] == {"ok": False, "why": "short", "bytes": 2 * frame}
             else:
                 assert got[1]["ok"] and got[1]["ended_early"] and got[1]["audio_s"] == 0.16
-            assert not got[2]["ok"] and got[2]["why"] == "cut: RemoteProtocolError", got[2]
+            assert not got[2]["ok"] and got[2]["why"] == "transport: RemoteProtocolError", got[2]
             assert got[3] == {"ok": False, "why": "not whole frames", "bytes": 4 * frame + 100}
             assert got[4] == {"ok": False, "why": "longer than asked", "bytes": 5 * frame}
             assert got[5] == {"ok": False, "why": "status 503"}
