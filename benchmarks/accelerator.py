@@ -232,10 +232,7 @@ def device_slots(quick: bool) -> tuple[str, str]:
     """(--slots for the server, why): `auto` where serve.py takes it, else a number from the device's memory."""
     if quick:
         return "4", "--quick"
-    help_text = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--help"], capture_output=True,
-                               text=True, cwd=ROOT, timeout=120).stdout
-    option = re.search(r"^\W*--slots\b(.*?)(?=^\W*--[a-z]|\Z)", help_text, re.S | re.M)  # its row of the table
-    if option and "auto" in option.group(1):
+    if serve_takes_auto():
         return "auto", "scripts/serve.py --slots auto"
     mib = gpu_memory_mib()
     if mib is None:
@@ -244,24 +241,40 @@ def device_slots(quick: bool) -> tuple[str, str]:
     return str(n), f"{mib} MiB of device memory; scripts/serve.py takes no --slots auto"
 
 
-def gpu_memory_mib() -> Optional[int]:
-    if shutil.which("nvidia-smi") is None:
-        return None
-    r = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                       capture_output=True, text=True, timeout=30)
+def serve_takes_auto() -> bool:
+    """Whether scripts/serve.py's --slots takes `auto` (its row in --help says so)."""
     try:
-        return int(r.stdout.split()[0])
+        help_text = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--help"],
+                                   capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
+    except subprocess.TimeoutExpired:
+        return False
+    option = re.search(r"^\W*--slots\b(.*?)(?=^\W*--[a-z]|\Z)", help_text, re.S | re.M)
+    return bool(option) and "auto" in option.group(1)
+
+
+def nvidia_smi(*query: str) -> list[str]:
+    """nvidia-smi's CSV lines for `query` (no header); [] without it or when it fails."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        r = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                           timeout=30)
+    except (subprocess.TimeoutExpired, OSError):
+        return []
+    return r.stdout.strip().splitlines() if r.returncode == 0 else []
+
+
+def gpu_memory_mib() -> Optional[int]:
+    """The first GPU's memory in MiB (None: unknown)."""
+    try:
+        return int(nvidia_smi("--query-gpu=memory.total")[0].strip())
     except (IndexError, ValueError):
         return None
 
 
 def device_info() -> dict:
-    info = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "jax_platforms": os.environ.get("JAX_PLATFORMS")}
-    if shutil.which("nvidia-smi"):
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
-        info["gpus"] = r.stdout.strip().splitlines()
-    return info
+    return {"python": sys.version.split()[0], "cpus": os.cpu_count(), "jax_platforms": os.environ.get("JAX_PLATFORMS"),
+            "gpus": nvidia_smi("--query-gpu=name,memory.total,driver_version")}
 
 
 def summary(out: Path) -> str:

@@ -136,6 +136,27 @@ def test_accelerator_budget_skips_stops_and_goes_on(tmp_path):
     assert math.isclose(by["last", "end"]["seconds"], left, abs_tol=3)
 
 
+def test_accelerator_takes_the_slots_from_the_device(tmp_path, monkeypatch):
+    """Without --slots and without serve.py's --slots auto, the server gets 1,024 slots on a device of 120 GB or
+    more, 640 on 70 GB or more, else 256, from nvidia-smi (a stand-in here printing an H200's, an H100's, or
+    failing); the device's line is recorded as nvidia-smi gives it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accelerator as acc
+
+    assert acc.serve_takes_auto() in (True, False)  # reads the real serve.py's --help without failing
+    monkeypatch.setattr(acc, "serve_takes_auto", lambda: False)
+    fake = tmp_path / "nvidia-smi"
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for name, mib, rc, slots in (("NVIDIA H200", 143771, 0, "1024"), ("NVIDIA H100 80GB HBM3", 81559, 0, "640"),
+                                 ("x", 0, 9, "256")):
+        fake.write_text(f"#!/bin/sh\ncase \"$1\" in *name*) echo '{name}, {mib}, 570.86.15';; *) echo {mib};; esac\n"
+                        f"exit {rc}\n")
+        fake.chmod(0o755)
+        assert acc.device_slots(quick=False)[0] == slots, name
+        assert acc.device_info()["gpus"] == ([f"{name}, {mib}, 570.86.15"] if rc == 0 else [])
+    assert acc.device_slots(quick=True)[0] == "4"
+
+
 def test_bench_server_counts_short_cut_and_wrong_audio_as_failures():
     """bench_server's client against a stand-in server: 4 whole frames asked for; a complete stream passes, a
     short one properly ended fails (or, with --no-full-length, counts as ended by speech), a stream cut before
