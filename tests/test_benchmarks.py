@@ -219,6 +219,35 @@ def test_bench_server_counts_short_cut_and_wrong_audio_as_failures():
         server.shutdown()
 
 
+def test_bench_server_counts_a_stream_cut_by_a_failed_step(csm_dir, tmp_path):
+    """A real server whose engine step fails (injected) after the stream's first audio ends that stream without
+    its last chunk: bench_server counts the request as failed, not as a short success."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if sys.argv and sys.argv[0].endswith('serve.py'):\n"
+        "    from csm_jax import engine\n"
+        "    step, state = engine.Engine.step, {'audio': False, 'failed': False}\n"
+        "    def faulty(self):\n"
+        "        if state['audio'] and not state['failed']:\n"
+        "            state['failed'] = True\n"
+        "            raise RuntimeError('injected step failure')\n"
+        "        events = step(self)\n"
+        "        state['audio'] = state['audio'] or any(ev.audio.size for ev in events.values())\n"
+        "        return events\n"
+        "    engine.Engine.step = faulty\n")
+    env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, "benchmarks/bench_server.py", "--checkpoint", str(csm_dir), "--slots", "1",
+                          "--no-warmup", "--clients", "1", "--requests", "1", "--max-audio-ms", "1600",
+                          "--startup-timeout", "300", "--server-log", str(tmp_path / "serve.log")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    (level,) = json.loads(run.stdout.strip().splitlines()[-1])["levels"]
+    assert level["failed"] == 1 and level["failures"] == {"transport: RemoteProtocolError": 1}, level
+    assert "injected step failure" in (tmp_path / "serve.log").read_text()
+
+
 def test_bench_server_stops_at_once_when_the_server_cannot_start(csm_dir, tmp_path):
     """A server that exits at start-up (no checkpoint there), and one whose warm-up fails (injected: its engine
     thread dies while /health would say "warming"), end bench_server with status 1 and the cause within seconds
