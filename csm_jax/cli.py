@@ -24,6 +24,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError
 # name -> what it does, one line each for `csm-jax --help`; the command is csm_jax/commands/NAME.py.
 COMMANDS = {
     "synthesize": "text to speech: one 24 kHz WAV per utterance; batches of lines from a file, resumable",
+    "serve": "OpenAI's speech API over HTTP (POST /v1/audio/speech), optionally the /converse page",
+    "converse": "talk with CSM: speech recognition -> an LLM -> CSM's voice (microphone or audio files)",
+    "finetune": "fine-tune CSM on your recordings (full or LoRA): checkpoints, resume, export",
     "codec": "Mimi as a speech codec: audio file <-> int32 codes at 12.5 Hz (encode, decode)",
     "convert": "Sesame's torch-only ckpt.pt -> model.safetensors in the same layout (needs torch)",
 }

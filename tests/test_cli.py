@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["synthesize", "codec", "convert"]
+COMMANDS = ["synthesize", "serve", "converse", "finetune", "codec", "convert"]
 SCRIPTS = {"synthesize": "synthesize", "serve": "serve", "converse": "converse", "finetune": "finetune",
            "codec": "codec", "convert": "convert_ckpt"}
 
@@ -58,11 +58,11 @@ def test_the_console_command_comes_from_the_editable_install(fresh_env):
     assert r.returncode == 2 and r.stderr.startswith("usage: csm-jax COMMAND"), r.stderr
     r = _run([fresh_env / "bin" / "csm-jax", "synth"], cwd=fresh_env)
     assert r.returncode == 2 and r.stderr == (
-        "error: unknown command 'synth'; the commands are synthesize, codec, convert "
+        "error: unknown command 'synth'; the commands are synthesize, serve, converse, finetune, codec, convert "
         "(csm-jax --help)\n"), r.stderr
 
 
-@pytest.mark.parametrize("name", COMMANDS + ["codec encode", "codec decode"])
+@pytest.mark.parametrize("name", COMMANDS + ["codec encode", "codec decode", "serve converse"])
 def test_each_command_has_the_help_of_its_script(fresh_env, name):
     words = name.split()
     script = f"scripts/{SCRIPTS[words[0]]}.py"

@@ -224,8 +224,3 @@ def main(args: Args) -> None:
                     quantize=args.quantize)
     (headless if args.input else microphone)(args, gen)
 
-
-if __name__ == "__main__":
-    from csm_jax.cli import run
-
-    run(main, Args, __doc__)

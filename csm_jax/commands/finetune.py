@@ -193,8 +193,3 @@ def main(args: Args) -> None:
     elif not done and primary:
         print(f"stopped at step {last.get('step', 0)} of {tc.steps}; continue with --resume", file=sys.stderr)
 
-
-if __name__ == "__main__":
-    from csm_jax.cli import run
-
-    run(main, Args, __doc__)

@@ -133,8 +133,3 @@ def _mesh(devices: int, slots: int):
                          f"(e.g. --slots {-(-slots // n) * n})")
     return None if n == 1 else make_mesh(devices=local[:n])
 
-
-if __name__ == "__main__":
-    from csm_jax.cli import run
-
-    run(main, Args, __doc__)
