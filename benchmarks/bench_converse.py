@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,6 @@ from typing import Optional
 import numpy as np
 import tyro
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 TURNS = ["Hello! Can you hear me well today?", "What is the weather usually like on Mars?",
          "That sounds cold. Could people live there one day?", "Tell me one more fun fact, please.",
@@ -69,16 +67,15 @@ def build_generator(args: Args):
 
     from csm_jax import csm
     from csm_jax.mimi import mimi_params_from_tensors
-    from mimi_fixtures import build_moshi_mimi, moshi_to_hf_tensors
+    from csm_jax.testing.inputs import tokenizer_file
+    from csm_jax.testing.random_mimi import build_moshi_mimi, moshi_to_hf_tensors
 
     cfg = csm.CsmConfig.csm_1b() if args.size == "csm-1b" else csm.CsmConfig.tiny()
     params = csm.init_params(cfg, jax.random.key(0))
     moshi = build_moshi_mimi(seed=0)
     _, mimi = mimi_params_from_tensors(moshi_to_hf_tensors({k: v.numpy() for k, v in moshi.state_dict().items()}),
                                        "random Mimi")
-    tok = args.tokenizer or os.environ.get("CSM_JAX_TEST_TOKENIZER") or str(
-        Path(__file__).resolve().parents[1] / ".cache" / "llama3" / "tokenizer.json")
-    return Generator.from_parts(cfg, params, mimi, tok, args.frames_per_call)
+    return Generator.from_parts(cfg, params, mimi, tokenizer_file(args.tokenizer), args.frames_per_call)
 
 
 def turn_files(args: Args, tmp: Path) -> list[Path]:
@@ -117,7 +114,7 @@ def time_reprefill(gen, d) -> float:
 def reference_backbone(args: Args):
     import torch
 
-    from csm_fixtures import tiny_hf_config
+    from csm_jax.testing.tiny_csm import tiny_hf_config
 
     torch.set_grad_enabled(False)
     from transformers import CsmConfig as HFCsmConfig

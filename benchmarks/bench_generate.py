@@ -28,13 +28,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import tyro
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 @dataclasses.dataclass
@@ -61,19 +59,6 @@ class Args:
     """none or int8: weight-only int8 for the large matmul weights (csm_jax.quantize)."""
     agreement_frames: int = 200
     """With --quantize int8: frames of greedy-code agreement against the unquantized weights (0: skip)."""
-
-
-def _prompt(batch):
-    rng = np.random.default_rng(0)
-    n_text, n_audio = 64, 25
-    S = n_text + n_audio + 1
-    tokens = np.zeros((batch, S, 33), np.int32)
-    mask = np.zeros((batch, S, 33), bool)
-    tokens[:, :n_text, 32] = rng.integers(0, 128000, n_text)
-    mask[:, :n_text, 32] = True
-    tokens[:, n_text:n_text + n_audio, :32] = rng.integers(0, 2048, (n_audio, 32))
-    mask[:, n_text:, :32] = True
-    return tokens, mask, S
 
 
 def weight_bytes_per_frame(params) -> tuple[int, int]:
@@ -112,6 +97,7 @@ def run_ours(args, roof):
     from csm_jax.evaluate import greedy_agreement
     from csm_jax.quantize import quantize_csm
     from csm_jax.sampling import codebook_noise, sample
+    from csm_jax.testing.inputs import random_prompt
 
     cfg = CsmConfig.tiny() if args.size == "tiny" else CsmConfig.csm_1b()
     dtype = compute_dtype(args.dtype or None)
@@ -147,7 +133,7 @@ def run_ours(args, roof):
 
     results = []
     for B in args.batches:
-        tokens, mask, S = _prompt(B)
+        tokens, mask, S = random_prompt(B)
         total = S + 1 + args.frames + args.frames_per_call
         cache = llama.init_cache(cfg.backbone, B, cfg.max_seq_len, dtype)
         x = jnp.zeros((B, 1, cfg.backbone.dim), dtype)
@@ -225,6 +211,8 @@ def run_reference(args, batches):
     from transformers import CsmConfig as HFCsmConfig
     from transformers import CsmForConditionalGeneration
 
+    from csm_jax.testing.inputs import random_prompt
+
     if args.threads:
         torch.set_num_threads(args.threads)
     rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
@@ -232,16 +220,15 @@ def run_reference(args, batches):
     drope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.001953125, "high_freq_factor": 0.0078125,
              "original_max_position_embeddings": 16}
     if args.size == "tiny":
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        from csm_fixtures import tiny_hf_config
+        from csm_jax.testing.tiny_csm import tiny_hf_config
 
-        cfg = tiny_hf_config(codec=False)
+        cfg = tiny_hf_config()
     else:
         cfg = HFCsmConfig(rope_scaling=rope, depth_decoder_config={"rope_scaling": drope})
     t0 = time.perf_counter()
     model = CsmForConditionalGeneration(cfg).eval()
     print(f"transformers {args.size} (random, fp32) in {time.perf_counter() - t0:.1f} s", flush=True)
-    _, _, S = _prompt(1)
+    _, _, S = random_prompt(1)
     out = {}
     for B in batches:
         ids = torch.from_numpy(np.random.default_rng(0).integers(0, 128000, (B, S)))

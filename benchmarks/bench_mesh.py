@@ -30,8 +30,8 @@ from typing import Literal, Optional
 
 import tyro
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from csm_jax.testing.inputs import tokenizer_file
+
 FRAME_RATE = 12.5  # Mimi frames per second of audio
 
 
@@ -61,14 +61,9 @@ class Args:
     """Internal: measure on this many devices in this process and print one JSON line."""
 
 
-def _tokenizer(args: Args) -> str:
-    return args.tokenizer or os.environ.get("CSM_JAX_TEST_TOKENIZER") or str(ROOT / ".cache" / "llama3" /
-                                                                             "tokenizer.json")
-
-
 def random_mimi(folder: Path) -> str:
     """A random Mimi (moshi's architecture, the tests' weights) saved in Kyutai's layout; returns its path."""
-    from mimi_fixtures import MOSHI_FILE, build_moshi_mimi, save_moshi_layout
+    from csm_jax.testing.random_mimi import MOSHI_FILE, build_moshi_mimi, save_moshi_layout
 
     path = folder / MOSHI_FILE
     save_moshi_layout(build_moshi_mimi(seed=0), path)
@@ -92,7 +87,7 @@ def measure(args: Args, devices: list) -> dict:
         params = csm.init_params(cfg, jax.random.key(0), jnp.dtype(args.dtype))
     _, mimi = load_mimi(args.mimi)
     mesh = None if D == 1 else make_mesh(devices=devices)
-    gen = Generator.from_parts(cfg, params, mimi, _tokenizer(args), args.frames_per_call, mesh=mesh)
+    gen = Generator.from_parts(cfg, params, mimi, tokenizer_file(args.tokenizer), args.frames_per_call, mesh=mesh)
     del params
     slots = args.slots or D * args.slots_per_device
     engine = Engine(gen, slots=slots, frames_per_call=args.frames_per_call, max_prefill=slots)
@@ -118,7 +113,7 @@ def forced(args: Args, D: int) -> dict:
     cmd = [sys.executable, __file__, "--child", str(D), "--size", args.size, "--dtype", args.dtype,
            "--slots-per-device", str(args.slots_per_device), "--slots", str(args.slots),
            "--frames-per-call", str(args.frames_per_call),
-           "--steps", str(args.steps), "--mimi", args.mimi, "--tokenizer", _tokenizer(args)]
+           "--steps", str(args.steps), "--mimi", args.mimi, "--tokenizer", tokenizer_file(args.tokenizer)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{D} forced devices failed:\n{out.stderr[-3000:]}")

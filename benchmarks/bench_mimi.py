@@ -20,14 +20,12 @@ import dataclasses
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 import tyro
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 @dataclasses.dataclass
@@ -65,7 +63,7 @@ def references(tmp):
 
     refs = {"moshi": None, "transformers": None}
     try:
-        from mimi_fixtures import build_moshi_mimi, moshi_to_hf_tensors, save_moshi_layout
+        from csm_jax.testing.random_mimi import build_moshi_mimi, moshi_to_hf_tensors, save_moshi_layout
 
         refs["moshi"] = build_moshi_mimi(seed=0)
     except ImportError as e:
@@ -127,7 +125,7 @@ def main(args: Args) -> None:
     import torch
 
     from csm_jax.mimi import decode, decode_step, encode, encode_step, init_decoder_state, init_encoder_state
-    from mimi_fixtures import speech_like
+    from csm_jax.testing.inputs import speech_like
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import statistics
 import sys
@@ -29,7 +28,6 @@ import time
 
 import tyro
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 @dataclasses.dataclass

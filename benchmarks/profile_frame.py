@@ -50,13 +50,10 @@ import glob
 import json
 import os
 import re
-import sys
 import time
 
 import numpy as np
 import tyro
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 CLASSES = ("backbone layers", "depth-decoder layers", "depth attention", "sampling",
            "embeddings/projection/heads", "copies/other")
@@ -512,7 +509,7 @@ def main(args: Args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from bench_generate import _prompt
+    from csm_jax.testing.inputs import random_prompt
 
     if args.reanalyse:
         path = os.path.join(args.reanalyse, "profile.json")
@@ -534,7 +531,7 @@ def main(args: Args) -> None:
         print(f"note: not found, left unscoped: {', '.join(missing)}", flush=True)
     cfg, params, dtype, what = build(args)
     B, F = args.batch, args.frames_per_call
-    tokens, mask, S = _prompt(B)
+    tokens, mask, S = random_prompt(B)
     frames_needed = F * (1 + args.warmup + 2 * args.calls)
     if S + frames_needed + 1 > cfg.max_seq_len:
         raise SystemExit(f"error: {frames_needed} frames after a {S}-row prompt exceed the {cfg.max_seq_len}-row "

@@ -25,7 +25,7 @@ def mimi_files(tmp_path_factory):
     from safetensors.numpy import save_file
     from transformers import MimiConfig
 
-    from mimi_fixtures import MOSHI_FILE, build_moshi_mimi, moshi_to_hf_tensors, save_moshi_layout
+    from csm_jax.testing.random_mimi import MOSHI_FILE, build_moshi_mimi, moshi_to_hf_tensors, save_moshi_layout
 
     root = tmp_path_factory.mktemp("mimi")
     model = build_moshi_mimi(seed=0)
@@ -45,7 +45,7 @@ def csm_dir(tmp_path_factory, mimi_files):
     of `mimi_files`, so decoded audio depends on the codes."""
     from safetensors.numpy import load_file
 
-    from csm_fixtures import build_hf_csm, save_hf_layout
+    from csm_jax.testing.tiny_csm import build_hf_csm, save_hf_layout
 
     mimi = load_file(str(mimi_files["hf_dir"] / "model.safetensors"))
     return save_hf_layout(build_hf_csm(seed=0), tmp_path_factory.mktemp("csm") / "tiny-csm", mimi_tensors=mimi)

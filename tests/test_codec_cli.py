@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from csm_jax.audio import load_audio
-from mimi_fixtures import speech_like
+from csm_jax.testing.inputs import speech_like
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import torch
 import jax
 
 from csm_jax.checkpoints import load_csm
-from csm_fixtures import build_hf_csm, hf_to_sesame_tensors, save_sesame_layout
+from csm_jax.testing.tiny_csm import build_hf_csm, hf_to_sesame_tensors, save_sesame_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from csm_jax.checkpoints import CheckpointError, load_csm
 from csm_jax.csm import (CsmConfig, GenState, embed_rows, generate_frames, init_params, prefill, reset_slots,
                          set_sampling)
 from csm_jax.sampling import _kth_by_bisection, gumbel_noise, kth_largest, sample
-from csm_fixtures import build_hf_csm, save_hf_layout
+from csm_jax.testing.tiny_csm import build_hf_csm, save_hf_layout
 
 CFG = CsmConfig.tiny()
 

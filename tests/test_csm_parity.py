@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from csm_jax import llama
 from csm_jax.checkpoints import load_csm
 from csm_jax.csm import GenState, backbone_logits, depth_decoder, embed_rows, generate_frames, prefill, set_sampling
-from csm_fixtures import build_hf_csm, save_hf_layout, save_sesame_layout
+from csm_jax.testing.tiny_csm import build_hf_csm, save_hf_layout, save_sesame_layout
 
 RTOL = 1e-4
 

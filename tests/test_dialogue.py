@@ -9,8 +9,8 @@ import pytest
 from csm_jax import csm
 from csm_jax.dialogue import Dialogue
 from csm_jax.generate import Generator
+from csm_jax.testing.inputs import speech_like
 from csm_jax.text import Segment, build_prompt
-from mimi_fixtures import speech_like
 
 
 @pytest.fixture(scope="module")

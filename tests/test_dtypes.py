@@ -22,8 +22,9 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
-from csm_fixtures import hf_to_sesame_tensors, tiny_hf_config
-from mimi_fixtures import rounded_copy, speech_like
+from csm_jax.testing.inputs import speech_like
+from csm_jax.testing.random_mimi import rounded_copy
+from csm_jax.testing.tiny_csm import hf_to_sesame_tensors, tiny_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from csm_jax.generate import Generator
+from csm_jax.testing.inputs import speech_like
 from csm_jax.text import Segment
-from mimi_fixtures import speech_like
 
 
 @pytest.fixture(scope="module")

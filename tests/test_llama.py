@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from csm_jax import llama
 from csm_jax.csm import CsmConfig
-from csm_fixtures import BACKBONE_ROPE, DECODER_ROPE
+from csm_jax.testing.tiny_csm import BACKBONE_ROPE, DECODER_ROPE
 
 TORCHTUNE = (32.0, 1.0, 4.0, 8192.0)  # torchtune Llama3ScaledRoPE defaults, which Sesame's models use
 

@@ -16,7 +16,7 @@ from csm_jax.mimi import decode, load_mimi
 from csm_jax.mimi import model as mimi_model
 from csm_jax.mimi import transformer as tr
 from csm_jax.mimi.conv import conv_transpose1d
-from mimi_fixtures import speech_like
+from csm_jax.testing.inputs import speech_like
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from csm_jax.mimi import decode, encode, load_mimi
 from csm_jax.mimi.model import encode_latent
-from mimi_fixtures import speech_like
+from csm_jax.testing.inputs import speech_like
 
 LONG = 1920 * 160  # 12.8 s: 320 steps at 25 Hz, past the 250-step attention window
 ODD = 24000 * 3 + 777  # not a multiple of 1920: exercises the right padding and the replicate downsample

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from csm_jax.mimi import (decode, decode_step, encode, encode_step, init_decoder_state, init_encoder_state,
                           load_mimi, reset_state_rows)
-from mimi_fixtures import speech_like
+from csm_jax.testing.inputs import speech_like
 
 F = 1920
 

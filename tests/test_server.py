@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mimi_fixtures import speech_like
+from csm_jax.testing.inputs import speech_like
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from mimi_fixtures import speech_like
+from csm_jax.testing.inputs import speech_like
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ def small_vocab_csm(seed: int):
     """The fixtures' tiny CSM with a 1024-token text vocabulary (a quarter of the build time)."""
     from transformers import CsmForConditionalGeneration
 
-    from csm_fixtures import tiny_hf_config
+    from csm_jax.testing.tiny_csm import tiny_hf_config
 
     config = tiny_hf_config()
     config.text_vocab_size = TEXT_VOCAB

@@ -2,30 +2,24 @@
 
 The moshi 0.2.2 model is built exactly as `moshi.models.loaders.get_mimi` does, then given weights that
 exercise what a trained file has: random positive EMA codebook statistics scaled to the latents so that
-codes vary across frames and codebooks, and layer scales far from their 0.01 init.
+codes vary across frames and codebooks, and layer scales far from their 0.01 init. Needs torch and moshi
+(the test extra; moshi==0.2.2 installed with --no-deps).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
 
-MOSHI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+from csm_jax.testing import reference
+from csm_jax.testing.inputs import speech_like
 
-
-def speech_like(n: int, seed: int = 0) -> np.ndarray:
-    """Speech-like test audio: gliding harmonics with syllable-rate amplitude changes, plus some noise."""
-    g = np.random.default_rng(seed)
-    t = np.arange(n) / 24000
-    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + g.uniform(0, 6))
-    phase = 2 * np.pi * np.cumsum(f0) / 24000
-    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t + g.uniform(0, 6)) ** 2
-    return (0.2 * voice * envelope + 0.02 * g.standard_normal(n)).astype(np.float32)
+MOSHI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"  # the file's name in kyutai/moshiko-pytorch-bf16
 
 
 def build_moshi_mimi(seed: int = 0):
+    """moshi's MimiModel as released (32 codebooks, eval mode), random weights from `seed`."""
+    torch = reference("torch")
+    reference("moshi")
     from moshi.models import loaders
     from moshi.models.compression import MimiModel
     from moshi.modules import SEANetDecoder, SEANetEncoder, transformer
@@ -66,8 +60,9 @@ def build_moshi_mimi(seed: int = 0):
 
 
 def save_moshi_layout(model, path) -> None:
+    """Kyutai's file layout (a moshi state dict in one safetensors file)."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path))
+    reference("safetensors.torch").save_file(sd, str(path))
 
 
 def moshi_to_hf_tensors(sd: dict) -> dict:
@@ -103,16 +98,6 @@ def moshi_to_hf_tensors(sd: dict) -> dict:
             k = k.replace(old, new)
         out[k] = v
     return out
-
-
-def hf_mimi_from_tensors(tensors: dict):
-    """transformers' MimiModel with the given kyutai/mimi-layout tensors loaded strictly."""
-    from transformers import MimiConfig, MimiModel
-
-    model = MimiModel(MimiConfig())
-    model.eval()
-    # transformers 5 renames the flat file layout when loading from disk; load through save/load to use it.
-    return model, tensors
 
 
 def rounded_copy(model, dtype):

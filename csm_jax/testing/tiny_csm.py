@@ -1,18 +1,20 @@
 """Tiny random CSM checkpoints in the real file layouts, built with transformers' CsmForConditionalGeneration.
 
 The config is csm-1b's config.json with smaller widths and depths but the real head dims (64 / 128), GQA
-ratios (4:1) and both Llama-3 rope_scaling dicts exactly as transformers' convert_csm.py writes them.
+ratios (4:1) and both Llama-3 rope_scaling dicts exactly as transformers' convert_csm.py writes them
+(the widths and depths of `csm_jax.csm.CsmConfig.tiny()`). Needs torch and transformers (the test extra).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from csm_jax.testing import reference
+from csm_jax.testing.inputs import tokenizer_file
 
 BACKBONE_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
                  "original_max_position_embeddings": 1024}
@@ -20,9 +22,9 @@ DECODER_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.0019
                 "high_freq_factor": 0.0078125, "original_max_position_embeddings": 16}
 
 
-def tiny_hf_config(codec: bool = True):
-    from transformers import CsmConfig
-
+def tiny_hf_config():
+    """transformers' CsmConfig of the tiny CSM."""
+    CsmConfig = reference("transformers").CsmConfig
     depth = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=128, backbone_hidden_size=512, max_position_embeddings=33,
                  vocab_size=2051, num_codebooks=32, rope_theta=500000, rope_scaling=DECODER_ROPE, rms_norm_eps=1e-5)
@@ -33,22 +35,15 @@ def tiny_hf_config(codec: bool = True):
 
 
 def build_hf_csm(seed: int = 0):
-    from transformers import CsmForConditionalGeneration
-
+    """transformers' CsmForConditionalGeneration of the tiny config, random weights from `seed` (eval mode)."""
+    torch = reference("torch")
     torch.manual_seed(seed)
-    model = CsmForConditionalGeneration(tiny_hf_config())
+    model = reference("transformers").CsmForConditionalGeneration(tiny_hf_config())
     with torch.no_grad():  # norms away from 1, so a missed scale shows
         for name, p in model.named_parameters():
             if "layernorm" in name or name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model.eval()
-
-
-def _tokenizer_file():
-    path = os.environ.get("CSM_JAX_TEST_TOKENIZER")
-    if not path or not Path(path).is_file():
-        raise RuntimeError("CSM_JAX_TEST_TOKENIZER must name the Llama-3 tokenizer.json (scripts/test.sh sets it)")
-    return path
 
 
 def save_hf_layout(model, folder: Path, with_tokenizer: bool = True, mimi_tensors: dict | None = None) -> Path:
@@ -69,7 +64,7 @@ def save_hf_layout(model, folder: Path, with_tokenizer: bool = True, mimi_tensor
         tensors.update(new)
         save_file(tensors, str(path), metadata={"format": "pt"})
     if with_tokenizer:
-        shutil.copy(_tokenizer_file(), folder / "tokenizer.json")
+        shutil.copy(tokenizer_file(), folder / "tokenizer.json")
     return folder
 
 
