@@ -27,12 +27,10 @@ Several CPU threads may run ops at once, so there the op total can exceed the wa
 event names no op of the program (its annotation missing, as may happen inside a CUDA graph) is listed as
 unattributed under its kernel name; XLA_FLAGS=--xla_gpu_enable_command_buffer= turns the graphs off.
 
-The scopes come from wrapping a few functions of csm_jax (csm.depth_decoder, csm.sample, csm.embed_rows,
-csm.backbone_logits, llama's forward passes `forward*` and attention functions `*atten*`) in `jax.named_scope`
-before the program is traced: the computation is unchanged, only its HLO metadata is named. An op none of
-them covers still lands in a class by its own scope names (`layerN` of llama's layers, threefry for random
-bits). An op that lost its metadata in compilation (XLA:CPU's dots) is a head if it makes logits, else takes
-the class of its nearest neighbours in the dataflow (marked "(from neighbours)" in the table).
+The classes are read from the scopes the model code names its parts with (`jax.named_scope` in csm_jax's
+llama, csm and sampling; frame_ops.py lists them): the compiled HLO's op_name metadata holds them. An op
+that lost its metadata in compilation (XLA:CPU's dots) is a head if it makes logits, else takes the class
+of its nearest neighbours in the dataflow (marked "(from neighbours)" in the table).
 
 Written to `--out`: the raw trace (`trace/plugins/profile/*/`: `.xplane.pb`, `.trace.json.gz` and
 `perfetto_trace.json.gz`, which ui.perfetto.dev opens), the compiled HLO (`frame_hlo.txt`), the table
@@ -45,8 +43,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import glob
 import json
 import os
 import re
@@ -55,13 +51,10 @@ import time
 import numpy as np
 import tyro
 
-CLASSES = ("backbone layers", "depth-decoder layers", "depth attention", "sampling",
-           "embeddings/projection/heads", "copies/other")
+from frame_ops import CLASSES, depth_step, instruction_classes, missing_scopes, parse_hlo, sampling_part, short_scope
+from trace_events import busy_ns, read_trace
+
 UNATTRIBUTED = "unattributed"  # device events that name no op of the frame program (shown only when present)
-CONTROL_FLOW = ("while", "conditional", "call", "async-start", "async-done", "async-update")
-# Lines of a device plane that the profiler derives from the kernels (reading them too would count twice).
-DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "TensorFlow Ops", "TensorFlow Name Scope", "Framework Ops",
-                 "Framework Name Scope", "Source code", "Launch Stats", "XLA TraceMe", "SparseCore")
 
 
 @dataclasses.dataclass
@@ -91,385 +84,8 @@ class Args:
     profile.json), e.g. a device run's output read on another machine; nothing is run."""
 
 
-# ------------------------------------------------------------------------------------------------ scopes
-
-
-def _scoped(fn, name):
-    import jax
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with jax.named_scope(name):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def name_scopes() -> list[str]:
-    """Wraps the functions a frame is made of in named scopes (before the frame program is first traced):
-    csm's depth decoder, sampling, embeddings and c0 head, and llama's forward passes (every `forward*`) and
-    attention functions (every name with "atten": `_attention*`, `_attend`; a scope around a helper such as
-    `attention_windows` names nothing and costs nothing). Returns the ones not found (their ops fall back to
-    their own scopes)."""
-    import inspect
-
-    from csm_jax import csm, llama
-
-    missing = []
-    for attr, scope in (("depth_decoder", "depth_decoder"), ("sample", "sampling"), ("embed_rows", "embed_rows"),
-                        ("backbone_logits", "c0_head")):
-        fn = getattr(csm, attr, None)
-        if callable(fn):
-            setattr(csm, attr, _scoped(fn, scope))
-        else:
-            missing.append(f"csm.{attr}")
-    for match, scope, what in ((lambda n: n.startswith("forward"), "transformer", "forward*"),
-                               (lambda n: "atten" in n, "attention", "*atten*")):
-        found = [n for n, fn in vars(llama).items() if match(n) and inspect.isfunction(fn)
-                 and fn.__module__ == llama.__name__]
-        for n in found:
-            setattr(llama, n, _scoped(getattr(llama, n), scope))
-        if not found:
-            missing.append(f"llama.{what}")
-    return missing
-
-
-def _in_transformer(s: str) -> bool:
-    return "/transformer" in s or re.search(r"(^|/)layer\d+(/|$)", s) is not None
-
-
-def classify(op_name: str, opcode: str = "") -> str:
-    """The class of one HLO instruction from its op_name metadata (the JAX scopes it was traced in)."""
-    s = op_name
-    if opcode in CONTROL_FLOW:
-        return "copies/other"
-    if "/sampling" in s or any(r in s for r in ("threefry", "random_bits", "random_split", "random_fold_in",
-                                                "_gumbel", "_uniform", "categorical")):
-        return "sampling"
-    if "depth_decoder" in s:
-        if _in_transformer(s):
-            return "depth attention" if "/attention" in s else "depth-decoder layers"
-        if any(p in s for p in ("dot_general", "gather", "dynamic_slice", "/cond", "switch", "take")):
-            return "embeddings/projection/heads"  # audio_embed lookups, the projection, the 31 heads
-        return "copies/other"
-    if _in_transformer(s):
-        return "backbone layers"
-    if "embed_rows" in s or "c0_head" in s:
-        return "embeddings/projection/heads"
-    return "copies/other"
-
-
-def sampling_part(instr, instrs: dict, comps: dict) -> str:
-    """Which part of sampling an op belongs to (a finer split of the sampling class): an argmax is a
-    variadic reduce over (value, iota index), whether it picks the greedy code or the Gumbel draw."""
-    op_name = instr.op_name
-    inner = [instrs[n] for c in instr.called for n in comps.get(c, ())]
-    if "argmax" in op_name or (any(i.opcode == "iota" for i in inner) and any(
-            i.opcode == "reduce" and i.shape.startswith("(") for i in inner + [instr])):
-        return "argmax (greedy and the draw)"
-    if any(r in op_name for r in ("threefry", "random_bits", "random_split", "random_fold_in", "_gumbel",
-                                  "_uniform", "categorical")):
-        return "random bits (threefry, Gumbel)"
-    if any(r in op_name for r in ("top_k", "sort", "kth_largest", "bisection")):
-        return "top-k"
-    return "masks, temperature, selects"
-
-
-# ------------------------------------------------------------------------------------------------ HLO
-
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
-_CALLED = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-@dataclasses.dataclass
-class Instr:
-    name: str
-    opcode: str
-    op_name: str
-    computation: str
-    called: list
-    trip_count: int | None
-    operands: list = dataclasses.field(default_factory=list)
-    shape: str = ""
-
-
-def parse_hlo(text: str) -> tuple[str, dict, dict]:
-    """Compiled HLO text -> (module name, instruction name -> Instr, computation -> its instruction names)."""
-    module = ""
-    instrs: dict[str, Instr] = {}
-    comps: dict[str, list] = collections.defaultdict(list)
-    comps_names: dict[str, set] = {}  # operands are defined before their users within a computation
-    comp = ""
-    for line in text.splitlines():
-        if line.startswith("HloModule "):
-            module = line.split()[1].rstrip(",")
-            continue
-        m = _HEADER.match(line) if not line.startswith(" ") else None
-        if m:
-            comp = m.group(1)
-            continue
-        m = _INSTR.match(line)
-        if not m or not comp:
-            continue
-        name, shape, opcode, rest = m.groups()
-        depth, end = 1, len(rest)
-        for k, ch in enumerate(rest):  # the operand list: up to the parenthesis that closes opcode(
-            depth += {"(": 1, ")": -1}.get(ch, 0)
-            if depth == 0:
-                end = k
-                break
-        operands = [t for t in re.findall(r"%?([\w.\-]+)", rest[:end]) if t in comps_names.get(comp, ())]
-        called = _CALLED.findall(rest[end:])
-        for group in _BRANCHES.findall(rest):
-            called += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-        op = _OP_NAME.search(rest)
-        trip = _TRIP.search(rest)
-        instrs[name] = Instr(name, opcode, op.group(1) if op else "", comp, called,
-                             int(trip.group(1)) if trip else None, operands, shape)
-        comps[comp].append(name)
-        comps_names.setdefault(comp, set()).add(name)
-    return module, instrs, dict(comps)
-
-
-def instruction_classes(instrs: dict, comps: dict, vocab: int) -> dict:
-    """Instruction name -> (class, op_name, how it was inferred: "" when from its own metadata). A fusion
-    without op_name metadata (its root has none) takes the most common class among the instructions it calls.
-    An instruction with none at all (XLA:CPU's dots lose theirs) is a head if it makes logits (a last
-    dimension of `vocab`), else takes the class of its nearest neighbours in the dataflow that have one
-    (operands and users, up to 4 hops; between two classes, the more specific)."""
-
-    @functools.lru_cache(maxsize=None)
-    def votes(comp: str, depth: int = 0) -> tuple:
-        c = collections.Counter()
-        for n in comps.get(comp, ()):
-            i = instrs[n]
-            if i.op_name:
-                c[classify(i.op_name, i.opcode)] += 1
-            elif depth < 4:
-                for sub in i.called:
-                    c.update(dict(votes(sub, depth + 1)))
-        return tuple(c.items())
-
-    def own(n: str):
-        i = instrs[n]
-        if i.op_name:
-            return classify(i.op_name, i.opcode), i.op_name
-        c = collections.Counter()
-        for sub in i.called:
-            c.update(dict(votes(sub)))
-        if i.opcode in CONTROL_FLOW or not c:
-            return None
-        inner = [instrs[x].op_name for sub in i.called for x in comps.get(sub, ()) if instrs[x].op_name]
-        return c.most_common(1)[0][0], inner[-1] if inner else ""
-
-    users = collections.defaultdict(list)
-    for n, i in instrs.items():
-        for o in i.operands:
-            users[o].append(n)
-    known = {n: own(n) for n in instrs}
-
-    # Where an op sits between two classes (a q/k/v or output projection between a layer's norm and its
-    # attention, the depth projection between an embedding lookup and a layer), the more specific one wins.
-    specific = ("sampling", "depth attention", "embeddings/projection/heads", "depth-decoder layers",
-                "backbone layers")
-
-    def nearest(n: str):
-        """(class, op_name) of the nearest neighbours with metadata, operands and users alike, or None."""
-        seen, frontier = {n}, [n]
-        for _ in range(4):
-            frontier = [y for x in frontier for y in instrs[x].operands + users[x] if y not in seen]
-            seen.update(frontier)
-            found = [known[y] for y in frontier if known[y] and known[y][0] in specific]
-            if found:
-                return min(found, key=lambda k: specific.index(k[0]))
-        return None
-
-    out = {}
-    for n, i in instrs.items():
-        if known[n]:
-            out[n] = known[n] + ("",)
-        elif i.opcode in CONTROL_FLOW:
-            out[n] = ("copies/other", "", "")
-        elif (i.opcode in ("dot", "convolution", "custom-call", "fusion")
-              and re.search(rf"\[(?:\d+,)*{vocab}\]", i.shape)):
-            out[n] = ("embeddings/projection/heads", "", "(makes logits: a head)")
-        else:
-            plumbing = i.opcode in ("copy", "get-tuple-element", "tuple", "parameter", "bitcast")
-            near = None if plumbing else nearest(n)
-            out[n] = (near[0], near[1], "(from neighbours) ") if near else ("copies/other", "", "")
-    return out
-
-
-def depth_step(instrs: dict, comps: dict) -> tuple[set, int | None]:
-    """The instructions run once per codebook step of the depth decoder's scan (its while body and what that
-    calls), and the scan's trip count; (empty, None) if the compiled program has no such loop."""
-    loops = [i for i in instrs.values() if i.opcode == "while" and "depth_decoder" in i.op_name
-             and classify(i.op_name) != "sampling"]
-    if not loops:
-        return set(), None
-    loop = min(loops, key=lambda i: len(i.op_name))  # the outermost: the codebook scan itself
-    body = [c for c in loop.called if c in comps]
-    seen, todo, names = set(), list(body), set()
-    while todo:
-        comp = todo.pop()
-        if comp in seen:
-            continue
-        seen.add(comp)
-        for n in comps[comp]:
-            names.add(n)
-            todo += instrs[n].called
-    return names, loop.trip_count
-
-
-def short_scope(op_name: str) -> str:
-    """op_name without the program's and the loops' own segments (jit(..), while/body, closed_call)."""
-    parts = [p for p in op_name.split("/") if p not in ("while", "body", "closed_call", "cond", "branch_0_fun")]
-    return "/".join(parts[1:] if parts and parts[0].startswith("jit(") else parts)
-
-
-# ------------------------------------------------------------------------------------------------ trace
-
-
-def _sanitize(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
-
-
-def _self_times(events):
-    """[(start, duration, item)] of one lane -> [(item, duration less the events nested inside it)]."""
-    events = sorted(events, key=lambda e: (e[0], -e[1]))
-    out = [[item, dur] for _, dur, item in events]
-    stack = []  # indices of the open events
-    for k, (start, dur, _) in enumerate(events):
-        while stack and events[stack[-1]][0] + events[stack[-1]][1] <= start:
-            stack.pop()
-        if stack:
-            out[stack[-1]][1] -= dur
-        stack.append(k)
-    return [(item, max(d, 0.0)) for item, d in out]
-
-
-def load_planes(trace_dir: str) -> tuple[str, list]:
-    """The newest trace under trace_dir as (file read, [(plane name, [(line name, [(event name, start ns,
-    duration ns, stats dict)])])]): its .xplane.pb through jax.profiler.ProfileData (jaxlib's own reader),
-    else (a jax without it) the .trace.json.gz the profiler writes beside it (pid = plane, tid = line)."""
-    found = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb")), key=os.path.getmtime)
-    if not found:
-        raise SystemExit(f"error: the profiler wrote no .xplane.pb under {trace_dir}")
-    try:
-        from jax.profiler import ProfileData
-    except ImportError:
-        ProfileData = None
-    if ProfileData is not None:
-        data = ProfileData.from_file(found[-1])
-        return found[-1], [(p.name, [(l.name, [(e.name, e.start_ns, e.duration_ns, dict(e.stats)) for e in l.events])
-                                     for l in p.lines]) for p in data.planes]
-    import gzip
-
-    (path,) = glob.glob(os.path.join(os.path.dirname(found[-1]), "*.trace.json.gz"))
-    with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
-    planes, threads = {}, {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") == "process_name":
-            planes[e["pid"]] = e["args"]["name"]
-        elif e.get("ph") == "M" and e.get("name") == "thread_name":
-            threads[e["pid"], e["tid"]] = e["args"]["name"]
-    lines = collections.defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X":
-            lines[e["pid"], e.get("tid")].append((e["name"], e["ts"] * 1e3, e.get("dur", 0) * 1e3, e.get("args", {})))
-    out = collections.defaultdict(list)
-    for (pid, tid), evs in lines.items():
-        out[planes.get(pid, str(pid))].append((threads.get((pid, tid), str(tid)), evs))
-    return path, list(out.items())
-
-
-def read_trace(trace_dir: str, module: str, instrs: dict) -> dict:
-    """The op events of the frame program in the newest trace under trace_dir.
-
-    Returns {"lane": what was read, "events": [(hlo op name or kernel name, start ns, self ns, attributed)]}.
-    Device planes (/device:GPU:0, /device:TPU:0) are read when they hold events: their stream lines (one event
-    per kernel or copy), else their XLA Ops line. Otherwise the host plane's XLA:CPU thunks, control flow
-    excepted."""
-    path, planes = load_planes(trace_dir)
-    by_sanitized = {_sanitize(n): n for n in instrs}
-
-    def op_of(name: str, stats: dict) -> str | None:
-        """The instruction an event ran: its hlo_op annotation (the innermost of several joined), else its
-        kernel's name (XLA names a fusion's kernel after it, '.' as '_'). An annotation that names a container
-        (a command buffer's call, a loop) gives way to the kernel's own fusion when that is known."""
-        hlo_op = stats.get("hlo_op")
-        cands = [t.lstrip("%") for t in reversed(re.split(r"[;,\s]+", hlo_op))] if isinstance(hlo_op, str) else []
-        cands += [name, name.lstrip("%"), by_sanitized.get(_sanitize(name), "")]
-        found = [c for c in cands if c in instrs]
-        leaf = [c for c in found if instrs[c].opcode not in CONTROL_FLOW]
-        return (leaf or found or [None])[0]
-
-    def ours(stats: dict) -> bool:
-        m = stats.get("hlo_module")
-        return not isinstance(m, str) or not module or module in m
-
-    for plane, lines in planes:
-        if not plane.startswith("/device:") or plane.startswith("/device:CUSTOM"):
-            continue
-        picked = [l for l in lines if l[0].startswith("Stream")]
-        picked = picked or [l for l in lines if l[0] == "XLA Ops"]
-        picked = picked or [l for l in lines if l[0] not in DERIVED_LINES]
-        events = []
-        for _, line in picked:
-            lane = []
-            for name, start, dur, stats in line:
-                if not ours(stats):
-                    continue
-                op = op_of(name, stats)
-                lane.append((start, dur, (op or name, start, op is not None)))
-            events += [(item[0], item[1], d, item[2]) for item, d in _self_times(lane)]
-        if events:
-            names = ", ".join(sorted({l[0] for l in picked}))
-            return {"lane": f"device {plane}: {names} (from {os.path.basename(path)})", "events": events}
-
-    events, threads = [], 0
-    for plane, lines in planes:
-        if plane != "/host:CPU":
-            continue
-        for _, line in lines:
-            lane = []
-            for name, start, dur, stats in line:
-                if "hlo_op" not in stats or not ours(stats):
-                    continue
-                op = op_of(name, stats)
-                if op is not None and instrs[op].opcode in CONTROL_FLOW:
-                    continue
-                lane.append((start, dur, (op or str(stats["hlo_op"]), start, op is not None)))
-            threads += bool(lane)
-            events += [(item[0], item[1], d, item[2]) for item, d in _self_times(lane)]
-    if not events:
-        raise SystemExit("error: the trace holds no op events of the frame program: on an NVIDIA GPU the "
-                         "profiler needs CUPTI (pip install the CUDA plugin's wheels: pip install -e '.[cuda]')")
-    return {"lane": f"host threads (XLA:CPU runs ops as thunks on {threads} host threads; no device lanes; "
-                    f"from {os.path.basename(path)})", "events": events}
-
-
-def busy_ns(events) -> float:
-    """Length of the union of the events' intervals (time during which at least one op ran)."""
-    spans = sorted((s, s + d) for _, s, d, _ in events)
-    total, end = 0.0, -np.inf
-    for s, e in spans:
-        if e > end:
-            total += e - max(s, end)
-            end = e
-    return total
-
-
-# ------------------------------------------------------------------------------------------------ run
-
 _META = ("model", "batch", "dtype", "frames_per_call", "calls_traced", "backend", "device", "jax", "compile_s",
-         "wall_us_per_frame", "traced_wall_us_per_frame", "num_codebooks", "audio_vocab_size", "unscoped")
-
+         "wall_us_per_frame", "traced_wall_us_per_frame", "num_codebooks", "audio_vocab_size")
 
 
 def build(args):
@@ -517,18 +133,15 @@ def main(args: Args) -> None:
             raise SystemExit(f"error: --reanalyse {args.reanalyse}: no profile.json there (the folder of a run)")
         with open(path) as f:
             meta = {k: v for k, v in json.load(f).items() if k in _META}
-        meta = {"num_codebooks": 32, "audio_vocab_size": 2051, "unscoped": []} | meta  # csm-1b's, if not recorded
+        meta = {"num_codebooks": 32, "audio_vocab_size": 2051} | meta  # csm-1b's, if not recorded
         analyse(args.reanalyse, meta, args.top)
         return
     if args.quantize not in ("none", "int8"):
         raise SystemExit(f"error: --quantize {args.quantize}: use none or int8")
     if min(args.batch, args.frames_per_call, args.calls) < 1 or args.warmup < 0:
         raise SystemExit("error: --batch, --frames-per-call and --calls must be at least 1, --warmup at least 0")
-    missing = name_scopes()  # before anything traces the frame program
     from csm_jax.csm import GenState, generate_frames, prefill, prefill_pieces, set_sampling
 
-    if missing:
-        print(f"note: not found, left unscoped: {', '.join(missing)}", flush=True)
     cfg, params, dtype, what = build(args)
     B, F = args.batch, args.frames_per_call
     tokens, mask, S = random_prompt(B)
@@ -584,7 +197,7 @@ def main(args: Args) -> None:
             "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "compile_s": compile_s, "wall_us_per_frame": wall_ns / (args.calls * F) / 1e3,
             "traced_wall_us_per_frame": traced_wall_ns / (args.calls * F) / 1e3,
-            "num_codebooks": cfg.num_codebooks, "audio_vocab_size": cfg.audio_vocab_size, "unscoped": missing}
+            "num_codebooks": cfg.num_codebooks, "audio_vocab_size": cfg.audio_vocab_size}
     analyse(args.out, meta, args.top)
 
 
@@ -632,7 +245,7 @@ def analyse(out: str, meta: dict, top: int) -> dict:
         lane = ("NOT device time: the trace has no device lanes (on NVIDIA GPUs the profiler needs CUPTI), so the "
                 "host's op events are read: " + lane)
     result = meta | {
-        "lane": lane, "hlo_instructions": len(instrs),
+        "lane": lane, "hlo_instructions": len(instrs), "unscoped": missing_scopes(instrs),
         "total_us_per_frame": sum(r["us_per_frame"] for r in ops),
         "busy_us_per_frame": busy_ns(trace["events"]) / frames / 1e3,
         "kernels_per_frame": sum(r["count_per_frame"] for r in ops), "classes": by_class,
@@ -678,7 +291,7 @@ def format_table(r: dict, top: int) -> str:
         lines.append(f"{unattributed:.0f} us per frame ran in kernels that name no op of the program (CUDA graphs "
                      "can hide their annotations): compare with XLA_FLAGS=--xla_gpu_enable_command_buffer=")
     if r["unscoped"]:
-        lines.append(f"(not found, so unscoped: {', '.join(r['unscoped'])})")
+        lines.append(f"(scopes no op of the program names, so their ops fall elsewhere: {', '.join(r['unscoped'])})")
     lines += ["", f"top {min(top, len(r['ops']))} of {len(r['ops'])} ops by time per frame:",
               f"{'us/frame':>10s} {'n/frame':>8s} {'class':28s} {'op':40s} scope"]
     for o in r["ops"][:top]:

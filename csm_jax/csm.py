@@ -196,6 +196,7 @@ def set_sampling(state: GenState, slots, temperature, topk, seeds, max_frames) -
 # ------------------------------------------------------------------------------------------------ forward
 
 
+@jax.named_scope("embed_rows")
 def embed_rows(cfg: CsmConfig, params, tokens, mask):
     """tokens (B, T, 33) int32, mask (B, T, 33) bool -> (B, T, D): masked sum of audio and text embeddings."""
     offsets = jnp.arange(cfg.num_codebooks, dtype=jnp.int32) * cfg.audio_vocab_size
@@ -262,11 +263,13 @@ def prefill(params, cfg: CsmConfig, state: GenState, tokens, mask, lengths, slot
     return _put_slots(state, sub, slots)
 
 
+@jax.named_scope("c0_head")
 def backbone_logits(params, h):
     """Codebook-0 logits (B, 2051) in fp32 from final hidden states (B, D)."""
     return linear(h, params["c0_head"], jnp.float32)
 
 
+@jax.named_scope("depth_decoder")
 def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     """Codebooks 1..31 for each row, given the backbone hidden h (B, D) and codebook 0 (B,).
 
@@ -278,14 +281,16 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
     kv = llama.init_shared_cache(dcfg, B, cfg.num_codebooks, h.dtype)
     table = llama.rope_table(dcfg, cfg.num_codebooks)
     forward = partial(llama.forward_shared, dcfg, params["decoder"])
-    x = linear(jnp.stack([h, params["audio_embed"][c0]], 1), params["projection"])  # (B, 2, Dd)
+    with jax.named_scope("projection"):
+        x = linear(jnp.stack([h, params["audio_embed"][c0]], 1), params["projection"])  # (B, 2, Dd)
     if B == 1 and jax.default_backend() == "cpu":
         # XLA:CPU runs a 2-row matmul 2-3x slower than two 1-row ones: feed the two positions one by one.
         out, kv = forward(x[:, :1], 0, kv, table)
         out, kv = forward(x[:, 1:], 1, kv, table)
     else:
         out, kv = forward(x, 0, kv, table)
-    logits = linear(out[:, -1], heads[0], jnp.float32)
+    with jax.named_scope("heads"):
+        logits = linear(out[:, -1], heads[0], jnp.float32)
     c1 = sample_fn(logits, 1)
     # One branch per head: each reads its own weight buffer (indexing a stacked (31, V, Dd) array copied the
     # 8 MB slice every codebook before the matmul read it).
@@ -293,9 +298,11 @@ def depth_decoder(cfg: CsmConfig, params, h, c0, sample_fn):
 
     def step(carry, i):
         kv, prev = carry
-        x = linear(params["audio_embed"][prev + (i - 1) * V][:, None], params["projection"])
+        with jax.named_scope("projection"):
+            x = linear(params["audio_embed"][prev + (i - 1) * V][:, None], params["projection"])
         out, kv = forward(x, i, kv, table)
-        lg = jax.lax.switch(i - 2, head_fns, out[:, 0])
+        with jax.named_scope("heads"):
+            lg = jax.lax.switch(i - 2, head_fns, out[:, 0])
         c = sample_fn(lg, i)
         return (kv, c), (c, lg)
 

@@ -173,6 +173,7 @@ def _qkv(cfg, p, x):
             qkv[..., (N + K) * H:].reshape(R, T, K, H))
 
 
+@jax.named_scope("mlp")
 def _mlp(cfg, p, x):
     """The feed-forward branch of a layer: W2 · (silu(W1 · m) * (W3 · m)), m = RMSNorm_mlp(x)."""
     m = linear(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p["w13"])
@@ -180,6 +181,7 @@ def _mlp(cfg, p, x):
     return linear(jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up, p["w2"])
 
 
+@jax.named_scope("attention")
 def _attention(cfg, p, x, pos, rows, cells, cache_pos, k_cache, v_cache, inv_freq, window_index):
     R, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -196,6 +198,7 @@ def _attention(cfg, p, x, pos, rows, cells, cache_pos, k_cache, v_cache, inv_fre
     return linear(out, p["wo"]), k_cache, v_cache
 
 
+@jax.named_scope("transformer")
 def forward(cfg: LlamaConfig, params: dict, x, pos, cache: dict, rows=None):
     """x (R, T, D) at absolute positions pos (R, T) (-1 = padding: not written, output meaningless), against
     the cache rows `rows` (R,) int (distinct; default: all rows, R = the cache's batch). Only those rows of
@@ -228,6 +231,7 @@ def forward(cfg: LlamaConfig, params: dict, x, pos, cache: dict, rows=None):
     return rms_norm(x, params["norm"], cfg.norm_eps), {"k": ks, "v": vs, "pos": cache_pos}
 
 
+@jax.named_scope("attention")
 def _attention_shared(cfg, p, x, start, k_cache, v_cache, cos, sin, visible):
     """`_attention` at the shared position `start` against caches (B * K, S, H); queries and keys are put
     in that order, so each product runs over the B * K (kv head) axis with the G query heads and T
@@ -248,6 +252,7 @@ def _attention_shared(cfg, p, x, start, k_cache, v_cache, cos, sin, visible):
     return linear(jnp.swapaxes(out, 1, 2).reshape(R, T, K * G * H), p["wo"]), k_cache, v_cache
 
 
+@jax.named_scope("transformer")
 def forward_shared(cfg: LlamaConfig, params: dict, x, start, kv: dict, table):
     """x (B, T, D) at positions start .. start + T - 1, the same for every row (`start` an int32 scalar, may
     be traced), against keys and values `kv` (`init_shared_cache`) whose cell s holds position s. `table` is

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.named_scope("random_bits")
 def gumbel_noise(keys, vocab: int):
     """keys (...) PRNG keys -> (..., vocab) fp32: the Gumbel noise `jax.random.categorical(key, logits)` adds to
     (vocab,) logits before its argmax, one row per key."""
@@ -28,6 +29,7 @@ def gumbel_noise(keys, vocab: int):
     return noise.reshape(keys.shape + (vocab,))
 
 
+@jax.named_scope("sampling")
 def codebook_noise(frame_keys, codebooks: int, vocab: int):
     """frame_keys (B,) -> (B, codebooks, vocab): the noise of each row's draws for codebooks 0..codebooks-1,
     codebook i's drawn with fold_in(frame_key, i), all in one batched generation."""
@@ -35,6 +37,7 @@ def codebook_noise(frame_keys, codebooks: int, vocab: int):
     return gumbel_noise(fold(frame_keys, jnp.arange(codebooks, dtype=jnp.int32)), vocab)
 
 
+@jax.named_scope("sampling")
 def sample(logits, noise, temperature, topk, allowed: int):
     """logits (B, V) fp32, noise (B, V) (`gumbel_noise` of each row's key), temperature (B,), topk (B,) int
     -> (B,) int32: as jax.random.categorical with that key over the top-k logits divided by the temperature."""
@@ -76,6 +79,7 @@ def _kth_by_bisection(x, k):
     return _from_sortable(t)
 
 
+@jax.named_scope("top_k")
 def kth_largest(x, k):
     """x (B, V) fp32 without NaN, k (B,) int in [1, V] -> (B, 1): each row's k-th largest value (ties counted)."""
     if x.shape[-1] <= _TOP_K_CAP:

@@ -337,6 +337,8 @@ def test_profile_frame_reads_a_device_lane(tmp_path):
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import profile_frame as pf
+    from frame_ops import parse_hlo
+    from trace_events import kernel_name
 
     def f(x, w):
         with jax.named_scope("depth_decoder"), jax.named_scope("transformer"):
@@ -345,13 +347,13 @@ def test_profile_frame_reads_a_device_lane(tmp_path):
             return jnp.argmax(y, -1)
 
     hlo = jax.jit(f).lower(jnp.ones((4, 8)), jnp.ones((8, 2051))).compile().as_text()
-    _, instrs, _ = pf.parse_hlo(hlo)
+    _, instrs, _ = parse_hlo(hlo)
     layer = next(n for n, i in instrs.items() if i.computation.startswith("main") and "transformer" in i.op_name
                  and i.opcode in ("fusion", "dot", "custom-call"))
     argmax = next(n for n, i in instrs.items() if i.computation.startswith("main") and "sampling" in i.op_name
                   and i.opcode == "fusion")
     (tmp_path / "frame_hlo.txt").write_text(hlo)
-    names = ["kernel_of_the_matmul", pf._sanitize(argmax), "MemcpyD2H", "sm90_xmma_gemm", "other", "dup", "thunk"]
+    names = ["kernel_of_the_matmul", kernel_name(argmax), "MemcpyD2H", "sm90_xmma_gemm", "other", "dup", "thunk"]
     stats = ["hlo_op", "hlo_module"]
 
     def line(lid, lname, evs):
@@ -366,7 +368,7 @@ def test_profile_frame_reads_a_device_lane(tmp_path):
     meta = "".join(f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }} ' for i, n in enumerate(names, 1))
     meta += "".join(f'stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }} ' for i, n in enumerate(stats, 1))
     module = {"hlo_module": "jit_f"}
-    stream = [("kernel_of_the_matmul", 10, {"hlo_op": layer} | module), (pf._sanitize(argmax), 3, {}),
+    stream = [("kernel_of_the_matmul", 10, {"hlo_op": layer} | module), (kernel_name(argmax), 3, {}),
               ("MemcpyD2H", 1, {}), ("sm90_xmma_gemm", 2, {}), ("other", 50, {"hlo_op": layer, "hlo_module": "jit_g"})]
     proto = (f'planes {{ id: 1 name: "/device:GPU:0" {line(7, "Stream #7(Compute)", stream)}'
              f'{line(8, "XLA Ops", [("dup", 100, {"hlo_op": layer} | module)])}{meta}}} '

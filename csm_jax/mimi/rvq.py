@@ -28,6 +28,7 @@ def _nearest(r, E, candidates: int = 8):
     return jnp.min(jnp.where(exact == best, idx, E.shape[0]), -1).astype(jnp.int32)
 
 
+@jax.named_scope("rvq_encode")
 def encode(p, z, num_codebooks: int):
     """z (B, T, 512) -> codes (B, num_codebooks, T) int32."""
     r = z @ p["first"]["in"]
@@ -42,6 +43,7 @@ def encode(p, z, num_codebooks: int):
     return jnp.stack(codes, axis=1)
 
 
+@jax.named_scope("rvq_decode")
 def decode(p, codes):
     """codes (B, n_q, T) -> latent (B, T, 512)."""
     n_q = codes.shape[1]

@@ -11,6 +11,7 @@ Each function works one-shot (state None) or streaming (state: a dict of per-con
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from csm_jax.mimi.conv import (context_size, conv1d, conv1d_step, conv_transpose1d, conv_transpose1d_step, elu)
@@ -44,6 +45,7 @@ def _residual(s, name, p, x):
     return x + s.conv(f"{name}.2", p["conv2"], elu(h))
 
 
+@jax.named_scope("seanet_encoder")
 def encoder(p, x, state=None):
     """x (B, L, 1) -> (B, ceil(L / 960), 512)."""
     s = _Streamer(state)
@@ -55,6 +57,7 @@ def encoder(p, x, state=None):
     return h, s.new
 
 
+@jax.named_scope("seanet_decoder")
 def decoder(p, x, state=None):
     """x (B, T, 512) -> (B, 960 * T, 1)."""
     s = _Streamer(state)

@@ -110,6 +110,7 @@ def _layer(p, x, pos, cache=None):
     return x, new_cache
 
 
+@jax.named_scope("transformer")
 def transformer(layers, x, pos, caches=None):
     """x (B, T, D) at positions pos (B, T). caches: per-layer (k, v, pos) rings, or None for one-shot (then
     positions must be consecutive along T, as an unbroken clip's are)."""
