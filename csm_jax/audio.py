@@ -15,6 +15,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 1920  # samples per 80 ms Mimi frame (12.5 Hz at 24 kHz)
 
 
 def check_audio(audio: np.ndarray, what: str = "audio") -> np.ndarray:
@@ -39,7 +40,7 @@ def check_audio(audio: np.ndarray, what: str = "audio") -> np.ndarray:
     return audio
 
 
-def whole_frames(audio: np.ndarray, frame: int = 1920) -> np.ndarray:
+def whole_frames(audio: np.ndarray, frame: int = FRAME_SAMPLES) -> np.ndarray:
     """`audio` (L,) with trailing silence up to a whole number of 80 ms Mimi frames (1920 samples at 24 kHz).
     Mimi encodes whole frames through programs compiled once per length bucket; a partial last frame needs a
     program of its own length (Mimi pads it inside its convolutions), so recordings of any length, such as a

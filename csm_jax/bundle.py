@@ -24,12 +24,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from csm_jax import sharding
-from csm_jax.audio import SAMPLE_RATE, check_audio
+from csm_jax.audio import FRAME_SAMPLES, SAMPLE_RATE, check_audio
 from csm_jax.checkpoints import load_csm
 from csm_jax.csm import CsmConfig, GenState
 from csm_jax.mimi import decode, encode, init_decoder_state, load_mimi, mimi_params_from_tensors, reset_state_rows
 from csm_jax.quantize import quantize_csm
-from csm_jax.text import FRAME_SAMPLES, Segment, Tokenizer, build_prompt
+from csm_jax.text import Segment, Tokenizer, build_prompt
 
 
 def bucket(n: int, lo: int = 1) -> int:

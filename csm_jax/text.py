@@ -20,7 +20,6 @@ import numpy as np
 
 BEGIN_OF_TEXT, END_OF_TEXT = "<|begin_of_text|>", "<|end_of_text|>"
 NUM_CODEBOOKS = 32
-FRAME_SAMPLES = 1920
 
 
 @dataclass

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from csm_jax.text import FRAME_SAMPLES, Segment, Tokenizer
+from csm_jax.audio import FRAME_SAMPLES
+from csm_jax.text import Segment, Tokenizer
 from csm_jax.train import data as D
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from csm_jax.text import FRAME_SAMPLES, NUM_CODEBOOKS, Segment, Tokenizer, segment_rows
+from csm_jax.audio import FRAME_SAMPLES
+from csm_jax.text import NUM_CODEBOOKS, Segment, Tokenizer, segment_rows
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
 IGNORE = -100
