@@ -79,14 +79,14 @@ def measure(args: Args, devices: list) -> dict:
     from csm_jax.engine import Engine, Request
     from csm_jax.generate import Generator
     from csm_jax.mimi import load_mimi
-    from csm_jax.sharding import make_mesh
+    from csm_jax.sharding import device_mesh
 
     D = len(devices)
     cfg = csm.CsmConfig.csm_1b() if args.size == "csm-1b" else csm.CsmConfig.tiny()
     with jax.default_device(devices[0]):
         params = csm.init_params(cfg, jax.random.key(0), jnp.dtype(args.dtype))
     _, mimi = load_mimi(args.mimi)
-    mesh = None if D == 1 else make_mesh(devices=devices)
+    mesh = device_mesh(devices=devices)
     gen = Generator.from_parts(cfg, params, mimi, tokenizer_file(args.tokenizer), args.frames_per_call, mesh=mesh)
     del params
     slots = args.slots or D * args.slots_per_device

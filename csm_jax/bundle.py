@@ -8,20 +8,21 @@ The engine, the generator, dialogues and the server use it; it uses none of them
 
 On several devices: `ModelBundle(..., mesh=csm_jax.sharding.make_mesh())` places the CSM parameters by the
 rules of csm_jax.sharding (replicated, or split along "model") and Mimi's replicated on every device of the
-mesh. The bundle then also places what runs on them (`new_state`, `new_mimi_state`, `put`): generation state
-with its slots split along "data", host values replicated, so every program sees inputs on the same devices.
-Without a mesh everything stays on the default device, as JAX puts it.
+mesh. The bundle then also places what runs on them (`new_state`, `new_mimi_state`, `put`): generation and Mimi
+decoder state by their logical axes (sharding.STATE_AXES, STREAM_AXES: slots split along "data"), host values
+replicated, so every program sees inputs on the same devices. Without a mesh everything stays on the default
+device, as JAX puts it.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import partial
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from csm_jax import sharding
 from csm_jax.audio import FRAME_SAMPLES, SAMPLE_RATE, check_audio
@@ -38,26 +39,6 @@ def bucket(n: int, lo: int = 1) -> int:
     while b < n:
         b *= 2
     return b
-
-
-# On a mesh, every state a program returns is split along "data" with the same PartitionSpec("data") that the
-# engine's shard_map'd generation returns: a program's compiled form depends on its inputs' shardings, and
-# equivalent but unequal ones (P("data") against P("data", None), or an empty leaf returned replicated) would
-# compile the next program again while serving.
-@lru_cache(maxsize=16)
-def _state_maker(cfg: CsmConfig, slots: int, dtype, mesh: Mesh):
-    """A compiled maker of fresh GenStates born split along "data" (one compilation per shape and mesh): every
-    field has the slots first (sharding.STATE_AXES), split as the rule for "batch" says."""
-    return jax.jit(partial(GenState.create, cfg, slots, dtype),
-                   out_shardings=NamedSharding(mesh, PartitionSpec(sharding.RULES["batch"])))
-
-
-@lru_cache(maxsize=16)
-def _mimi_resetter(mesh: Mesh):
-    """mimi.reset_state_rows mapped over "data": each device resets its own streams."""
-    data = PartitionSpec("data")
-    return jax.jit(jax.shard_map(reset_state_rows, mesh=mesh, in_specs=(data, data, PartitionSpec()), out_specs=data,
-                                 check_vma=False), donate_argnums=(0,))
 
 
 class ModelBundle:
@@ -100,41 +81,41 @@ class ModelBundle:
     # ------------------------------------------------------------------------------------- placement
 
     def _place(self, mesh: Mesh | None) -> None:
-        if mesh is not None and not isinstance(mesh, Mesh):
-            raise TypeError(f"mesh must be a jax.sharding.Mesh (csm_jax.sharding.make_mesh()), got "
-                            f"{type(mesh).__name__}")
-        if mesh is not None and tuple(mesh.axis_names) != sharding.AXES:
-            raise ValueError(f"the mesh's axes are {tuple(mesh.axis_names)}; make it with csm_jax.sharding.make_mesh "
-                             f"(axes {sharding.AXES})")
+        sharding.check_mesh(mesh)
         self.mesh = mesh
+        # Programs compiled for this bundle's mesh, made on first use: ("state", slots) -> a GenState maker,
+        # "mimi_reset" -> the row reset. Every state they return is placed as sharding's description says,
+        # exactly as the engine's generation program returns it: a program's compiled form depends on its
+        # inputs' shardings, and equivalent but unequal ones would compile the next program again while serving.
+        self._programs: dict = {}
         if mesh is not None:
             self.params = sharding.shard_params(self.params, mesh)
-            self.mimi = jax.device_put(self.mimi, self._replicated)
+            self.mimi = jax.device_put(self.mimi, sharding.replicated(mesh))
             if self.ckpt is not None:
                 self.ckpt.params = self.params  # the one-device copy is not kept
 
     @property
     def data_size(self) -> int:
         """Devices along the mesh's "data" axis (1 without a mesh): slot counts are multiples of it."""
-        return 1 if self.mesh is None else self.mesh.shape["data"]
+        return sharding.data_size(self.mesh)
 
     def round_slots(self, n: int) -> int:
         """`n` slots rounded up to a multiple of the "data" size (each device gets as many)."""
-        return -(-n // self.data_size) * self.data_size
+        return sharding.round_up(n, self.mesh)
 
-    @property
-    def _replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
+    def check_slots(self, slots: int) -> None:
+        """Raises unless `slots` slots split evenly over the mesh's "data" devices (sharding.check_split)."""
+        sharding.check_split(slots, self.mesh)
 
     def put(self, values, dtype) -> jax.Array:
         """Host values to the device(s) as `dtype`: a plain transfer (jnp.asarray would compile a conversion),
         replicated on every device of the mesh when there is one."""
         x = np.asarray(values, dtype)
-        return jax.device_put(x) if self.mesh is None else jax.device_put(x, self._replicated)
+        return jax.device_put(x) if self.mesh is None else jax.device_put(x, sharding.replicated(self.mesh))
 
     def replicate(self, x):
         """A device array (or pytree of them) on the default device -> replicated on the mesh (as is without)."""
-        return x if self.mesh is None else jax.device_put(x, self._replicated)
+        return x if self.mesh is None else jax.device_put(x, sharding.replicated(self.mesh))
 
     def new_state(self, slots: int) -> GenState:
         """A fresh generation state of `slots` slots (csm.GenState), split along "data" on a mesh: created in
@@ -142,34 +123,39 @@ class ModelBundle:
         dtype = self.params["text_embed"].dtype
         if self.mesh is None:
             return GenState.create(self.cfg, slots, dtype)
-        self._check_slots(slots)
-        return _state_maker(self.cfg, slots, dtype, self.mesh)()
+        self.check_slots(slots)
+        if ("state", slots) not in self._programs:
+            create = partial(GenState.create, self.cfg, slots, dtype)
+            self._programs["state", slots] = jax.jit(
+                create, out_shardings=sharding.state_shardings(jax.eval_shape(create), self.mesh))
+        return self._programs["state", slots]()
 
     def new_mimi_state(self, slots: int):
         """A fresh streaming Mimi decoder state of `slots` streams, split along "data" on a mesh (every leaf has
-        the stream axis first)."""
+        the stream axis first: sharding.STREAM_AXES)."""
         state = init_decoder_state(self.mimi, slots)
         if self.mesh is None:
             return state
-        self._check_slots(slots)
-        state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec("data")))
+        self.check_slots(slots)
+        state = jax.device_put(state, sharding.stream_shardings(state, self.mesh))
         # Through the (compiled) row reset once, resetting nothing: its empty leaves then come out replicated, as
         # every later program returns them, rather than split as device_put leaves them.
         return self.reset_mimi_rows(state, self.put(np.zeros(slots), bool),
                                     self.replicate(init_decoder_state(self.mimi, 1)))
 
     def reset_mimi_rows(self, state, rows, fresh):
-        """mimi.reset_state_rows (rows (B,) bool start afresh), its result split along "data" on a mesh like
+        """mimi.reset_state_rows (rows (B,) bool start afresh), its result placed on a mesh like
         `new_mimi_state`'s (left to itself, XLA may replicate some leaves, and the next program would compile
-        again for them)."""
+        again for them): mapped over "data", each device resets its own streams."""
         if self.mesh is None:
             return reset_state_rows(state, rows, fresh)
-        return _mimi_resetter(self.mesh)(state, rows, fresh)
-
-    def _check_slots(self, slots: int) -> None:
-        if slots % self.data_size:
-            raise ValueError(f"{slots} slots cannot be split over the mesh's {self.data_size} \"data\" devices; use "
-                             f"a multiple of {self.data_size} slots (e.g. {self.round_slots(slots)})")
+        if "mimi_reset" not in self._programs:
+            streams = sharding.specs(sharding.stream_shardings(state, self.mesh))
+            self._programs["mimi_reset"] = jax.jit(jax.shard_map(
+                reset_state_rows, mesh=self.mesh, in_specs=(streams, sharding.slot_spec(len(rows), self.mesh),
+                                                            PartitionSpec()),
+                out_specs=streams, check_vma=False), donate_argnums=(0,))
+        return self._programs["mimi_reset"](state, rows, fresh)
 
     # ---------------------------------------------------------------------------------------- helpers
 

@@ -23,12 +23,13 @@ everything the loop needs: attention windows are chosen on the device from the p
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from csm_jax import llama
 from csm_jax.llama import LlamaConfig, linear
@@ -108,13 +109,12 @@ def init_params(cfg: CsmConfig, key, dtype=jnp.float32) -> dict:
 # ------------------------------------------------------------------------------------------------- state
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["cache", "h", "pos", "done", "n_frames", "max_frames",
-                                                        "temperature", "topk", "key"], meta_fields=[])
-@dataclass
+@struct.dataclass
 class GenState:
     """Generation state of B slots (independent streams). cache: backbone ring (capacity max_seq_len); h (B, D):
     final hidden of the last row fed; pos (B,): next position (the attention window follows from it);
-    done (B,): finished (EOS, frame cap, full cache, or never started)."""
+    done (B,): finished (EOS, frame cap, full cache, or never started). A pytree (flax.struct): `replace`
+    gives a copy with some fields changed. Its logical axes, for a mesh: csm_jax.sharding.STATE_AXES."""
 
     cache: dict
     h: jax.Array
@@ -124,7 +124,7 @@ class GenState:
     max_frames: jax.Array
     temperature: jax.Array
     topk: jax.Array
-    key: jax.Array = field(default=None)
+    key: jax.Array = None
 
     @staticmethod
     def create(cfg: CsmConfig, batch_size: int, dtype=jnp.float32, max_seq_len: int | None = None) -> "GenState":
@@ -141,9 +141,7 @@ def _per_slot(state: GenState, slots) -> GenState:
     (the model reads and writes only those slots of it)."""
     if slots is None:
         return state
-    return GenState(cache=state.cache, h=state.h[slots], pos=state.pos[slots], done=state.done[slots],
-                    n_frames=state.n_frames[slots], max_frames=state.max_frames[slots],
-                    temperature=state.temperature[slots], topk=state.topk[slots], key=state.key[slots])
+    return jax.tree.map(lambda x: x[slots], state.replace(cache=None)).replace(cache=state.cache)
 
 
 def _put_slots(state: GenState, sub: GenState, slots) -> GenState:
@@ -151,33 +149,28 @@ def _put_slots(state: GenState, sub: GenState, slots) -> GenState:
     if slots is None:
         return sub
     put = lambda a, b: a.at[slots].set(b)  # noqa: E731
-    return GenState(cache=sub.cache, h=put(state.h, sub.h), pos=put(state.pos, sub.pos),
-                    done=put(state.done, sub.done), n_frames=put(state.n_frames, sub.n_frames),
-                    max_frames=put(state.max_frames, sub.max_frames),
-                    temperature=put(state.temperature, sub.temperature), topk=put(state.topk, sub.topk),
-                    key=state.key.at[slots].set(sub.key))
+    return jax.tree.map(put, state.replace(cache=None), sub.replace(cache=None)).replace(cache=sub.cache)
 
 
 @partial(jax.jit, donate_argnums=(0,))
 def reset_slots(state: GenState, slots) -> GenState:
     """The slots `slots` (R,) int become empty: no context, position 0, done. Other slots are untouched."""
     cache = dict(state.cache, pos=state.cache["pos"].at[slots].set(-1))
-    return GenState(cache=cache, h=state.h.at[slots].set(0), pos=state.pos.at[slots].set(0),
-                    done=state.done.at[slots].set(True), n_frames=state.n_frames.at[slots].set(0),
-                    max_frames=state.max_frames, temperature=state.temperature, topk=state.topk, key=state.key)
+    return state.replace(cache=cache, h=state.h.at[slots].set(0), pos=state.pos.at[slots].set(0),
+                         done=state.done.at[slots].set(True), n_frames=state.n_frames.at[slots].set(0))
 
 
 @partial(jax.jit, donate_argnums=(0,))
 def stop_slots(state: GenState, slots) -> GenState:
     """The slots `slots` (R,) int are done: they generate no more (their cache is kept)."""
-    return dataclasses.replace(state, done=state.done.at[slots].set(True))
+    return state.replace(done=state.done.at[slots].set(True))
 
 
 @partial(jax.jit, donate_argnums=(0,))
 def rewind_slots(state: GenState, slots, rows) -> GenState:
     """The slots `slots` (R,) int forget their last `rows` (R,) rows: their position moves back, and the
     next rows written overwrite those cells before any later position can attend to them."""
-    return dataclasses.replace(state, pos=state.pos.at[slots].add(-rows))
+    return state.replace(pos=state.pos.at[slots].add(-rows))
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -187,10 +180,10 @@ def set_sampling(state: GenState, slots, temperature, topk, seeds, max_frames) -
     modulo 2**32 (they seed a uint32 key); callers that promise distinct seeds check the range."""
     keys = jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
     put = lambda a, b: a.at[slots].set(b)  # noqa: E731
-    return GenState(cache=state.cache, h=state.h, pos=state.pos, done=put(state.done, max_frames <= 0),
-                    n_frames=put(state.n_frames, 0), max_frames=put(state.max_frames, max_frames.astype(jnp.int32)),
-                    temperature=put(state.temperature, temperature.astype(jnp.float32)),
-                    topk=put(state.topk, topk.astype(jnp.int32)), key=state.key.at[slots].set(keys))
+    return state.replace(done=put(state.done, max_frames <= 0), n_frames=put(state.n_frames, 0),
+                         max_frames=put(state.max_frames, max_frames.astype(jnp.int32)),
+                         temperature=put(state.temperature, temperature.astype(jnp.float32)),
+                         topk=put(state.topk, topk.astype(jnp.int32)), key=put(state.key, keys))
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -257,9 +250,7 @@ def prefill(params, cfg: CsmConfig, state: GenState, tokens, mask, lengths, slot
     h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, sub.cache, slots)
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     touched = lengths > 0
-    sub = GenState(cache=cache, h=jnp.where(touched[:, None], last, sub.h), pos=sub.pos + lengths,
-                   done=sub.done, n_frames=sub.n_frames, max_frames=sub.max_frames, temperature=sub.temperature,
-                   topk=sub.topk, key=sub.key)
+    sub = sub.replace(cache=cache, h=jnp.where(touched[:, None], last, sub.h), pos=sub.pos + lengths)
     return _put_slots(state, sub, slots)
 
 
@@ -339,9 +330,9 @@ def _frame(params, cfg: CsmConfig, slots, state: GenState, _):
     h, cache = llama.forward(cfg.backbone, params["backbone"], x, pos, state.cache, slots)
     n_frames = state.n_frames + valid
     full = state.pos + valid >= state.cache["pos"].shape[1]  # the ring would wrap: stop at max_seq_len rows
-    new = GenState(cache=cache, h=jnp.where(valid[:, None], h[:, 0], state.h), pos=state.pos + valid,
-                   done=state.done | eos | (n_frames >= state.max_frames) | full, n_frames=n_frames,
-                   max_frames=state.max_frames, temperature=state.temperature, topk=state.topk, key=next_key)
+    new = state.replace(cache=cache, h=jnp.where(valid[:, None], h[:, 0], state.h), pos=state.pos + valid,
+                        done=state.done | eos | (n_frames >= state.max_frames) | full, n_frames=n_frames,
+                        key=next_key)
     return new, (codes, valid)
 
 

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from csm_jax import csm
+from csm_jax import csm, sharding
 from csm_jax.audio import SAMPLE_RATE
 from csm_jax.bundle import ModelBundle, bucket
 from csm_jax.schedule import Scheduler
@@ -144,9 +144,12 @@ def generate_audio(params, cfg: csm.CsmConfig, mimi, state: csm.GenState, mimi_s
     if mesh is not None:
         if slots is not None:
             raise ValueError("on a mesh, generate_audio runs every slot (slots=None)")
-        data = PartitionSpec("data")
+        # Placed as csm_jax.sharding describes them: the states (and the per-slot results) split along "data".
+        gen_spec = sharding.specs(sharding.state_shardings(state, mesh))
+        mimi_spec = sharding.specs(sharding.stream_shardings(mimi_state, mesh))
         local = jax.shard_map(partial(_generate_audio, cfg=cfg, slots=None, num_frames=num_frames), mesh=mesh,
-                              in_specs=(PartitionSpec(), PartitionSpec(), data, data), out_specs=data,
+                              in_specs=(PartitionSpec(), PartitionSpec(), gen_spec, mimi_spec),
+                              out_specs=(gen_spec, mimi_spec, sharding.slot_spec(state.done.shape[0], mesh)),
                               axis_names={"data"}, check_vma=False)
         return local(params, mimi, state, mimi_state)
     return _generate_audio(params, mimi, state, mimi_state, cfg=cfg, slots=slots, num_frames=num_frames)
@@ -177,9 +180,7 @@ class Engine:
         with these two limits); `clock`: its time source, seconds."""
         if slots < 1 or frames_per_call < 1:
             raise ValueError("an engine needs at least one slot and one frame per call")
-        if slots % model.data_size:
-            raise ValueError(f"an engine of {slots} slots cannot be split over the mesh's {model.data_size} \"data\" "
-                             f"devices; use a multiple of {model.data_size} slots (e.g. {model.round_slots(slots)})")
+        model.check_slots(slots)
         self.model, self.cfg, self.params, self.mimi = model, model.cfg, model.params, model.mimi
         self.mesh = model.mesh
         self.slots, self.frames_per_call = slots, frames_per_call

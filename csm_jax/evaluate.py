@@ -8,7 +8,6 @@ the depth decoder, a frame's row embedding); only the choice of what to feed bac
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
@@ -70,7 +69,7 @@ def _greedy_run(params, cfg: CsmConfig, prompt, forced, teacher_forced):
         greedy = jnp.concatenate([pick(lg0)[:, None], pick(lgs)], 1)
         x = csm.embed_frame(cfg, params, jnp.concatenate([c0[:, None], rest], 1), dtype)
         h, cache = llama.forward(cfg.backbone, params["backbone"], x, state.pos[:, None], state.cache)
-        return dataclasses.replace(state, cache=cache, h=h[:, 0], pos=state.pos + 1), (greedy[0], lg0[0], lgs[0])
+        return state.replace(cache=cache, h=h[:, 0], pos=state.pos + 1), (greedy[0], lg0[0], lgs[0])
 
     tokens = jnp.zeros((1, P, C + 1), jnp.int32).at[0, :, -1].set(prompt)
     mask = jnp.zeros((1, P, C + 1), bool).at[..., -1].set(True)

@@ -13,18 +13,15 @@ and softmax are untouched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
-
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 MODES = ("int8",)
 LAYER_WEIGHTS = ("wqkv", "wo", "w13", "w2")
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=[])
-@dataclass
+@struct.dataclass
 class Int8Weight:
     """A weight (out, in) stored as int8 values q (out, in) and per-output-channel scales (out,):
     W ≈ q * scale[:, None]. `scale` keeps the dtype of the weight it replaced, so `dtype` still says what the

@@ -121,15 +121,16 @@ def _mesh(devices: int, slots: int):
     """A ("data", "model") mesh over the first `devices` local devices (0: all); None for one device."""
     import jax
 
-    from csm_jax.sharding import make_mesh
+    from csm_jax import sharding
 
     local = jax.local_devices()
     if not 0 <= devices <= len(local):
         raise ValueError(f"--devices {devices}: this machine has {len(local)} local device(s); pass at most "
                          f"{len(local)}, or 0 for all")
-    n = devices or len(local)
-    if slots % n:
-        raise ValueError(f"--slots {slots} cannot be split over {n} devices; pass a multiple of {n} "
-                         f"(e.g. --slots {-(-slots // n) * n})")
-    return None if n == 1 else make_mesh(devices=local[:n])
+    mesh = sharding.device_mesh(devices or None, devices=local)
+    try:
+        sharding.check_split(slots, mesh)
+    except ValueError as e:
+        raise ValueError(f"--slots: {e}") from None
+    return mesh
 

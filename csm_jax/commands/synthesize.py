@@ -221,7 +221,7 @@ def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int], reco
 
     import jax
 
-    from csm_jax.sharding import make_mesh
+    from csm_jax.sharding import device_mesh
 
     local = jax.local_devices()
     if not 0 <= args.devices <= len(local):
@@ -231,7 +231,7 @@ def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int], reco
     context = [Segment(spk, tr, audio=audio_io.load_audio(a)) for a, tr, spk in args.context]
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=args.dtype, frames_per_call=args.frames_per_call,
-                    quantize=args.quantize, mesh=make_mesh(devices=local[:n]) if n > 1 else None)
+                    quantize=args.quantize, mesh=device_mesh(n, devices=local))
     context = gen.context_codes(context)  # encode the prompts once
     batch = gen.round_slots(args.batch_size)  # a multiple of the devices: each holds as many slots
     where = [f"process {jax.process_index()} of {jax.process_count()}"] if jax.process_count() > 1 else []
