@@ -237,7 +237,7 @@ def load_index(cache_dir, tokenizer: Tokenizer, context_loss: bool = True) -> tu
     cache = Path(cache_dir)
     path = cache / "index.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build the cache first (scripts/finetune.py does)")
+        raise FileNotFoundError(f"{path} not found: build the cache first (build_cache)")
     names, rows = [], []
     for line in path.read_text().splitlines():
         e = json.loads(line)
@@ -266,16 +266,16 @@ def bucket_length(n: int) -> int:
 
 
 def depth_capacity(batch_size: int, length: int, ratio: float, max_turns: int) -> int:
-    """K, the static number of depth-decoder frames of a (batch_size, length) batch: enough for
+    """The static number of depth-decoder frames of a (batch_size, length) batch: enough for
     ceil(ratio * frames) frames plus every end-of-audio row, a multiple of 8."""
-    k = min(batch_size * length, math.ceil(ratio * batch_size * length) + batch_size * max_turns)
-    return -(-k // 8) * 8
+    frames = min(batch_size * length, math.ceil(ratio * batch_size * length) + batch_size * max_turns)
+    return -(-frames // 8) * 8
 
 
-def choose_depth_frames(labels: np.ndarray, eos: np.ndarray, ratio: float, rng: np.random.Generator, K: int):
+def choose_depth_frames(labels: np.ndarray, eos: np.ndarray, ratio: float, rng: np.random.Generator, capacity: int):
     """transformers' processor rule (`depth_decoder_labels_ratio`): of the n labelled audio frames,
     floor(n (1 - ratio)) chosen at random are left out, the rest and every labelled end-of-audio row train
-    the depth decoder. -> depth_rows (K, 2) int32 (batch row, position), depth_valid (K,) bool."""
+    the depth decoder. -> depth_rows (F, 2) int32 (batch row, position), depth_valid (F,) bool, F = capacity."""
     labelled = labels[..., 0] != IGNORE
     frames = np.argwhere(labelled & ~eos)
     ends = np.argwhere(labelled & eos)
@@ -283,11 +283,12 @@ def choose_depth_frames(labels: np.ndarray, eos: np.ndarray, ratio: float, rng: 
     skip = int(n * (1 - ratio)) if ratio <= 1 else 0
     keep = np.sort(rng.permutation(n)[skip:]) if n else np.zeros(0, int)
     chosen = np.concatenate([frames[keep], ends]).astype(np.int32)
-    if len(chosen) > K:
-        raise ValueError(f"{len(chosen)} depth-decoder frames do not fit the capacity {K} (bug in depth_capacity)")
-    rows = np.zeros((K, 2), np.int32)
+    if len(chosen) > capacity:
+        raise ValueError(f"{len(chosen)} depth-decoder frames do not fit the capacity {capacity} (bug in "
+                         "depth_capacity)")
+    rows = np.zeros((capacity, 2), np.int32)
     rows[:len(chosen)] = chosen
-    return rows, np.arange(K) < len(chosen)
+    return rows, np.arange(capacity) < len(chosen)
 
 
 def collate(items: list[Rows], batch_size: int, ratio: float, rng: np.random.Generator, max_turns: int) -> dict:
@@ -300,8 +301,8 @@ def collate(items: list[Rows], batch_size: int, ratio: float, rng: np.random.Gen
     for b, r in enumerate(items):
         n = len(r)
         tokens[b, :n], mask[b, :n], labels[b, :n], eos[b, :n] = r.tokens, r.mask, r.labels, r.eos
-    K = depth_capacity(batch_size, S, ratio, max_turns)
-    depth_rows, depth_valid = choose_depth_frames(labels, eos, ratio, rng, K)
+    depth_rows, depth_valid = choose_depth_frames(labels, eos, ratio, rng, depth_capacity(batch_size, S, ratio,
+                                                                                          max_turns))
     return {"tokens": tokens, "mask": mask, "labels": labels, "depth_rows": depth_rows, "depth_valid": depth_valid}
 
 

@@ -9,11 +9,11 @@ where d_f is the depth decoder over [proj(h[f-1]), proj(audio_embed[labels[f, 0.
 (teacher forcing; position i predicts codebook i). loss = backbone loss + depth loss.
 
 Compute amortization (Sesame's recipe; transformers' processor `depth_decoder_labels_ratio`): the depth
-decoder trains on a random part of the frames only. The chosen frames come as `depth_rows` (K, 2) = (batch
-row, position) with `depth_valid` (K,); K is static, so one compiled program serves every draw.
+decoder trains on a random part of the frames only. The chosen frames come as `depth_rows` (F, 2) = (batch
+row, position) with `depth_valid` (F,); F is static, so one compiled program serves every draw.
 
 Unlike the generator (`llama.forward` over a KV cache) training runs each transformer once over the whole
-sequence with a causal mask: same parameters, same math, no cache. Axes as in llama.py; K chosen frames.
+sequence with a causal mask: same parameters, same math, no cache. Axes as in llama.py; F chosen frames.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def csm_loss(params: dict, cfg: CsmConfig, batch: dict, lora: dict | None = None
     """-> (loss, {"loss", "backbone_loss", "depth_loss", "backbone_tokens", "depth_tokens"}).
 
     batch: tokens (B, S, 33) int32, mask (B, S, 33) bool, labels (B, S, 32) int32 (IGNORE = no target),
-    depth_rows (K, 2) int32, depth_valid (K,) bool. Parameters may be fp32 masters: the transformers run in
+    depth_rows (F, 2) int32, depth_valid (F,) bool. Parameters may be fp32 masters: the transformers run in
     `compute_dtype` (embedding rows are gathered before the cast), losses in fp32.
     """
     C, V = cfg.num_codebooks, cfg.audio_vocab_size
@@ -90,15 +90,15 @@ def csm_loss(params: dict, cfg: CsmConfig, batch: dict, lora: dict | None = None
         b_sum, b_n = cross_entropy(logits, labels[:, 1:, 0])
     with jax.named_scope("depth_decoder"):
         rows = batch["depth_rows"]
-        codes = labels[rows[:, 0], rows[:, 1]]  # (K, C)
+        codes = labels[rows[:, 0], rows[:, 1]]  # (F, C)
         codes = jnp.where(batch["depth_valid"][:, None], codes, IGNORE)
-        h_prev = h[rows[:, 0], rows[:, 1] - 1]  # (K, D): the backbone state the frame was predicted from
+        h_prev = h[rows[:, 0], rows[:, 1] - 1]  # (F, D): the backbone state the frame was predicted from
         offsets = jnp.arange(C - 1, dtype=jnp.int32) * V
         emb = params["audio_embed"][jnp.maximum(codes[:, :-1], 0) + offsets].astype(compute_dtype)
         x = linear(jnp.concatenate([h_prev[:, None], emb], 1), params["projection"].astype(compute_dtype))
         d = transformer(cfg.decoder, _cast(params["decoder"], compute_dtype), x, lo_d, lora_scale, remat)
         heads = jnp.stack(params["audio_head"]).astype(compute_dtype)  # (C-1, V, Dd)
-        d_logits = jnp.einsum("kcd,cvd->kcv", d[:, 1:], heads, preferred_element_type=jnp.float32)
+        d_logits = jnp.einsum("fcd,cvd->fcv", d[:, 1:], heads, preferred_element_type=jnp.float32)
         d_sum, d_n = cross_entropy(d_logits, codes[:, 1:])
     backbone_loss = b_sum / jnp.maximum(b_n, 1)
     depth_loss = d_sum / jnp.maximum(d_n, 1)
