@@ -72,7 +72,8 @@ def main(args: Args) -> None:
     import roofline
     from csm_jax.csm import CsmConfig, init_params
     from csm_jax.train import data as D
-    from csm_jax.train.trainer import TrainConfig, make_step, place_batch, place_state, split_params, training_mesh
+    from csm_jax.train.placement import Placement, train_step, training_mesh
+    from csm_jax.train.step import TrainConfig, split_params
 
     cfg = {"csm-1b": CsmConfig.csm_1b, "tiny": CsmConfig.tiny}[args.size]()
     if args.rows < 40 or args.rows > cfg.max_seq_len:
@@ -104,13 +105,12 @@ def main(args: Args) -> None:
         tc = TrainConfig(batch_size=B, depth_ratio=ratio, lora_rank=args.lora_rank, compute_dtype=args.dtype,
                          remat=args.remat)
         mesh = training_mesh(n)
-        trainable, opt_state, frozen = place_state(
-            cfg, tc, *split_params(cfg, init_params(cfg, jax.random.key(0)), tc), mesh, args.fsdp)
-        step = make_step(cfg, tc, mesh, args.fsdp)
+        pl = Placement(cfg, tc, mesh, args.fsdp)
+        trainable, opt_state, frozen = pl.state(*split_params(cfg, init_params(cfg, jax.random.key(0)), tc))
         batch = D.collate([row] * B, B, ratio, np.random.default_rng(1), 1)
-        batch = jax.tree.map(jnp.asarray, batch) if mesh is None else place_batch(batch, mesh)
+        batch = jax.tree.map(jnp.asarray, batch) if mesh is None else pl.batch(batch)
         t0 = time.perf_counter()
-        compiled = step.lower(trainable, opt_state, frozen, batch).compile()
+        compiled = train_step.lower(pl, trainable, opt_state, frozen, batch).compile()
         compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -94,9 +94,12 @@ def plan(env: Mapping[str, str] | None = None) -> dict | None:
     return None
 
 
-def initialize() -> bool:
+def initialize(cross_process_collectives: bool = False) -> bool:
     """Starts JAX's distributed runtime when the environment describes a multi-process run; returns whether it
-    runs. Call before anything touches a device (jax.devices(), an array); calling again is harmless."""
+    runs. Call before anything touches a device (jax.devices(), an array); calling again is harmless.
+    `cross_process_collectives`: the processes' programs will run collectives across processes (training's
+    gradient sums); on CPU that needs JAX's gloo collectives, a process-wide JAX setting made here when a
+    multi-process run starts (it concerns JAX's CPU backend only)."""
     import jax
 
     kwargs = plan()
@@ -104,6 +107,8 @@ def initialize() -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
+    if cross_process_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**kwargs)
     except ValueError as e:

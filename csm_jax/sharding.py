@@ -107,7 +107,7 @@ STREAM_AXES: tuple[str, ...] = ("batch",)
 #    largest dimension that the "data" size divides (and that the rules left unsplit) along "data", so each
 #    device stores 1/data of the parameters, gradients and optimizer state; XLA gathers a weight where a
 #    layer uses it. A matrix no dimension of which "data" divides stays as the rules place it; vectors
-#    (norms) stay replicated. The optimizer state follows the parameters' shardings (trainer.py).
+#    (norms) stay replicated. The optimizer state follows the parameters' shardings (train/placement.py).
 
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
     "tokens": ("batch", "seq", None),
@@ -144,7 +144,8 @@ def device_mesh(count: int | None = None, model: int = 1, devices=None) -> Mesh 
     count = len(devices) if count is None else count
     if not 1 <= count <= len(devices):
         raise ValueError(f"{count} devices asked for, {len(devices)} visible: ask for 1 to {len(devices)}")
-    return None if count == 1 else make_mesh(model=model, devices=devices[:count])
+    mesh = make_mesh(model=model, devices=devices[:count])  # checks `model` on one device too
+    return None if count == 1 else mesh
 
 
 def check_mesh(mesh) -> None:

@@ -101,3 +101,18 @@ def test_finetune_overfits_exports_and_speaks(csm_dir, voice_data, tmp_path):
     n = min(3, codes.shape[1])
     agree = np.mean(codes[:, :n] == want[:, :n])  # chance: 1 / 2048 (0.42 measured after 60 steps)
     assert codes[0, 0] == want[0, 0] and agree >= 0.3, (agree, codes[:, :n], want[:, :n])
+
+
+def test_bad_settings_are_named_by_the_library_and_by_their_flags(tmp_path):
+    from csm_jax.train.step import SettingError, TrainConfig
+
+    # The library names the settings as its fields; the command names them as its flags.
+    with pytest.raises(SettingError, match="`steps`, `batch_size` and `accumulate` must be at least 1"):
+        TrainConfig(steps=0).check()
+    r = run_finetune("--data", tmp_path, "--out", tmp_path / "run", "--steps", 0)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error: --steps, --batch-size and --accumulate must be at least 1" in r.stderr, r.stderr[-2000:]
+    r = run_finetune("--data", tmp_path, "--out", tmp_path / "run", "--mesh-model", 3)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error: --mesh-data x --mesh-model (all x 3): model=3 must be a positive divisor of the 1 devices" \
+        in r.stderr, r.stderr[-2000:]

@@ -24,13 +24,14 @@ STEPS = 2
 
 
 def _run(out: Path) -> None:
-    from csm_jax.train.trainer import start_distributed
+    from csm_jax import distributed
 
-    start_distributed()  # before anything touches a device
+    distributed.initialize(cross_process_collectives=True)  # before anything touches a device
     import jax
 
     from csm_jax import csm
-    from csm_jax.train.trainer import RunOptions, fit, host_values
+    from csm_jax.train.placement import host_values
+    from csm_jax.train.trainer import RunOptions, fit
 
     sys.path.insert(0, str(HERE))
     from test_train_sharding import _cfg, _rows, _tc

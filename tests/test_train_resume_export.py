@@ -16,7 +16,8 @@ from csm_jax.csm import CsmConfig, embed_rows, init_params
 from csm_jax.llama import LlamaConfig, linear
 from csm_jax.text import Segment, Tokenizer
 from csm_jax.train import data as D
-from csm_jax.train.trainer import RunOptions, TrainConfig, fit
+from csm_jax.train.step import SettingError, TrainConfig
+from csm_jax.train.trainer import RunOptions, fit
 
 MICRO = CsmConfig(backbone=LlamaConfig(2, 128, 4, 2, 32, 256),
                   decoder=LlamaConfig(2, 64, 2, 1, 32, 128, max_seq_len=32))
@@ -47,7 +48,7 @@ def test_resume_equals_uninterrupted(tmp_path, lora_rank):
                      RunOptions(tmp_path / "b", checkpoint_every=2, keep=2, stop_after=3, **quiet), log=lambda s: None)
     assert [m["step"] for m in part] == [1, 2, 3]
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
-    with pytest.raises(ValueError, match="--resume"):  # never silently overwrites a run
+    with pytest.raises(SettingError, match="`resume`"):  # never silently overwrites a run
         fit(MICRO, init_params(MICRO, jax.random.key(0)), rows[:4], rows[4:], tc,
             RunOptions(tmp_path / "b", **quiet), log=lambda s: None)
     resumed, _, h2 = fit(MICRO, init_params(MICRO, jax.random.key(0)), rows[:4], rows[4:], tc,

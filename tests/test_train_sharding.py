@@ -1,4 +1,4 @@
-"""Training on a mesh (csm_jax.train.trainer with csm_jax.sharding) equals one device; sharded orbax
+"""Training on a mesh (csm_jax.train.placement with csm_jax.sharding) equals one device; sharded orbax
 checkpoints restore onto other device counts.
 
 The checks run in child processes with forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N),
@@ -62,7 +62,7 @@ def _rows(n: int, seed: int = 0):
 
 
 def _tc(**kw):
-    from csm_jax.train.trainer import TrainConfig
+    from csm_jax.train.step import TrainConfig
 
     return TrainConfig(**{**dict(steps=4, batch_size=8, learning_rate=1e-4, warmup_steps=0, depth_ratio=0.25,
                                  seed=5), **kw})
@@ -100,8 +100,9 @@ def _main(work: Path) -> dict:
     from csm_jax import csm, sharding
     from csm_jax.train import data as D
     from csm_jax.train.checkpoint import Checkpoints
-    from csm_jax.train.trainer import (RunOptions, fit, make_step, place_batch, place_state, placement,
-                                       restore_target, split_params, training_mesh)
+    from csm_jax.train.placement import Placement, train_step, training_mesh
+    from csm_jax.train.step import split_params
+    from csm_jax.train.trainer import RunOptions, fit
 
     assert jax.device_count() == 8, jax.devices()
     cfg = _cfg()
@@ -114,10 +115,10 @@ def _main(work: Path) -> dict:
         # one device: the step donates its inputs; committed to the device as a restored checkpoint is
         # (the resumed run of (2) then reuses this compiled step)
         own = params if mesh is not None else jax.device_put(jax.tree.map(jnp.copy, params), jax.devices()[0])
-        trainable, opt_state, frozen = place_state(cfg, tc, *split_params(cfg, own, tc), mesh, fsdp)
+        pl = Placement(cfg, tc, mesh, fsdp)
+        trainable, opt_state, frozen = pl.state(*split_params(cfg, own, tc))
         before = jax.tree.map(np.asarray, trainable)
-        trainable, opt_state, m = make_step(cfg, tc, mesh, fsdp)(trainable, opt_state, frozen,
-                                                                 place_batch(batch, mesh))
+        trainable, opt_state, m = train_step(pl, trainable, opt_state, frozen, pl.batch(batch))
         delta = jax.tree.map(lambda a, b: np.asarray(a) - b, trainable, before)
         return trainable, opt_state, m, delta
 
@@ -148,11 +149,11 @@ def _main(work: Path) -> dict:
         if name == "fsdp2x4":
             out["shards_fsdp2x4"] = {k: _shard(p["backbone"]["layers"][0][k]) for k in ("wo", "w2", "wqkv")}
             out["shards_fsdp2x4"]["wo_mu"] = _shard(_adam(o).mu["backbone"]["layers"][0]["wo"])
-    dp = placement(cfg, full, training_mesh(), False)
+    dp = Placement(cfg, full, training_mesh(), False)
     out["dp8_whole"] = all(s.shard_shape(x.shape) == x.shape for s, x in
                            zip(jax.tree.leaves(dp.trainable), jax.tree.leaves(ref["full"][0])))
     # LoRA adapters (frozen backbone: none there) are placed like parameters: B (out, r) split along data
-    lo = placement(cfg, lora, training_mesh(), True)
+    lo = Placement(cfg, lora, training_mesh(), True)
     b = lo.trainable["decoder"][0]["q_proj"]["b"]
     b_shape = jax.eval_shape(lambda: split_params(cfg, params, lora)[0])["decoder"][0]["q_proj"]["b"].shape
     out["shards_lora"] = {"b": [list(b_shape), list(b.shard_shape(b_shape))], "backbone": lo.trainable["backbone"] is None,
@@ -171,8 +172,8 @@ def _main(work: Path) -> dict:
     out["curve_part"] = [m["loss"] for m in h_part]
     # what the checkpoint holds, read back onto these 8 devices (the reference for the other device counts)
     ckpt = Checkpoints(work / "part" / "checkpoints")
-    state, record = ckpt.restore(2, restore_target(cfg, full, split_params(cfg, params, full)[0],
-                                                   training_mesh(), True))
+    state, record = ckpt.restore(2, Placement(cfg, full, training_mesh(), True).restore_target(
+        split_params(cfg, params, full)[0]))
     ckpt.close()
     out["saved_shards"] = _shard(state["trainable"]["audio_embed"])
     out["record_mesh"] = record["mesh"]
@@ -190,13 +191,15 @@ def _resume(work: Path, n: int, params=None, fsdp: bool = True) -> dict:
 
     from csm_jax import csm
     from csm_jax.train.checkpoint import Checkpoints
-    from csm_jax.train.trainer import RunOptions, fit, restore_target, split_params, training_mesh
+    from csm_jax.train.placement import Placement, training_mesh
+    from csm_jax.train.step import split_params
+    from csm_jax.train.trainer import RunOptions, fit
 
     cfg, tc = _cfg(), _tc()
     params = csm.init_params(cfg, jax.random.key(0)) if params is None else params
     mesh = training_mesh(n)
     ckpt = Checkpoints(work / f"resume{n}" / "checkpoints")
-    state, _ = ckpt.restore(2, restore_target(cfg, tc, split_params(cfg, params, tc)[0], mesh, fsdp))
+    state, _ = ckpt.restore(2, Placement(cfg, tc, mesh, fsdp).restore_target(split_params(cfg, params, tc)[0]))
     ckpt.close()
     saved = np.load(work / "restored8.npz")
     leaves = jax.tree.leaves(state)

@@ -114,9 +114,27 @@ class Args:
 
 
 def main(args: Args) -> None:
-    from csm_jax.train.trainer import start_distributed
+    from csm_jax import distributed
 
-    start_distributed()  # a multi-host run: join the other processes before anything touches a device
+    # A multi-host run: join the other processes before anything touches a device.
+    distributed.initialize(cross_process_collectives=True)
+    from csm_jax.train.step import SettingError
+
+    try:
+        _finetune(args)
+    except SettingError as e:  # the library names its settings `name`; here they are flags
+        raise ValueError(as_flags(str(e))) from None
+
+
+def as_flags(message: str) -> str:
+    """A training library message with its settings (`batch_size`) named as this command's flags (--batch-size)."""
+    import re
+
+    renamed = {"out_dir": "out"}
+    return re.sub(r"`(\w+)`", lambda m: "--" + renamed.get(m[1], m[1]).replace("_", "-"), message)
+
+
+def _finetune(args: Args) -> None:
     import jax
     import jax.numpy as jnp
 
@@ -126,7 +144,9 @@ def main(args: Args) -> None:
     from csm_jax.text import Tokenizer
     from csm_jax.train import data as D
     from csm_jax.train.export import export_hf
-    from csm_jax.train.trainer import RunOptions, TrainConfig, check_batch, fit, host_values, joined, training_mesh
+    from csm_jax.train.placement import check_batch, host_values, training_mesh
+    from csm_jax.train.step import TrainConfig, joined
+    from csm_jax.train.trainer import RunOptions, fit
 
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
                      learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
