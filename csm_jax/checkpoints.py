@@ -212,7 +212,7 @@ def _llama_params(st: StrictTensors, cfg, layout: str, part: str, dtype) -> dict
     import jax.numpy as jnp
 
     n = _csm_names(layout, part)
-    D, N, K, H, F = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
+    D, N, K, H, M = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     layers = []
     for i in range(cfg.num_layers):
         pre = n["layer"].format(i)
@@ -221,15 +221,15 @@ def _llama_params(st: StrictTensors, cfg, layout: str, part: str, dtype) -> dict
         if layout == "sesame":
             q, k = permute_for_rope(q, N, H), permute_for_rope(k, K, H)
         v = st.take(f"{pre}.{n['v']}.weight", (K * H, D))
-        gate = st.take(f"{pre}.{n['gate']}.weight", (F, D))
-        up = st.take(f"{pre}.{n['up']}.weight", (F, D))
+        gate = st.take(f"{pre}.{n['gate']}.weight", (M, D))
+        up = st.take(f"{pre}.{n['up']}.weight", (M, D))
         layers.append({
             "attn_norm": jnp.asarray(st.take(f"{pre}.{n['attn_norm']}", (D,)), dtype),
             "wqkv": jnp.asarray(np.concatenate([q, k, v], 0), dtype),
             "wo": jnp.asarray(st.take(f"{pre}.{n['o']}.weight", (D, N * H)), dtype),
             "mlp_norm": jnp.asarray(st.take(f"{pre}.{n['mlp_norm']}", (D,)), dtype),
             "w13": jnp.asarray(np.concatenate([gate, up], 0), dtype),
-            "w2": jnp.asarray(st.take(f"{pre}.{n['down']}.weight", (D, F)), dtype),
+            "w2": jnp.asarray(st.take(f"{pre}.{n['down']}.weight", (D, M)), dtype),
         })
     return {"layers": layers, "norm": jnp.asarray(st.take(n["norm"], (D,)), dtype)}
 

@@ -7,7 +7,8 @@ Pre-norm layers, no biases, no embedding or output layer (CSM supplies its own):
 GQA: query head n reads kv head n // (N / K). RoPE uses Llama-3 frequency scaling and the half-split
 ("rotate_half") pairing of transformers' layout; Sesame's interleaved q/k rows are permuted at load.
 
-Axes: B batch, T new positions, S cache cells, N query heads, K kv heads, G = N/K, H head dim, D width.
+Axes: B batch, T new positions, S cache cells, N query heads, K kv heads, G = N/K, H head dim, D width,
+M MLP width.
 Attention always runs against an explicit cache. `forward` (per-row positions: the backbone) uses
 {k, v: (B, K, S, H), pos: (B, S)} holding the absolute position of each cell (-1 = empty): new keys are
 written at cell pos % S first, then every query attends to the cells whose position is <= its own.
@@ -281,7 +282,7 @@ def forward_shared(cfg: LlamaConfig, params: dict, x, start, kv: dict, table):
 
 def param_shapes(cfg: LlamaConfig) -> dict:
     """Shapes of one transformer's parameters (weights (out, in) as in PyTorch; q|k|v and gate|up fused)."""
-    D, N, K, H, F = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
+    D, N, K, H, M = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     layer = {"attn_norm": (D,), "wqkv": ((N + 2 * K) * H, D), "wo": (D, N * H), "mlp_norm": (D,),
-             "w13": (2 * F, D), "w2": (D, F)}
+             "w13": (2 * M, D), "w2": (D, M)}
     return {"layers": [dict(layer) for _ in range(cfg.num_layers)], "norm": (D,)}

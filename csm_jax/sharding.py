@@ -15,8 +15,8 @@ equal, and a compiled program, keyed by its inputs' shardings, is reused rather 
 
 Tensor parallelism (Megatron's split of a Llama layer, weights stored (out, in)):
   wo (D, N*H) is split along its input "heads": each device holds whole query heads when N % model == 0
-  w2 (D, F)   is split along its input "mlp": each device holds a contiguous block of MLP units
-  wqkv ((N+2K)*H, D) and w13 (2F, D) are replicated. Their rows are fused (q|k|v, gate|up): a contiguous
+  w2 (D, M)   is split along its input "mlp": each device holds a contiguous block of MLP units
+  wqkv ((N+2K)*H, D) and w13 (2M, D) are replicated. Their rows are fused (q|k|v, gate|up): a contiguous
   split of those rows would give one device only gate rows and another only up rows (or q heads on one
   device and v heads on another), so each device's shard would not be a self-contained piece of the layer
   and XLA would move activations between devices to rebuild q, k, v and gate*up. Their logical axes

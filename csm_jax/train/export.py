@@ -35,7 +35,7 @@ def hf_tensors(cfg, params: dict) -> dict[str, np.ndarray]:
            "depth_decoder.model.norm.weight": _np(params["decoder"]["norm"])}
     for part, prefix, lcfg in (("backbone", "backbone_model", cfg.backbone),
                                ("decoder", "depth_decoder.model", cfg.decoder)):
-        N, K, H, F = lcfg.num_heads, lcfg.num_kv_heads, lcfg.head_dim, lcfg.ffn_dim
+        N, K, H, M = lcfg.num_heads, lcfg.num_kv_heads, lcfg.head_dim, lcfg.ffn_dim
         for i, p in enumerate(params[part]["layers"]):
             pre = f"{prefix}.layers.{i}"
             qkv, w13 = _np(p["wqkv"]), _np(p["w13"])
@@ -43,7 +43,7 @@ def hf_tensors(cfg, params: dict) -> dict[str, np.ndarray]:
                         f"{pre}.self_attn.k_proj.weight": qkv[N * H:(N + K) * H],
                         f"{pre}.self_attn.v_proj.weight": qkv[(N + K) * H:],
                         f"{pre}.self_attn.o_proj.weight": _np(p["wo"]),
-                        f"{pre}.mlp.gate_proj.weight": w13[:F], f"{pre}.mlp.up_proj.weight": w13[F:],
+                        f"{pre}.mlp.gate_proj.weight": w13[:M], f"{pre}.mlp.up_proj.weight": w13[M:],
                         f"{pre}.mlp.down_proj.weight": _np(p["w2"]),
                         f"{pre}.input_layernorm.weight": _np(p["attn_norm"]),
                         f"{pre}.post_attention_layernorm.weight": _np(p["mlp_norm"])})

@@ -19,10 +19,10 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def target_rows(cfg: LlamaConfig) -> dict:
     """target -> (our fused weight name, first row, row count, input width)."""
-    D, N, K, H, F = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
+    D, N, K, H, M = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     return {"q_proj": ("wqkv", 0, N * H, D), "k_proj": ("wqkv", N * H, K * H, D),
             "v_proj": ("wqkv", (N + K) * H, K * H, D), "o_proj": ("wo", 0, D, N * H),
-            "gate_proj": ("w13", 0, F, D), "up_proj": ("w13", F, F, D), "down_proj": ("w2", 0, D, F)}
+            "gate_proj": ("w13", 0, M, D), "up_proj": ("w13", M, M, D), "down_proj": ("w2", 0, D, M)}
 
 
 def check_targets(targets) -> tuple[str, ...]:
