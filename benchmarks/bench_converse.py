@@ -31,6 +31,8 @@ from typing import Optional
 import numpy as np
 import tyro
 
+from csm_jax.engine import FRAMES_PER_CALL
+
 
 TURNS = ["Hello! Can you hear me well today?", "What is the weather usually like on Mars?",
          "That sounds cold. Could people live there one day?", "Tell me one more fun fact, please.",
@@ -51,7 +53,7 @@ class Args:
     input: tuple[Path, ...] = ()
     """WAV files for the user turns (default: espeak-ng speaks canned turns)."""
     max_sentence_ms: int = 2000
-    frames_per_call: int = 4
+    frames_per_call: int = FRAMES_PER_CALL
     reference: bool = False
     """Also time transformers' CSM backbone over the whole history (the reference's per-turn prefill)."""
     tokenizer: Optional[str] = None
@@ -95,14 +97,15 @@ def time_reprefill(gen, d) -> float:
     from csm_jax import csm
     from csm_jax.text import segment_rows
 
-    parts = [segment_rows(gen.tokenizer, s) for s in d.segments]
+    model = gen.model
+    parts = [segment_rows(model.tokenizer, s) for s in d.segments]
     tokens, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     pieces = list(csm.prefill_pieces(tokens[None], mask[None], [len(tokens)]))  # as the engine does
 
     def run():
-        st = csm.GenState.create(gen.cfg, 1, gen.params["text_embed"].dtype)
+        st = csm.GenState.create(model.cfg, 1, model.params["text_embed"].dtype)
         for t, m, n in pieces:
-            st = csm.prefill(gen.params, gen.cfg, st, t, m, n)
+            st = csm.prefill(model.params, model.cfg, st, t, m, n)
         st.h.block_until_ready()
 
     run()  # compile
@@ -149,7 +152,8 @@ def main(args: Args) -> None:
 
     gen = build_generator(args)
     ref = reference_backbone(args) if args.reference else None
-    conv = Conversation(Dialogue(gen.engine(1)), ChatClient(args.llm_url, args.llm_model), Transcriber(args.asr_model),
+    driver = gen.driver(1).start_thread()  # the conversation's slot, stepped by the driver's thread
+    conv = Conversation(Dialogue(driver), ChatClient(args.llm_url, args.llm_model), Transcriber(args.asr_model),
                         max_sentence_ms=args.max_sentence_ms)
     stages = ["asr_s", "context_s", "llm_first_sentence_s", "first_audio_s", "total_s"]
     rows = []

@@ -33,6 +33,7 @@ import time
 import numpy as np
 import tyro
 
+from csm_jax.engine import FRAMES_PER_CALL
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ class Args:
     """Batch sizes to sweep."""
     frames: int = 24
     """Frames generated per row (timed)."""
-    frames_per_call: int = 8
+    frames_per_call: int = FRAMES_PER_CALL
     """Frames per device call (one lax.scan)."""
     dtype: str = ""
     """float32 or bfloat16; default fp32 on CPU, bf16 elsewhere."""

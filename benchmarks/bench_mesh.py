@@ -30,6 +30,7 @@ from typing import Literal, Optional
 
 import tyro
 
+from csm_jax.engine import FRAMES_PER_CALL
 from csm_jax.testing.inputs import tokenizer_file
 
 FRAME_RATE = 12.5  # Mimi frames per second of audio
@@ -50,7 +51,7 @@ class Args:
     """Slots per device (the engine has D x this many)..."""
     slots: int = 0
     """...or this many slots at every device count (a multiple of each count): the same work split D ways."""
-    frames_per_call: int = 4
+    frames_per_call: int = FRAMES_PER_CALL
     steps: int = 3
     """Engine steps timed after the programs have compiled."""
     mimi: Optional[str] = None
@@ -76,9 +77,9 @@ def measure(args: Args, devices: list) -> dict:
     import jax.numpy as jnp
 
     from csm_jax import csm
-    from csm_jax.engine import Engine, Request
     from csm_jax.generate import Generator
     from csm_jax.mimi import load_mimi
+    from csm_jax.request import Request
     from csm_jax.sharding import device_mesh
 
     D = len(devices)
@@ -90,18 +91,23 @@ def measure(args: Args, devices: list) -> dict:
     gen = Generator.from_parts(cfg, params, mimi, tokenizer_file(args.tokenizer), args.frames_per_call, mesh=mesh)
     del params
     slots = args.slots or D * args.slots_per_device
-    engine = Engine(gen, slots=slots, frames_per_call=args.frames_per_call, max_prefill=slots)
+    driver = gen.driver(slots, max_prefill=slots)
+    made = [0]  # frames delivered
     for i in range(slots):
-        engine.submit(Request(f"Stream number {i} says a sentence.", speaker=i % 2, seed=i, max_audio_ms=80 * 1900))
+        driver.submit(Request(f"Stream number {i} says a sentence.", speaker=i % 2, seed=i, max_audio_ms=80 * 1900),
+                      lambda ev: made.__setitem__(0, made[0] + len(ev.codes)))
+    steps = driver.steps()  # the engine stepped in this thread, one step per next()
     t = time.perf_counter()
     for _ in range(2):  # admit and dispatch, then dispatch the second step and collect the first: compiled
-        engine.step()
+        next(steps)
     compile_s = time.perf_counter() - t
-    frames = 0
+    made[0] = 0
     t = time.perf_counter()
     for _ in range(args.steps):
-        frames += sum(len(ev.codes) for ev in engine.step().values())
+        next(steps)
     elapsed = time.perf_counter() - t
+    frames = made[0]
+    steps.close()
     return {"devices": D, "platform": devices[0].platform, "slots": slots, "frames": frames,
             "ms_per_step": 1e3 * elapsed / args.steps, "frames_per_s": frames / elapsed,
             "frames_per_s_per_device": frames / elapsed / D, "realtime_streams": frames / elapsed / FRAME_RATE,

@@ -55,7 +55,7 @@ import numpy as np
 import tyro
 
 BYTES_PER_SECOND = 2 * 24000  # 16-bit mono PCM at 24 kHz
-FRAME_MS = 80  # one CSM frame: 1920 samples (csm_jax.engine.FRAME_MS; not imported: this client needs no jax)
+FRAME_MS = 80  # one CSM frame: 1920 samples (csm_jax.audio.FRAME_MS; not imported: this client needs no jax)
 FRAME_BYTES = BYTES_PER_SECOND * FRAME_MS // 1000
 
 
@@ -67,7 +67,7 @@ class Args:
     """Start scripts/serve.py on this checkpoint (hub id or folder) for the run."""
     slots: str = "64"
     """--slots of the started server (a number, or whatever else its --slots takes)."""
-    frames_per_call: int = 4
+    frames_per_call: int = 4  # csm_jax.engine.FRAMES_PER_CALL (not imported: this client needs no jax)
     """--frames-per-call of the started server."""
     max_queue: int = 1024
     """--max-queue of the started server."""

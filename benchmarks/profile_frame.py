@@ -51,6 +51,7 @@ import time
 import numpy as np
 import tyro
 
+from csm_jax.engine import FRAMES_PER_CALL
 from frame_ops import CLASSES, depth_step, instruction_classes, missing_scopes, parse_hlo, sampling_part, short_scope
 from trace_events import busy_ns, read_trace
 
@@ -65,7 +66,7 @@ class Args:
     """A CSM checkpoint (folder, .safetensors file or hub id) instead of random weights (--size is then ignored)."""
     batch: int = 1
     """Rows per frame step."""
-    frames_per_call: int = 4
+    frames_per_call: int = FRAMES_PER_CALL
     """Frames per device call (one lax.scan), as the server's generation step."""
     calls: int = 3
     """Calls timed untraced, then the same number traced."""

@@ -15,7 +15,8 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 1920  # samples per 80 ms Mimi frame (12.5 Hz at 24 kHz)
+FRAME_MS = 80  # one Mimi frame (12.5 frames a second)
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 1920 samples per frame
 
 
 def check_audio(audio: np.ndarray, what: str = "audio") -> np.ndarray:

@@ -30,15 +30,8 @@ from csm_jax.checkpoints import load_csm
 from csm_jax.csm import CsmConfig, GenState
 from csm_jax.mimi import decode, encode, init_decoder_state, load_mimi, mimi_params_from_tensors, reset_state_rows
 from csm_jax.quantize import quantize_csm
+from csm_jax.schedule import bucket
 from csm_jax.text import Segment, Tokenizer, build_prompt
-
-
-def bucket(n: int, lo: int = 1) -> int:
-    """Next power of two >= n (>= lo): padded sizes keep the number of compiled programs small."""
-    b = lo
-    while b < n:
-        b *= 2
-    return b
 
 
 class ModelBundle:

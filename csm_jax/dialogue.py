@@ -1,13 +1,13 @@
 """A conversation's CSM context kept in an engine slot's KV cache, appended turn by turn.
 
-    engine = gen.engine(slots=8)                                # shared with requests and other conversations
-    d = Dialogue(engine, voice=[Segment(1, "Transcript of the voice prompt.", audio=prompt_24k)])
-    d.add(Segment(0, "what the user said", audio=user_24k))     # user's words and audio: rows appended
-    for chunk in d.speak("A sentence of the reply."):           # generated as speaker 1, streamed
-        play(chunk)                                              # the reply's frames stay in the cache
-    d.close()                                                    # frees the slot
+    with gen.driver(slots=8) as driver:                         # shared with requests and other conversations
+        d = Dialogue(driver, voice=[Segment(1, "Transcript of the voice prompt.", audio=prompt_24k)])
+        d.add(Segment(0, "what the user said", audio=user_24k))  # user's words and audio: rows appended
+        for chunk in d.speak("A sentence of the reply."):        # generated as speaker 1, streamed
+            play(chunk)                                           # the reply's frames stay in the cache
+        d.close()                                                 # frees the slot
 
-A dialogue holds one engine slot for its whole life (csm_jax.engine `hold`), so many conversations share the
+A dialogue holds one engine slot for its whole life (csm_jax.driver `hold`), so many conversations share the
 device's batch with plain requests. The slot's cache holds exactly the rows Sesame's generator would build
 from the whole history (text rows, audio rows, and the all-zero end-of-audio row of every segment), but each
 turn only appends its own rows: nothing is prefilled twice while the history fits. The voice prompt is pinned
@@ -19,13 +19,11 @@ would pass position 2048, the oldest non-pinned segments leave and the slot is r
 what remains (voice prompt first, at position 0), so every position stays inside the range the model was
 trained on and the rows keep the order and relative positions they had. A rebuild costs a prefill of at
 most 2048 rows (queued like a turn's rows, so spread over steps); it happens once per that many rows of
-conversation, not per turn. A user turn that alone
-cannot fit keeps its most recent audio frames.
+conversation, not per turn. A user turn that alone cannot fit keeps its most recent audio frames.
 
-When no thread drives the engine (`engine.driven` unset), a dialogue steps it itself: until its rows are in
-(`add`, and each part of `speak`) and while it waits for its reply's frames, so conversations and requests on
-the same engine advance together whoever steps. Plain requests sharing such an engine need an `on_event`
-callback: a dialogue drops what its own steps return.
+A dialogue never steps the engine: the driver's thread does, and the dialogue waits for its events on its
+own queue. `add` returns once the turn is in the cache; a reply's text rows are queued and it starts as soon
+as they are in. Without a running driver thread, the first wait raises instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -38,7 +36,8 @@ from typing import Iterator
 
 import numpy as np
 
-from csm_jax.engine import Engine, Event, check_seed, frames_for
+from csm_jax.driver import Driver
+from csm_jax.request import Event, check_seed, frames_for
 from csm_jax.text import Segment, audio_rows, segment_rows, text_rows
 
 
@@ -56,9 +55,10 @@ class ContextEntry:
 class Dialogue:
     """One conversation's slot in an engine and the segments its cache holds, oldest first."""
 
-    def __init__(self, engine: Engine, voice: list[Segment] | None = None):
-        self.engine, self.model = engine, engine.model
-        self.capacity = engine.cfg.max_seq_len
+    def __init__(self, driver: Driver, voice: list[Segment] | None = None):
+        """`driver`: a running driver (its thread steps the engine) whose engine holds the slot."""
+        self.driver, self.model = driver, driver.engine.model
+        self.capacity = self.model.cfg.max_seq_len
         self.pinned = [self._entry(s) for s in self.model.context_codes(voice or [])]
         if sum(e.rows for e in self.pinned) >= self.capacity // 2:
             raise ValueError(f"prompt too long: the voice prompt (pinned context) takes "
@@ -78,7 +78,7 @@ class Dialogue:
         """Frees the slot (the conversation is over)."""
         self.closed = True
         if self.slot is not None:
-            self.engine.release(self.slot)
+            self.driver.release(self.slot)
             self.slot = None
 
     # ------------------------------------------------------------------------------------------- state
@@ -105,31 +105,28 @@ class Dialogue:
         """The held slot; a new one, rebuilt from the segments, if the engine lost it (a failed step)."""
         if self.closed:
             raise RuntimeError("this dialogue is closed")
-        if self.slot is not None and self.engine.holder(self.slot) is not self:
+        if self.slot is not None and self.driver.holder(self.slot) is not self:
             self.slot = None  # the engine failed a step and started afresh
         if self.slot is None:
             self.events = queue.Queue()
-            slot = self.engine.hold(self, self.events.put)
+            slot = self.driver.hold(self, self.events.put)
             if slot is None:
-                raise RuntimeError(f"all {self.engine.slots} engine slots are in use; try again when one is free")
+                raise RuntimeError(f"all {self.driver.engine.slots} engine slots are in use; try again when one is "
+                                   "free")
             self.slot = slot
             self._rebuild()
         return self.slot
 
     def _prefill(self, tokens: np.ndarray, mask: np.ndarray) -> None:
-        """Queues rows for the slot. When no thread drives the engine, steps it until they are in, so nothing
-        of this conversation is left waiting for whoever steps next."""
+        """Queues rows for the slot (the driver's steps prefill them, in order)."""
         if self.pos + len(tokens) > self.capacity:
             raise AssertionError("the caller makes room first")
-        slot = self._slot()
-        self.engine.extend(slot, tokens, mask)
+        self.driver.extend(self._slot(), tokens, mask)
         self.pos += len(tokens)
-        while not self.engine.driven.is_set() and self.engine.waiting_rows(slot):
-            self.engine.step()
 
     def _rebuild(self) -> None:
         """Empties the cache and prefills the pinned prompt and the kept history from position 0."""
-        self.engine.clear(self._slot())
+        self.driver.clear(self._slot())
         self.pos = 0
         parts = [segment_rows(self.model.tokenizer, e.segment) for e in self.pinned + self.history]
         if parts:
@@ -154,7 +151,8 @@ class Dialogue:
     def add(self, segment: Segment, reserve: int = 0) -> Segment:
         """Appends a finished turn (its audio Mimi-encoded here when given as audio). `reserve`: rows to keep
         free after it (the reply about to be generated), so the reply does not force a second rebuild.
-        A turn too long to fit even alone keeps its most recent frames. Returns the segment as stored."""
+        A turn too long to fit even alone keeps its most recent frames. Returns (once the turn's rows are in
+        the cache) the segment as stored."""
         seg = self.model.context_codes([segment])[0]
         entry = self._entry(seg)
         room = self.capacity - sum(e.rows for e in self.pinned) - reserve
@@ -170,6 +168,7 @@ class Dialogue:
         self._prefill(*segment_rows(self.model.tokenizer, seg))
         self.appended_rows += entry.rows
         self.history.append(entry)
+        self.driver.wait_prefilled(self._slot())
         return seg
 
     def speak(self, text: str, speaker: int = 1, seed: int = 0, temperature: float = 0.9, topk: int = 50,
@@ -185,7 +184,7 @@ class Dialogue:
         self._prefill(tokens, mask)
         self.appended_rows += len(tokens)
         slot = self._slot()
-        self.engine.start(slot, seed, temperature, topk, max_frames)
+        self.driver.start(slot, seed, temperature, topk, max_frames)
         made: list[np.ndarray] = []  # the frames heard: yielded to the consumer
         extra = 0  # frames made after the reply was stopped (the step under way), never heard
         finished = stopped = False
@@ -193,7 +192,7 @@ class Dialogue:
         try:
             while not finished:
                 if cancel is not None and cancel.is_set() and not stopped:
-                    self.engine.stop(slot)
+                    self.driver.stop(slot)
                     stopped = True
                 ev = self._next_event()
                 finished, error = ev.finished, ev.error
@@ -211,14 +210,14 @@ class Dialogue:
                     yield ev.audio
         finally:
             if not finished:  # the consumer stopped early: end the reply, keep what was heard
-                self.engine.stop(slot)
+                self.driver.stop(slot)
                 while not finished:
                     ev = self._next_event()
                     extra += len(ev.codes)
                     finished, error = ev.finished, ev.error
             if error is None:
                 if extra:
-                    self.engine.rewind(slot, extra)
+                    self.driver.rewind(slot, extra)
                 codes = np.concatenate(made).T.astype(np.int32) if made else np.zeros((32, 0), np.int32)
                 self.pos += codes.shape[1]
                 end_t, end_m = audio_rows(codes[:, :0])  # the end-of-audio row only: the frames are in already
@@ -227,10 +226,9 @@ class Dialogue:
                 self.history.append(self._entry(Segment(speaker, text, None, codes)))
 
     def _next_event(self) -> Event:
-        """This slot's next event: waits for the thread driving the engine, or steps it when none does."""
+        """This slot's next event, made by the driver's thread."""
         while True:
             try:
-                return self.events.get(timeout=0.05 if self.engine.driven.is_set() else 0)
+                return self.events.get(timeout=0.25)
             except queue.Empty:
-                if not self.engine.driven.is_set():
-                    self.engine.step()
+                self.driver.check_running()

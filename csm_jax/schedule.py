@@ -6,6 +6,10 @@
     sched.finished(slot)                                  # the stream made its last frame
     sched.step_done(now, cost, measured)                  # a step ended: the step-time estimates learn from it
 
+    queue = PrefillQueue()                                # the prompts waiting for their rows to be prefilled
+    queue.add(slot, tokens, mask, sampling, fresh=True)
+    chosen = sched.admit(now, [(p.slot, p.left) for p in queue.waiting()])
+
 A stream's client plays its audio in real time from its first audio (after `start_buffer_s`), so a stream has
 `slack`: its audio delivered minus the time played since, the time it can wait for its next audio before its
 playback stalls. The engine's next step delivers the next audio after about one generation step plus the prefill
@@ -13,8 +17,8 @@ dispatched with it, so:
 
   - A prompt is prefilled across steps when it is longer than a step's rows: each step gives a prompt at most
     the step's row cap (whole `row_step`-row pieces) and the rest waits for the next steps, so one long voice
-    prompt never stalls the running streams for its whole prefill. The engine lists partly prefilled prompts
-    first (oldest first), then new ones: what was started is finished first.
+    prompt never stalls the running streams for its whole prefill. The queue (`PrefillQueue.waiting`) lists
+    partly prefilled prompts first (oldest first), then new ones: what was started is finished first.
   - When every running stream's slack covers the next step plus the prefill, the waiting prompts are admitted
     at once, oldest first, up to `max_rows` padded rows and `max_count` requests (and always the oldest one):
     a new request's first audio comes first.
@@ -42,11 +46,14 @@ included): no device, no threads.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (>= 1)."""
-    return 1 << max(n - 1, 0).bit_length()
+def bucket(n: int, lo: int = 1) -> int:
+    """The smallest power of two >= n (and >= lo): padded sizes keep the number of compiled programs small."""
+    return max(lo, 1 << max(n - 1, 0).bit_length())
 
 
 class Scheduler:
@@ -105,7 +112,7 @@ class Scheduler:
         """Rows a prefill of prompts of `rows` rows computes: the count bucket times the longest, padded."""
         if not rows:
             return 0
-        return _pow2(len(rows)) * -(-max(rows) // self.row_step) * self.row_step
+        return bucket(len(rows)) * -(-max(rows) // self.row_step) * self.row_step
 
     def budget(self, now: float) -> float:
         """Padded prompt rows the running streams' slack allows this step (at most `max_rows`)."""
@@ -150,7 +157,7 @@ class Scheduler:
     def _group(self, waiting: Sequence[tuple[Hashable, int]], anchor: int, cap: float) -> list[int]:
         """The anchor and the waiting requests of its length class (oldest first) within `cap` padded rows, then
         shorter ones into the rows the count bucket pads to anyway."""
-        length_class = lambda rows: _pow2(-(-rows // self.row_step))  # noqa: E731
+        length_class = lambda rows: bucket(-(-rows // self.row_step))  # noqa: E731
         chosen, longest = [anchor], waiting[anchor][1]
         for i, (_, rows) in enumerate(waiting):
             if len(chosen) == self.max_count:
@@ -161,7 +168,7 @@ class Scheduler:
                 longest = max(longest, rows)
         padded = self.cost([longest])
         for i, (_, rows) in enumerate(waiting):
-            if len(chosen) == _pow2(len(chosen)) or len(chosen) == self.max_count:
+            if len(chosen) == bucket(len(chosen)) or len(chosen) == self.max_count:
                 break
             if i not in chosen and self.cost([rows]) <= padded:
                 chosen.append(i)
@@ -181,3 +188,69 @@ class Scheduler:
                 per_row = max(dt - self.step_s, 0.0) / self._last_cost
                 self.row_s = per_row if self.row_s is None else (1 - a) * self.row_s + a * per_row
         self._last_end, self._last_cost = now, cost
+
+
+# ------------------------------------------------------------------------------------------- the queue
+
+
+@dataclass
+class Prefill:
+    """Prompt rows waiting to be prefilled into a slot, across as many steps as the schedule takes."""
+
+    slot: int
+    tokens: np.ndarray  # (S, 33): rows [prefilled:] are still to prefill
+    mask: np.ndarray
+    sampling: tuple | None  # (temperature, topk, seed, max_frames): generate when the rows are in (None: don't)
+    fresh: bool  # a request's slot: emptied before its first rows
+    prefilled: int = 0  # rows prefilled so far
+    stopped: bool = False  # a held slot's reply stopped before it started: it starts finished
+
+    @property
+    def left(self) -> int:
+        return len(self.tokens) - self.prefilled
+
+
+class PrefillQueue:
+    """The prompts waiting to be prefilled, one per slot, in arrival order; `waiting` gives the admission order."""
+
+    def __init__(self):
+        self.items: list[Prefill] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def add(self, slot: int, tokens: np.ndarray, mask: np.ndarray, sampling: tuple | None, fresh: bool) -> None:
+        """Queues a slot's prompt (it has none queued)."""
+        self.items.append(Prefill(slot, np.asarray(tokens), np.asarray(mask), sampling, fresh))
+
+    def append(self, slot: int, tokens: np.ndarray, mask: np.ndarray) -> None:
+        """Appends rows after those the slot has queued (a new entry, not fresh, when it has none)."""
+        waiting = self.of(slot)
+        if waiting is None:
+            self.add(slot, tokens, mask, None, fresh=False)
+        else:
+            waiting.tokens = np.concatenate([waiting.tokens, tokens])
+            waiting.mask = np.concatenate([waiting.mask, mask])
+
+    def of(self, slot: int) -> Prefill | None:
+        return next((p for p in self.items if p.slot == slot), None)
+
+    def drop(self, slot: int) -> None:
+        self.items = [p for p in self.items if p.slot != slot]
+
+    def rows_left(self, slot: int) -> int:
+        p = self.of(slot)
+        return 0 if p is None else p.left
+
+    def waiting(self) -> list[Prefill]:
+        """The admission order: partly prefilled prompts first (oldest first), then new ones (oldest first)."""
+        return [p for p in self.items if p.prefilled] + [p for p in self.items if not p.prefilled]
+
+    def advance(self, taken: Sequence[tuple[Prefill, int]]) -> list[Prefill]:
+        """`taken` ((prompt, rows prefilled this step), ...) went in: the prompts now complete leave the queue
+        and are returned, in the order of `taken`."""
+        for p, rows in taken:
+            p.prefilled += rows
+        complete = [p for p, _ in taken if not p.left]
+        self.items = [p for p in self.items if p.left]
+        return complete

@@ -30,6 +30,20 @@ def gen(csm_dir):
     return Generator(str(csm_dir), frames_per_call=4)
 
 
+@pytest.fixture
+def one_slot(gen):
+    """Makes drivers of one slot, each with its thread stepping the engine; closed after the test."""
+    made = []
+
+    def make():
+        made.append(gen.driver(1).start_thread())
+        return made[-1]
+
+    yield make
+    for driver in made:
+        driver.close()
+
+
 @pytest.fixture(scope="module")
 def turns(tmp_path_factory):
     d = tmp_path_factory.mktemp("turns")
@@ -100,8 +114,8 @@ def closed_port_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
-def test_llm_down_or_slow_then_retry(gen, llm_server):
-    d = Dialogue(gen.engine(1))
+def test_llm_down_or_slow_then_retry(gen, one_slot, llm_server):
+    d = Dialogue(one_slot())
     llm = ChatClient(closed_port_url(), llm_server.model, timeout_s=2)
     conv = Conversation(d, llm, max_sentence_ms=240)
     log = conv.respond("Are you there?")
@@ -123,18 +137,18 @@ def test_llm_down_or_slow_then_retry(gen, llm_server):
     assert [s.text for s in d.segments] == ["Are you there?", "Hello?", "Now?", *SENTENCES]
 
 
-def test_asr_hears_nothing_is_no_turn(gen, llm_server, asr_model):
-    d = Dialogue(gen.engine(1))
+def test_asr_hears_nothing_is_no_turn(gen, one_slot, llm_server, asr_model):
+    d = Dialogue(one_slot())
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model))
     noise = (0.003 * np.random.default_rng(0).standard_normal(16000 * 2)).astype(np.float32)
     assert conv.turn(noise, 16000) is None
     assert d.pos == 0 and conv.history == [] and conv.turns == 0
 
 
-def test_user_audio_codes_in_context_and_long_turn(gen, llm_server, asr_model, turns):
+def test_user_audio_codes_in_context_and_long_turn(gen, one_slot, llm_server, asr_model, turns):
     rng = np.random.default_rng(0)
     voice = [Segment(1, "I am the assistant.", codes=rng.integers(0, 2048, (32, 60)).astype(np.int32))]
-    d = Dialogue(gen.engine(1), voice)
+    d = Dialogue(one_slot(), voice)
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model),
                         max_sentence_ms=320)
     audio, sr = sf.read(str(turns[0]), dtype="float32")
@@ -147,7 +161,7 @@ def test_user_audio_codes_in_context_and_long_turn(gen, llm_server, asr_model, t
     user = d.segments[1]
     a24 = resample(audio, sr, 24000)
     a24 = np.pad(a24, (0, -a24.size % 1920))  # the turn is closed with silence to a whole Mimi frame
-    np.testing.assert_array_equal(user.codes, np.asarray(encode(gen.mimi, jnp.asarray(a24[None])))[0])
+    np.testing.assert_array_equal(user.codes, np.asarray(encode(gen.model.mimi, jnp.asarray(a24[None])))[0])
     assert log.user_codes_sha1 == codes_digest(user.codes) and "mars" in log.user_text.lower()
 
     # Old turns fill the cache; a long turn (70 s of audio) makes the oldest leave; the voice stays; it answers.
@@ -160,8 +174,8 @@ def test_user_audio_codes_in_context_and_long_turn(gen, llm_server, asr_model, t
     assert d.segments[-3].text == "A very long story." and d.segments[-3].codes.shape[1] == 875
 
 
-def test_barge_in_stops_the_reply_and_takes_the_new_turn(gen, llm_server, asr_model, turns):
-    d = Dialogue(gen.engine(1))
+def test_barge_in_stops_the_reply_and_takes_the_new_turn(gen, one_slot, llm_server, asr_model, turns):
+    d = Dialogue(one_slot())
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model),
                         max_sentence_ms=8000)
     a1, sr = sf.read(str(turns[0]), dtype="float32")
@@ -279,12 +293,12 @@ def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp
     assert heard["nonzero"] > 1920  # the reply reached the speaker
 
 
-def test_chat_history_is_bounded_and_speakers_differ(gen, llm_server):
-    conv = Conversation(Dialogue(gen.engine(1)), ChatClient(llm_server.url, llm_server.model), max_sentence_ms=160,
+def test_chat_history_is_bounded_and_speakers_differ(gen, one_slot, llm_server):
+    conv = Conversation(Dialogue(one_slot()), ChatClient(llm_server.url, llm_server.model), max_sentence_ms=160,
                         max_history_messages=2)
     conv.respond("First question?")
     conv.respond("Second question?")
     assert conv.history == [{"role": "user", "content": "Second question?"},
                             {"role": "assistant", "content": REPLY}]
     with pytest.raises(ValueError, match="different CSM speaker ids"):
-        Conversation(Dialogue(gen.engine(1)), conv.llm, user_speaker=1, reply_speaker=1)
+        Conversation(Dialogue(one_slot()), conv.llm, user_speaker=1, reply_speaker=1)

@@ -1,6 +1,7 @@
 """csm_jax.dialogue: a conversation's context appended to the KV cache equals Sesame's full re-prefill."""
 
 import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,27 +19,39 @@ def gen(csm_dir):
     return Generator(str(csm_dir), frames_per_call=4)
 
 
+@pytest.fixture
+def driver(gen):
+    """A driver of two slots, its thread stepping the engine (dialogues wait for it)."""
+    with gen.driver(2) as driver:
+        yield driver
+
+
 def fresh_hidden(gen, segments, speaker, text):
     """The reference way: the whole history as one prompt, prefilled from position 0 -> (h, rows)."""
-    tokens, mask, _ = build_prompt(gen.tokenizer, segments, speaker, text, 1)
-    st = csm.GenState.create(gen.cfg, 1)
-    st = csm.prefill(gen.params, gen.cfg, st, jnp.asarray(tokens[None]), jnp.asarray(mask[None]),
+    tokens, mask, _ = build_prompt(gen.model.tokenizer, segments, speaker, text, 1)
+    st = csm.GenState.create(gen.model.cfg, 1)
+    st = csm.prefill(gen.model.params, gen.model.cfg, st, jnp.asarray(tokens[None]), jnp.asarray(mask[None]),
                      jnp.array([len(tokens)], jnp.int32))
     return np.asarray(st.h[0]), len(tokens)
 
 
-def test_appended_turns_equal_full_prompt(gen):
+def _hidden(d):
+    """The last hidden state of the dialogue's slot (read while the driver's thread has nothing to do)."""
+    return np.asarray(d.driver.engine.state.h[d.slot])
+
+
+def test_appended_turns_equal_full_prompt(gen, driver):
     voice = [Segment(1, "This is how I sound.", audio=speech_like(24000, 1))]
     user_audio = [speech_like(24000, 2), speech_like(12000, 3)]
-    d = Dialogue(gen.engine(2), voice)
+    d = Dialogue(driver, voice)
     start = d.pos
     user1 = d.add(Segment(0, "Hello, can you hear me?", audio=user_audio[0]))
-    np.testing.assert_array_equal(user1.codes, gen.encode_audio(user_audio[0]))
+    np.testing.assert_array_equal(user1.codes, gen.model.encode_audio(user_audio[0]))
     history = list(d.segments)
     chunks = list(d.speak("Yes, I can hear you.", seed=3, max_audio_ms=480))
     reply1 = d.segments[-1]
     assert reply1.speaker == 1 and 0 < reply1.codes.shape[1] <= 6
-    np.testing.assert_allclose(np.concatenate(chunks), gen.decode_codes(reply1.codes), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(chunks), gen.model.decode_codes(reply1.codes), rtol=0, atol=1e-5)
     # The reply is what Sesame's way (the whole history as one prompt) generates with the same seed.
     ref = gen.generate_codes(["Yes, I can hear you."], speakers=1, contexts=[history], seeds=3, max_audio_ms=480)
     np.testing.assert_array_equal(reply1.codes, ref[0])
@@ -56,17 +69,17 @@ def test_appended_turns_equal_full_prompt(gen):
     ref_h, n = fresh_hidden(gen, d.segments, 0, "And now?")
     d.add(Segment(0, "And now?"))
     assert d.pos == n and d.rebuilds == 0
-    np.testing.assert_allclose(np.asarray(d.engine.state.h[d.slot]), ref_h, rtol=0, atol=1e-4 * np.abs(ref_h).max())
+    np.testing.assert_allclose(_hidden(d), ref_h, rtol=0, atol=1e-4 * np.abs(ref_h).max())
 
 
 def random_codes(rng, frames):
     return rng.integers(0, 2048, (32, frames)).astype(np.int32)
 
 
-def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen):
+def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen, driver):
     rng = np.random.default_rng(1)
     voice = [Segment(1, "My voice.", codes=random_codes(rng, 100))]
-    d = Dialogue(gen.engine(2), voice)
+    d = Dialogue(driver, voice)
     for i in range(3):
         d.add(Segment(0, f"Turn number {i}.", codes=random_codes(rng, 550)), reserve=20)
     assert d.rebuilds == 0 and d.pos > 1500
@@ -78,16 +91,16 @@ def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen):
     h_full, n_full = fresh_hidden(gen, d.segments, 0, "Next.")
     d.add(Segment(0, "Next."))
     assert d.pos == n_full
-    np.testing.assert_allclose(np.asarray(d.engine.state.h[d.slot]), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
+    np.testing.assert_allclose(_hidden(d), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
 
     # A reply still fits and speaks after the history was cut; positions never pass the trained range.
     audio = np.concatenate(list(d.speak("Still here.", seed=1, max_audio_ms=240)))
     assert audio.size > 0 and d.pos <= d.capacity
 
 
-def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen):
+def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen, driver):
     rng = np.random.default_rng(2)
-    d = Dialogue(gen.engine(2), [Segment(1, "Voice.", codes=random_codes(rng, 50))])
+    d = Dialogue(driver, [Segment(1, "Voice.", codes=random_codes(rng, 50))])
     d.add(Segment(0, "Earlier.", codes=random_codes(rng, 300)))
     long_codes = random_codes(rng, 2500)
     stored = d.add(Segment(0, "A very long turn.", codes=long_codes), reserve=100)
@@ -99,8 +112,8 @@ def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen):
     assert d.segments[-1].text == "Okay." and d.pos <= d.capacity
 
 
-def test_cancel_keeps_what_was_spoken(gen):
-    d = Dialogue(gen.engine(2))
+def test_cancel_keeps_what_was_spoken(gen, driver):
+    d = Dialogue(driver)
     cancel = threading.Event()
     got = []
     for chunk in d.speak("A reply that the user interrupts.", seed=2, max_audio_ms=4000, cancel=cancel):
@@ -111,14 +124,14 @@ def test_cancel_keeps_what_was_spoken(gen):
     h_full, n = fresh_hidden(gen, d.segments, 0, "Wait.")
     d.add(Segment(0, "Wait."))
     assert d.pos == n  # the interrupted reply is closed by its end-of-audio row, as a finished one is
-    np.testing.assert_allclose(np.asarray(d.engine.state.h[d.slot]), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
+    np.testing.assert_allclose(_hidden(d), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
 
 
-def test_bad_inputs(gen):
+def test_bad_inputs(gen, driver):
     rng = np.random.default_rng(3)
     with pytest.raises(ValueError, match="voice prompt .pinned context. takes"):
-        Dialogue(gen.engine(2), [Segment(1, "Huge.", codes=random_codes(rng, 1500))])
-    d = Dialogue(gen.engine(2))
+        Dialogue(driver, [Segment(1, "Huge.", codes=random_codes(rng, 1500))])
+    d = Dialogue(driver)
     with pytest.raises(ValueError, match="max_audio_ms"):
         list(d.speak("Hi.", max_audio_ms=10))
     with pytest.raises(ValueError, match="text is empty"):
@@ -134,19 +147,19 @@ def test_turn_audio_of_any_length_compiles_nothing_after_the_encoder_warm_up(gen
     from csm_jax.audio import whole_frames
     from csm_jax.mimi import encode
 
-    assert gen.warm_encoder(2.5) == 4  # 2.5 s = 32 frames: buckets of 4, 8, 16 and 32 frames
+    assert gen.model.warm_encoder(2.5) == 4  # 2.5 s = 32 frames: buckets of 4, 8, 16 and 32 frames
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
         else None)
     rng = np.random.default_rng(3)
     turns = [whole_frames(0.1 * rng.standard_normal(n).astype(np.float32)) for n in (7001, 1920 * 11 + 5, 59_999)]
-    codes = [gen.encode_audio(a) for a in turns]
+    codes = [gen.model.encode_audio(a) for a in turns]
     n_compiled = len(compiles)
     assert n_compiled == 0, compiles
     for a, c in zip(turns, codes):
         assert a.size % 1920 == 0 and c.shape == (32, a.size // 1920)
-        np.testing.assert_array_equal(c, np.asarray(encode(gen.mimi, jnp.asarray(a[None])))[0])
+        np.testing.assert_array_equal(c, np.asarray(encode(gen.model.mimi, jnp.asarray(a[None])))[0])
 
 
 def test_turns_prefilled_across_steps_beside_a_running_stream(gen):
@@ -154,71 +167,55 @@ def test_turns_prefilled_across_steps_beside_a_running_stream(gen):
     pieces each), queued while a plain request generates, go in over several steps: the request gets its four
     frames at every one of them, its codes equal its solo run, and the reply equals Sesame's way (the whole
     history as one prompt, alone). A frozen clock keeps the schedule's row budget at prefill_rows."""
-    from csm_jax.engine import Request
+    from csm_jax.request import Request
 
-    engine = gen.engine(2, prefill_rows=64, clock=lambda: 0.0)
+    driver = gen.driver(2, prefill_rows=64, clock=lambda: 0.0)
+    engine = driver.engine
     rng = np.random.default_rng(5)
     running = Request("A plain request speaking meanwhile.", seed=7, max_audio_ms=6000)
-    frames = []
-    engine.submit(running, on_event=lambda ev: frames.append(ev.codes))
-    engine.step()
-    engine.step()
-    steps = []  # frames events the running request got at each step the dialogue took
+    frames, finished = [], threading.Event()
+    driver.submit(running, lambda ev: (frames.append(ev.codes), ev.finished and finished.set()))
+    steps = []  # frames events the running request got at each step since the dialogue began
     real_step = engine.step
 
     def step():
-        heard = len(frames)
         out = real_step()
-        steps.append([len(c) for c in frames[heard:]])
+        if counting:
+            steps.append([len(ev.codes) for ev in out.values() if ev.owner.owner is running])
         return out
 
+    counting = False
     engine.step = step
-    d = Dialogue(engine, [Segment(1, "My voice.", codes=random_codes(rng, 150))])
-    d.add(Segment(0, "A long user turn.", codes=random_codes(rng, 120)))
-    assert d.pos > 4 * 64 and len(steps) >= -(-d.pos // 64)  # prefilled 64 rows a step, by add's own steps
-    assert steps == [[4]] * len(steps)
-    history = list(d.segments)
-    reply = list(d.speak("A reply.", seed=8, max_audio_ms=480))
-    engine.step = real_step
-    while engine.busy():
-        engine.step()
-    ref = gen.generate_codes(["A reply."], speakers=1, contexts=[history], seeds=8, max_audio_ms=480)
-    np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
-    assert sum(c.size for c in reply) == 1920 * ref[0].shape[1]
-    alone = gen.generate_codes([running.text], seeds=7, max_audio_ms=6000)[0]
-    np.testing.assert_array_equal(np.concatenate(frames).T, alone)
-    d.close()
+    with driver:
+        while len(frames) < 1:  # the request generates
+            time.sleep(0.01)
+        counting = True
+        d = Dialogue(driver, [Segment(1, "My voice.", codes=random_codes(rng, 150))])
+        d.add(Segment(0, "A long user turn.", codes=random_codes(rng, 120)))
+        counting = False
+        assert d.pos > 4 * 64 and len(steps) >= -(-d.pos // 64)  # prefilled 64 rows a step, by the driver's steps
+        assert steps == [[4]] * len(steps)
+        history = list(d.segments)
+        reply = list(d.speak("A reply.", seed=8, max_audio_ms=480))
+        assert finished.wait(300)
+        ref = gen.generate_codes(["A reply."], speakers=1, contexts=[history], seeds=8, max_audio_ms=480)
+        np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
+        assert sum(c.size for c in reply) == 1920 * ref[0].shape[1]
+        alone = gen.generate_codes([running.text], seeds=7, max_audio_ms=6000)[0]
+        np.testing.assert_array_equal(np.concatenate(frames).T, alone)
+        d.close()
 
 
 def test_driven_engine_prefills_the_queued_turns(gen):
-    """With a thread driving the engine (as the server's), a dialogue's turns are only queued by the caller
-    (`add` returns at once; the reply starts when its rows are in): the reply equals Sesame's way (the whole
-    history as one prompt, alone)."""
-    import time
-
-    engine = gen.engine(2, prefill_rows=64)
-    stop = threading.Event()
-
-    def drive():
-        while not stop.is_set():
-            if engine.busy():
-                engine.step()
-            else:
-                time.sleep(0.002)
-
-    engine.driven.set()
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    try:
+    """With the driver's thread stepping the engine (as the server's), a dialogue's turn is queued by the
+    caller and `add` returns once it is in; the reply starts when its rows are in: it equals Sesame's way (the
+    whole history as one prompt, alone)."""
+    with gen.driver(2, prefill_rows=64) as driver:
         rng = np.random.default_rng(6)
-        d = Dialogue(engine, [Segment(1, "My voice.", codes=random_codes(rng, 100))])
+        d = Dialogue(driver, [Segment(1, "My voice.", codes=random_codes(rng, 100))])
         d.add(Segment(0, "A user turn.", codes=random_codes(rng, 80)))
         history = list(d.segments)
         reply = list(d.speak("A reply.", seed=9, max_audio_ms=480))
-    finally:
-        stop.set()
-        driver.join()
-        engine.driven.clear()
     ref = gen.generate_codes(["A reply."], speakers=1, contexts=[history], seeds=9, max_audio_ms=480)
     np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
     assert sum(c.size for c in reply) == 1920 * ref[0].shape[1]

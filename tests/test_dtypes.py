@@ -159,7 +159,7 @@ def refs(half, fp32_csm, csm_dir):
         gen = Generator.from_parts(cfg, params, load_mimi(mimi)[1], str(csm_dir / "tokenizer.json"),
                                    frames_per_call=4)
         codes = gen.generate_codes([TEXT], **GREEDY)[0]
-        out[name] = codes, gen.decode_codes(codes)
+        out[name] = codes, gen.model.decode_codes(codes)
         del gen, params
     return out
 
@@ -219,13 +219,13 @@ def test_offline_sesame_folder_needs_mimi(half, tmp_path):
 def test_failure_after_generation_keeps_the_codes(half, refs, mimi_files, tmp_path, monkeypatch, capsys):
     """synthesize.py on fp16 Sesame-layout files; decoding fails after generation: the codes are saved, the error
     is one line naming them, and the command it suggests decodes them (codec.py as a process)."""
+    from csm_jax.bundle import ModelBundle
     from csm_jax.commands import synthesize
-    from csm_jax.generate import Generator
 
     def broken(self, codes):
         raise RuntimeError("the accelerator went away\nsecond line of a long report")
 
-    monkeypatch.setattr(Generator, "decode_codes", broken)
+    monkeypatch.setattr(ModelBundle, "decode_codes", broken)
     out = tmp_path / "a.wav"
     args = synthesize.Args(text=[TEXT], out=out, temperature=0.0, max_audio_ms=480, frames_per_call=4,
                            checkpoint=str(half["ses_float16"]), mimi=str(half["mimi_float16"]))

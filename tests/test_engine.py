@@ -3,15 +3,18 @@ in slots beside them; every request's results equal generating it alone; nothing
 failed step is told to everyone and the engine starts afresh."""
 
 import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from csm_jax import engine as engine_module
+from csm_jax import programs
 from csm_jax.dialogue import Dialogue
-from csm_jax.engine import Engine, Request
+from csm_jax.driver import Driver
+from csm_jax.engine import Engine
 from csm_jax.generate import Generator
+from csm_jax.request import Request
 from csm_jax.schedule import Scheduler
 from csm_jax.text import Segment
 
@@ -27,6 +30,22 @@ def _alone(gen, r):
     return audio, codes
 
 
+class Collect:
+    """A sink: every event of one owner, and `finished` set at its last."""
+
+    def __init__(self):
+        self.events, self.finished = [], threading.Event()
+
+    def __call__(self, ev):
+        self.events.append(ev)
+        if ev.finished:
+            self.finished.set()
+
+    def codes(self):
+        assert self.finished.wait(300), "no finished event"
+        return np.concatenate([ev.codes for ev in self.events]).T
+
+
 def _drain(engine, results):
     while engine.busy():
         for slot, ev in engine.step().items():
@@ -37,7 +56,7 @@ def _drain(engine, results):
 
 
 def test_insert_into_busy_batch_and_equal_alone(gen):
-    engine = Engine(gen, slots=2, frames_per_call=4)
+    engine = Engine(gen.model, slots=2, frames_per_call=4)
     a = Request("The first request, already running.", speaker=0, seed=1, max_audio_ms=1280)
     b = Request("A second one arrives later.", speaker=1, seed=2, max_audio_ms=960)
     results = {}
@@ -58,7 +77,7 @@ def test_insert_into_busy_batch_and_equal_alone(gen):
 
 
 def test_full_slots_reuse_and_cancel(gen):
-    engine = Engine(gen, slots=1, frames_per_call=4)
+    engine = Engine(gen.model, slots=1, frames_per_call=4)
     first = Request("Short.", seed=3, max_audio_ms=160)  # two frames
     assert engine.submit(first) == 0
     assert engine.submit(Request("No room.")) is None
@@ -89,7 +108,7 @@ def test_full_slots_reuse_and_cancel(gen):
 def test_requests_admitted_together_equal_alone(gen):
     """Three requests submitted at once are prefilled in one batch (padded to four, the fourth slot busy
     generating) and each gets the codes it gets alone."""
-    engine = Engine(gen, slots=4, frames_per_call=4)
+    engine = Engine(gen.model, slots=4, frames_per_call=4)
     running = Request("Already speaking here.", seed=9, max_audio_ms=1600)
     engine.submit(running)
     results = {}
@@ -110,23 +129,24 @@ def test_requests_admitted_together_equal_alone(gen):
 def test_conversation_slot_beside_requests_equals_the_whole_history(gen):
     """A dialogue holding a slot of a busy engine replies with the codes Sesame's way (the whole history as one
     prompt, alone) gives, and requests running beside it get their solo codes."""
-    engine = Engine(gen, slots=3, frames_per_call=4)
+    engine = Engine(gen.model, slots=3, frames_per_call=4)
     rng = np.random.default_rng(4)
-    d = Dialogue(engine, [Segment(1, "My voice.", codes=rng.integers(0, 2048, (32, 12)))])
-    other = Request("Meanwhile, a plain request.", seed=5, max_audio_ms=1200)
-    results = []
-    engine.submit(other, on_event=lambda ev: results.append(ev.codes))
-    d.add(Segment(0, "Hello there.", codes=rng.integers(0, 2048, (32, 9))))
-    history = list(d.segments)
-    chunks = list(d.speak("Hi, nice to hear you.", seed=6, max_audio_ms=640))  # steps the engine as it waits
-    while engine.busy():
-        engine.step()
-    ref = gen.generate_codes(["Hi, nice to hear you."], speakers=1, contexts=[history], seeds=6, max_audio_ms=640)
-    np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
-    assert sum(c.size for c in chunks) == 1920 * ref[0].shape[1]
-    np.testing.assert_array_equal(np.concatenate(results).T, _alone(gen, other)[1])
-    d.close()
-    assert engine.free_slots() == [0, 1, 2]
+    with Driver(engine) as driver:  # its thread steps the engine while the dialogue waits for its events
+        d = Dialogue(driver, [Segment(1, "My voice.", codes=rng.integers(0, 2048, (32, 12)))])
+        other = Request("Meanwhile, a plain request.", seed=5, max_audio_ms=1200)
+        results = Collect()
+        driver.submit(other, results)
+        d.add(Segment(0, "Hello there.", codes=rng.integers(0, 2048, (32, 9))))
+        history = list(d.segments)
+        chunks = list(d.speak("Hi, nice to hear you.", seed=6, max_audio_ms=640))
+        other_codes = results.codes()
+        ref = gen.generate_codes(["Hi, nice to hear you."], speakers=1, contexts=[history], seeds=6,
+                                 max_audio_ms=640)
+        np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
+        assert sum(c.size for c in chunks) == 1920 * ref[0].shape[1]
+        np.testing.assert_array_equal(other_codes, _alone(gen, other)[1])
+        d.close()
+        assert engine.free_slots() == [0, 1, 2]
 
 
 def test_nothing_compiles_after_warmup(gen):
@@ -140,12 +160,12 @@ def test_nothing_compiles_after_warmup(gen):
             compiles.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
-    engine = Engine(gen, slots=4, frames_per_call=4, max_prefill=4)
+    engine = Engine(gen.model, slots=4, frames_per_call=4, max_prefill=4)
     messages = []
-    assert engine.warmup(messages.append) == len(messages) > 0
+    assert engine.warmup(lambda *progress: messages.append(progress)) == len(messages) > 0
     # The same load with prompts prefilled across steps (64 rows a step): an engine of the same shapes, so the
     # first one's warm-up compiled its programs (its own warm-up runs before counting anyway).
-    chunked = Engine(gen, slots=4, frames_per_call=4, max_prefill=4, prefill_rows=64)
+    chunked = Engine(gen.model, slots=4, frames_per_call=4, max_prefill=4, prefill_rows=64)
     chunked.warmup()
     counting[0] = True
     try:
@@ -158,50 +178,69 @@ def test_nothing_compiles_after_warmup(gen):
 
 def _mixed_load(engine):
     rng = np.random.default_rng(0)
-    d = Dialogue(engine, [Segment(1, "Voice.", codes=rng.integers(0, 2048, (32, 150)))])
-    d.add(Segment(0, "A user turn.", codes=rng.integers(0, 2048, (32, 40))))
-    engine.submit(Request("One request alone.", seed=1, max_audio_ms=800))
-    engine.step()
-    engine.submit(Request("Two at once.", seed=2, max_audio_ms=400))
-    voice = [Segment(1, "A long voice prompt.", codes=rng.integers(0, 2048, (32, 200)))]
-    doomed = engine.submit(Request("The second is cancelled.", context=voice, seed=3, max_audio_ms=2000))
-    engine.step()
-    engine.cancel(doomed)
-    cancel = threading.Event()
-    for _ in d.speak("A reply, cut short.", seed=4, max_audio_ms=2000, cancel=cancel):
-        cancel.set()
-    while engine.busy():
-        engine.step()
-    d.close()
+    with Driver(engine) as driver:
+        d = Dialogue(driver, [Segment(1, "Voice.", codes=rng.integers(0, 2048, (32, 150)))])
+        d.add(Segment(0, "A user turn.", codes=rng.integers(0, 2048, (32, 40))))
+        done = [Collect(), Collect()]
+        driver.submit(Request("One request alone.", seed=1, max_audio_ms=800), done[0])
+        while not done[0].events:
+            time.sleep(0.01)
+        driver.submit(Request("Two at once.", seed=2, max_audio_ms=400), done[1])
+        voice = [Segment(1, "A long voice prompt.", codes=rng.integers(0, 2048, (32, 200)))]
+        doomed = driver.submit(Request("The second is cancelled.", context=voice, seed=3, max_audio_ms=2000),
+                               Collect())
+        while doomed.slot is None:  # cancelled once it has a slot: the engine's cancel runs
+            time.sleep(0.01)
+        driver.cancel(doomed)
+        cancel = threading.Event()
+        for _ in d.speak("A reply, cut short.", seed=4, max_audio_ms=2000, cancel=cancel):
+            cancel.set()
+        for c in done:
+            c.codes()
+        d.close()
 
 
 def test_failed_step_tells_everyone_and_the_engine_recovers(gen, monkeypatch):
-    engine = Engine(gen, slots=2, frames_per_call=4)
-    d = Dialogue(engine)
-    told = []
-    req = Request("Lost to the failure.", seed=1, max_audio_ms=800)
-    engine.submit(req, on_event=told.append)
-    real = engine_module.generate_audio
+    """A failed step (the driver's thread steps the engine): every owner is told, the engine starts afresh, is
+    checked and serves again."""
+    engine = Engine(gen.model, slots=2, frames_per_call=4)
+    resets = []  # what each reset returned, and the engine just after it
+    real_reset = engine.reset
+
+    def reset():
+        owners = real_reset()
+        resets.append((owners, engine.free_slots(), engine.busy()))
+        return owners
+
+    engine.reset = reset
+    real = programs.generate_audio
 
     def broken(*args):
         raise RuntimeError("injected device failure")
 
-    monkeypatch.setattr(engine_module, "generate_audio", broken)
-    with pytest.raises(RuntimeError, match="injected"):
-        engine.step()
-    owners = engine.fail("injected device failure")
-    assert {id(o.owner) for o in owners} == {id(req), id(d)}
-    assert told and told[-1].finished and "injected" in told[-1].error
-    assert engine.free_slots() == [0, 1] and not engine.busy()
-    monkeypatch.setattr(engine_module, "generate_audio", real)
-    # Fresh state: a new request gets its solo codes; the dialogue holds a new slot and speaks again.
-    again = Request("Served after recovery.", seed=2, max_audio_ms=480)
-    engine.submit(again)
-    codes = []
-    while engine.busy():
-        codes += [ev.codes for ev in engine.step().values() if ev.owner is again]
-    np.testing.assert_array_equal(np.concatenate(codes).T, _alone(gen, again)[1])
-    assert np.concatenate(list(d.speak("Still here.", seed=3, max_audio_ms=240))).size > 0
+    monkeypatch.setattr(programs, "generate_audio", broken)
+    with Driver(engine) as driver:
+        d = Dialogue(driver)
+        told = Collect()
+        req = Request("Lost to the failure.", seed=1, max_audio_ms=800)
+        driver.submit(req, told)
+        assert told.finished.wait(300)
+        owners, free, busy = resets[0]
+        assert {id(t.owner) for t in owners} == {id(req), id(d)}
+        told = told.events
+        assert told and told[-1].finished and "injected" in told[-1].error
+        assert free == [0, 1] and not busy
+        monkeypatch.setattr(programs, "generate_audio", real)
+        deadline = time.time() + 300
+        while driver.failure is not None:  # the probe passes once the program works again
+            assert time.time() < deadline
+            time.sleep(0.05)
+        # Fresh state: a new request gets its solo codes; the dialogue holds a new slot and speaks again.
+        again = Request("Served after recovery.", seed=2, max_audio_ms=480)
+        codes = Collect()
+        driver.submit(again, codes)
+        np.testing.assert_array_equal(codes.codes(), _alone(gen, again)[1])
+        assert np.concatenate(list(d.speak("Still here.", seed=3, max_audio_ms=240))).size > 0
 
 
 def _codes_by_owner(engine, results):
@@ -214,13 +253,13 @@ def test_length_buckets_reorder_admission_and_codes_equal_alone(gen):
     """Prompts of different length classes submitted together: the schedule prefills the short ones together
     first (a later short one ahead of an earlier long one) and the long one at the next step, and every
     request still gets its solo codes."""
-    engine = Engine(gen, slots=4, frames_per_call=4)
+    engine = Engine(gen.model, slots=4, frames_per_call=4)
     rng = np.random.default_rng(7)
     voice = [Segment(1, "A voice prompt with audio.", codes=rng.integers(0, 2048, (32, 80)))]
     short1 = Request("Short one.", seed=1, max_audio_ms=480)
     long_ = Request("The long one, after its voice prompt.", speaker=1, context=voice, seed=2, max_audio_ms=480)
     short2 = Request("Short two.", seed=3, max_audio_ms=480)
-    rows = {id(r): len(gen.prompt(r.context, r.speaker, r.text, 6, False)[0]) for r in (short1, long_, short2)}
+    rows = {id(r): len(gen.model.prompt(r.context, r.speaker, r.text, 6, False)[0]) for r in (short1, long_, short2)}
     assert rows[id(short1)] <= 32 and rows[id(short2)] <= 32 and rows[id(long_)] > 64  # different classes
     slots = [engine.submit(r) for r in (short1, long_, short2)]
     admitted = []
@@ -247,7 +286,7 @@ def test_stream_near_its_playback_defers_admission_boundedly(gen):
     request's prefill: the request waits, is admitted after max_defer = 3 steps passed it over, and both
     get their solo codes."""
     t = [0.0]
-    engine = Engine(gen, slots=4, frames_per_call=4, clock=lambda: t[0],
+    engine = Engine(gen.model, slots=4, frames_per_call=4, clock=lambda: t[0],
                     schedule=Scheduler(max_count=4, max_rows=1024, max_defer=3, step_audio_s=0.32))
     running = Request("Running for a while now.", seed=4, max_audio_ms=4000)
     waiting = Request("Waits its turn.", seed=5, max_audio_ms=480)
@@ -280,7 +319,7 @@ def test_long_prompt_prefilled_across_steps_beside_a_running_stream(gen):
     while another stream generates, is prefilled over several steps and starts only when its last rows are in;
     the running stream gets its four frames at every one of those steps, and both get their solo codes (alone,
     the prompt is prefilled in one go). A frozen clock keeps the schedule's row budget at prefill_rows."""
-    engine = Engine(gen, slots=2, frames_per_call=4, prefill_rows=64, clock=lambda: 0.0)
+    engine = Engine(gen.model, slots=2, frames_per_call=4, prefill_rows=64, clock=lambda: 0.0)
     rng = np.random.default_rng(11)
     voice = [Segment(1, "A voice prompt of many frames.", codes=rng.integers(0, 2048, (32, 200)))]
     running = Request("Running all along.", seed=4, max_audio_ms=4000)
@@ -313,7 +352,7 @@ def test_partial_prefills_leave_nothing_behind(gen):
     """A request cancelled halfway through its prefill frees and empties its slot; a held slot's queued rows
     (two extends, appended in order) go in at the steps, a start waits for them, and a stop before they are in
     ends the reply with no frame; rewinding with rows queued is refused; release drops queued rows."""
-    engine = Engine(gen, slots=2, frames_per_call=4, prefill_rows=64, clock=lambda: 0.0)
+    engine = Engine(gen.model, slots=2, frames_per_call=4, prefill_rows=64, clock=lambda: 0.0)
     rng = np.random.default_rng(12)
     voice = [Segment(1, "A voice prompt.", codes=rng.integers(0, 2048, (32, 200)))]
     slot = engine.submit(Request("Cancelled while prefilled.", context=voice, seed=1))
@@ -325,8 +364,8 @@ def test_partial_prefills_leave_nothing_behind(gen):
     assert int(engine.state.pos[slot]) == 0
 
     told = []
-    held = engine.hold("a conversation", told.append)
-    tokens, mask = gen.prompt([], 0, "Some words to append to the held slot.", 6)
+    held = engine.hold("a conversation")
+    tokens, mask = gen.model.prompt([], 0, "Some words to append to the held slot.", 6)
     engine.extend(held, tokens[:5], mask[:5])
     engine.extend(held, tokens[5:], mask[5:])
     assert engine.waiting_rows(held) == len(tokens) and int(engine.state.pos[held]) == 0
@@ -338,7 +377,7 @@ def test_partial_prefills_leave_nothing_behind(gen):
         engine.extend(held, tokens, mask)
     engine.stop(held)
     while engine.busy():
-        engine.step()
+        told += [ev for slot, ev in engine.step().items() if slot == held]
     assert told and told[-1].finished and sum(len(ev.codes) for ev in told) == 0
     assert int(engine.state.pos[held]) == len(tokens)
     engine.extend(held, tokens, mask)

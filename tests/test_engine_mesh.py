@@ -47,9 +47,10 @@ def _batches(gen, compiles: list | None = None) -> dict:
 
 def _staggered(gen):
     """(audio, codes) of each STAGGERED request on one engine of eight slots, and the engine."""
-    from csm_jax.engine import Engine, Request
+    from csm_jax.engine import Engine
+    from csm_jax.request import Request
 
-    engine = Engine(gen, slots=8, frames_per_call=FRAMES_PER_CALL)
+    engine = Engine(gen.model, slots=8, frames_per_call=FRAMES_PER_CALL)
     reqs = [(step, Request(**kw)) for step, kw in STAGGERED]
     got = {id(r): ([], []) for _, r in reqs}
     step = 0
@@ -85,19 +86,19 @@ def _child(checkpoint: str, result: str) -> None:
               for what, x in zip(("audio", "codes"), pair)}
     # the state really is split: each device holds its own slot of every field; the parameters whole
     shards = {"k": engine.state.cache["k"][0], "key": engine.state.key, "done": engine.state.done,
-              "mimi": jax.tree.leaves(engine.mimi_state)[0], "wo": gen.params["backbone"]["layers"][0]["wo"]}
+              "mimi": jax.tree.leaves(engine.mimi_state)[0], "wo": gen.model.params["backbone"]["layers"][0]["wo"]}
     info = {"mesh": dict(mesh.shape), "compiles_second_batch": len(compiles),
             "shards": {n: [list(a.shape), list(a.sharding.shard_shape(a.shape)), len(a.sharding.device_set)]
                        for n, a in shards.items()}}
     try:  # a slot count that the mesh cannot split
-        Engine(gen, slots=4)
+        Engine(gen.model, slots=4)
     except ValueError as e:
         info["slots4"] = str(e)
     np.savez(result, info=json.dumps(info), **arrays)
 
 
 def test_engine_and_generator_on_a_mesh_equal_one_device(csm_dir, tmp_path):
-    from csm_jax.engine import Request
+    from csm_jax.request import Request
     from csm_jax.generate import Generator
 
     result = tmp_path / "mesh.npz"

@@ -107,5 +107,5 @@ def test_encode_audio_pads_to_few_shapes_without_changing_codes(gen):
 
     for n in (1000, 24000 + 77, 1920 * 5, 1920 * 13, 3 * 24000):
         audio = speech_like(n, seed=n)
-        direct = np.asarray(encode(gen.mimi, jnp.asarray(audio[None])))[0]
-        np.testing.assert_array_equal(gen.encode_audio(audio), direct)
+        direct = np.asarray(encode(gen.model.mimi, jnp.asarray(audio[None])))[0]
+        np.testing.assert_array_equal(gen.model.encode_audio(audio), direct)

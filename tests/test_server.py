@@ -47,6 +47,24 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# Runs scripts/serve.py with its warm-up slowed (0.5 s before each program) and failing at its last program.
+WARMUP_FAILS = """
+import runpy, sys, time
+from csm_jax import programs
+table = programs.Programs.table
+def slow_then_failing(self):
+    def slow(run):
+        return lambda state, mimi_state: (time.sleep(0.5), run(state, mimi_state))[1]
+    def fail(state, mimi_state):
+        raise RuntimeError("injected warm-up failure")
+    entries = table(self)
+    return [(what, slow(run)) for what, run in entries[:-1]] + [(entries[-1][0], fail)]
+programs.Programs.table = slow_then_failing
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -680,3 +698,41 @@ def test_warmup_compiles_before_serving_and_health_says_so(csm_dir, tmp_path_fac
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_warmup_failure_ends_the_server_with_its_cause(csm_dir, tmp_path_factory):
+    """A warm-up that fails (injected at its last program) ends the process non-zero with the cause on stderr,
+    nothing left waiting; until then /health answers 503 "warming" with the programs compiled of the total:
+    with one slot, 1 generation program + 4 prefill piece sizes + reset, start, stop and rewind = 9."""
+    voices = tmp_path_factory.mktemp("voices-fail")
+    port = _free_port()
+    logs = tmp_path_factory.mktemp("log-fail")
+    out, err = open(logs / "stdout.log", "w+"), open(logs / "stderr.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-c", WARMUP_FAILS, str(ROOT / "scripts" / "serve.py"),
+                             "--checkpoint", str(csm_dir), "--voices-dir", str(voices), "--port", str(port),
+                             "--slots", "1"], stdout=out, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    seen = []
+    try:
+        deadline = time.time() + 600
+        while proc.poll() is None:
+            assert time.time() < deadline, "the server did not end"
+            try:
+                r = httpx.get(url + "/health", timeout=2)
+                seen.append((r.status_code, r.json()))
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert proc.wait() != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err.seek(0)
+    stderr = err.read()
+    assert ("RuntimeError: the server stopped: the driver stopped: its warm-up failed (RuntimeError: injected "
+            "warm-up failure)") in stderr, stderr[-3000:]
+    warming = [body for status, body in seen if body["status"] == "warming"]
+    assert warming and all(status == 503 for status, body in seen if body["status"] == "warming"), seen
+    compiled = [body["warmup"]["compiled"] for body in warming]
+    assert {body["warmup"]["programs"] for body in warming} == {9}
+    assert compiled == sorted(compiled) and len(set(compiled)) >= 2 and max(compiled) <= 8, compiled

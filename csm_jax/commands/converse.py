@@ -27,6 +27,7 @@ import tyro
 
 from csm_jax.audio import check_output_folder
 from csm_jax.converse import ConverseOptions
+from csm_jax.engine import FRAMES_PER_CALL
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".opus"}
 
@@ -43,7 +44,7 @@ class Args(ConverseOptions):
     """Mimi checkpoint when the CSM checkpoint has none inside."""
     tokenizer: Optional[Path] = None
     """Llama-3 tokenizer.json when the checkpoint has none."""
-    frames_per_call: int = 4
+    frames_per_call: int = FRAMES_PER_CALL
     """Frames generated per device call (smaller: earlier first audio)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """CSM's compute dtype, whatever the file stores; auto = float32 on CPU (bf16 matmuls are slow there),
@@ -88,7 +89,8 @@ def headless(args: Args, gen) -> None:
     files = input_files(args.input)
     check_output_folder(args.out_dir)  # its parent must exist; the folder itself is made
     args.out_dir.mkdir(exist_ok=True)
-    make = args.factory(gen.engine(1))  # one conversation: one engine slot
+    driver = gen.driver(1).start_thread()  # one conversation: one engine slot, stepped by the driver's thread
+    make = args.factory(driver)
     conv, detector = None, None
     transcript = args.out_dir / "transcript.jsonl"
     n_replies = 0
@@ -146,7 +148,7 @@ def microphone(args: Args, gen) -> None:
     from csm_jax.converse import LiveSession
 
     sr = 16_000
-    conv, detector = args.factory(gen.engine(1))(sr)
+    conv, detector = args.factory(gen.driver(1).start_thread())(sr)
     playback: queue.Queue = queue.Queue()
     state = {"buf": np.zeros(0, np.float32)}
 

@@ -13,7 +13,9 @@ over --max-body-kb get 413 before they are read whole; a request's headers, and 
 within --request-timeout seconds (slower connections are closed, slow bodies get 408); headers are at most
 16 KB; idle keep-alive connections close after --keep-alive-timeout seconds; seeds are 0 .. 2**32-1. A failed
 engine step ends the requests in flight with an error (503), /health answers 503 until the engine is reset
-and checked. On SIGTERM new and waiting requests get 503, the rest get --shutdown-grace seconds to finish.
+and checked. At start-up /health says "warming" (with the programs compiled so far) until every program is
+compiled; a failure there ends the process non-zero with its cause. On SIGTERM new and waiting requests get
+503, the rest get --shutdown-grace seconds to finish.
 
 With the `converse` subcommand, http://HOST:PORT/converse is also a page to talk to CSM from the browser:
 microphone in, speech out, transcript shown; speech recognition, an OpenAI-compatible LLM and CSM, with the
@@ -31,6 +33,7 @@ from typing import Annotated, Literal, Optional, Union
 import tyro
 
 from csm_jax.converse import ConverseOptions
+from csm_jax.engine import FRAMES_PER_CALL
 
 
 @dataclasses.dataclass
@@ -57,7 +60,7 @@ class Args:
     them (data parallel, csm_jax.sharding), so --slots must be a multiple of N. 1: the default device alone."""
     max_queue: int = 16
     """Requests that may wait for a slot; more get 429."""
-    frames_per_call: int = 4
+    frames_per_call: int = FRAMES_PER_CALL
     """Frames per engine step (smaller: lower latency to first audio)."""
     warmup: bool = True
     """Compile every program the engine can run (conversing: also the Mimi encoder for every turn length) before
@@ -93,7 +96,6 @@ class Args:
 def main(args: Args) -> None:
     import logging
 
-    from csm_jax.engine import Engine
     from csm_jax.generate import Generator
     from csm_jax.server import create_app, load_voices, serve
 
@@ -102,13 +104,13 @@ def main(args: Args) -> None:
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=args.dtype, frames_per_call=args.frames_per_call,
                     quantize=args.quantize, mesh=mesh)
-    voices = load_voices(args.voices_dir, gen)
+    voices = load_voices(args.voices_dir, gen.model)
     conv = args.converse
-    engine = Engine(gen, args.slots, args.frames_per_call)
+    driver = gen.driver(args.slots, max_queue=args.max_queue)
     # Conversations hold slots of the same engine; with --warmup the Mimi encoder is compiled for every turn length.
-    factory = conv.factory(engine, args.warmup, lambda msg: logging.getLogger("serve").info("warm-up: %s", msg)) \
+    factory = conv.factory(driver, args.warmup, lambda msg: logging.getLogger("serve").info("warm-up: %s", msg)) \
         if conv else None
-    app = create_app(engine, voices, args.max_queue,
+    app = create_app(driver, voices,
                      conversations=factory, max_conversations=conv.max_conversations if conv else 0,
                      max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
                      shutdown_grace=args.shutdown_grace, ws_start_timeout=args.ws_start_timeout,

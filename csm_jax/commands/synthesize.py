@@ -38,6 +38,8 @@ from typing import Annotated, Literal, Optional
 
 import tyro
 
+from csm_jax.engine import FRAMES_PER_CALL
+
 
 @dataclasses.dataclass
 class Args:
@@ -79,7 +81,7 @@ class Args:
     """Llama-3 tokenizer.json when the checkpoint has none."""
     save_codes: bool = False
     """Also write the Mimi codes of each utterance as .npy (32, frames) next to its WAV."""
-    frames_per_call: int = 8
+    frames_per_call: int = FRAMES_PER_CALL
     """Frames generated per device call."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """CSM's compute dtype, whatever the file stores; auto = float32 on CPU (bf16 matmuls are slow there),
@@ -232,8 +234,8 @@ def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int], reco
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=args.dtype, frames_per_call=args.frames_per_call,
                     quantize=args.quantize, mesh=device_mesh(n, devices=local))
-    context = gen.context_codes(context)  # encode the prompts once
-    batch = gen.round_slots(args.batch_size)  # a multiple of the devices: each holds as many slots
+    context = gen.model.context_codes(context)  # encode the prompts once
+    batch = gen.model.round_slots(args.batch_size)  # a multiple of the devices: each holds as many slots
     where = [f"process {jax.process_index()} of {jax.process_count()}"] if jax.process_count() > 1 else []
     where += [f"{n} devices"] if n > 1 else []
     bar = tqdm(total=len(mine), unit="utt", desc=f"synthesizing ({', '.join(where)})" if where else "synthesizing")
@@ -247,7 +249,7 @@ def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int], reco
         codes = dict(zip(idx, made))
         for i in idx:
             try:
-                wav = gen.decode_codes(codes[i])
+                wav = gen.model.decode_codes(codes[i])
                 if wav.size == 0:
                     tqdm.write(f"warning: utterance {i} ended before any audio (EOS at the first frame); "
                                "writing silence")
@@ -281,7 +283,7 @@ def _keep_codes_and_exit(args: Args, gen, pending, error: Exception) -> None:
         except Exception:  # noqa: BLE001 - e.g. the folder became unwritable: report what was kept
             pass
     reason = (str(error).strip().splitlines() or [""])[0]
-    mimi = args.mimi or (args.checkpoint if gen.ckpt is not None and gen.ckpt.codec_tensors is not None
+    mimi = args.mimi or (args.checkpoint if gen.model.ckpt is not None and gen.model.ckpt.codec_tensors is not None
                          else "kyutai/mimi")
     first = pending[0][1]
     if saved:

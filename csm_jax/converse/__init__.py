@@ -1,8 +1,9 @@
 """Talk to CSM: speech in -> voice activity -> speech recognition -> any LLM -> CSM speech out.
 
-    conv = Conversation(Dialogue(gen.engine(1), voice), ChatClient("http://localhost:11434/v1", "llama3.2"),
-                        Transcriber("tiny.en"))
-    log = conv.turn(user_audio, 16000, on_audio=play)      # one user turn -> the spoken reply, streamed
+    with gen.driver(1) as driver:                           # a thread steps the engine (csm_jax.driver)
+        conv = Conversation(Dialogue(driver, voice), ChatClient("http://localhost:11434/v1", "llama3.2"),
+                            Transcriber("tiny.en"))
+        log = conv.turn(user_audio, 16000, on_audio=play)  # one user turn -> the spoken reply, streamed
 
 Each user turn goes into CSM's context as speaker 0 with its own audio (Mimi codes) and transcript, and
 each spoken reply sentence as speaker 1 with the codes CSM made, so the reply's prosody follows the

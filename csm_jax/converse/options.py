@@ -13,6 +13,7 @@ from csm_jax.converse.llm import SYSTEM_PROMPT, ChatClient
 from csm_jax.converse.session import Conversation
 from csm_jax.converse.vad import MAX_TURN_S, VAD_RATE, TurnDetector, VoiceActivity
 from csm_jax.dialogue import Dialogue
+from csm_jax.driver import Driver
 from csm_jax.text import Segment
 
 
@@ -85,22 +86,24 @@ class ConverseOptions:
             text = Path(text).read_text(encoding="utf-8").strip()
         return [Segment(self.voice_speaker, text, audio=load_audio(self.voice))]
 
-    def factory(self, engine, warmup: bool = False, progress: Callable[[str], None] | None = None
+    def factory(self, driver: Driver, warmup: bool = False, progress: Callable[[str], None] | None = None
                 ) -> Callable[[int], tuple[Conversation, TurnDetector]]:
         """Loads the shared parts once (ASR, VAD model, voice prompt codes) and returns
         `sample_rate -> (Conversation, TurnDetector)` making one fresh conversation per call, each holding a
-        slot of `engine` (csm_jax.engine) until it is closed. `warmup`: also compile the Mimi encoder for every
-        turn length (buckets up to MAX_TURN_S), so a user's turn never waits for a compilation."""
-        voice = engine.model.context_codes(self.voice_segments())
+        slot of `driver`'s engine (csm_jax.driver; its thread runs while they talk) until it is closed.
+        `warmup`: also compile the Mimi encoder for every turn length (buckets up to MAX_TURN_S), so a user's
+        turn never waits for a compilation."""
+        model = driver.engine.model
+        voice = model.context_codes(self.voice_segments())
         if warmup:
-            engine.model.warm_encoder(MAX_TURN_S, progress)
+            model.warm_encoder(MAX_TURN_S, progress)
         asr = Serialized(Transcriber(self.asr_model, self.asr_device, self.asr_compute_type))
         self.detector(VAD_RATE)  # a missing VAD model fails at start-up, not at the first connection
 
         def make(sample_rate: int):
             llm = ChatClient(self.llm_url, self.llm_model, self.llm_api_key_env, self.system_prompt,
                              self.llm_max_tokens, timeout_s=self.llm_timeout)
-            conv = Conversation(Dialogue(engine, voice), llm, asr, self.seed, self.temperature, self.topk,
+            conv = Conversation(Dialogue(driver, voice), llm, asr, self.seed, self.temperature, self.topk,
                                 self.max_sentence_ms, user_speaker=0 if self.voice_speaker != 0 else 1,
                                 reply_speaker=self.voice_speaker)
             return conv, self.detector(sample_rate)

@@ -1,0 +1,62 @@
+"""What goes into the engine and what comes out: a Request (one utterance to speak in a fresh slot), an Event
+(what one step made for one slot), and the checks every entry point shares (seeds, audio caps).
+
+    Request("Hello there.", speaker=1, seed=3, max_audio_ms=2000)
+    Event(owner, audio, codes, finished)          # audio: new 24 kHz samples; codes: (frames, 32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from csm_jax.audio import FRAME_MS
+from csm_jax.text import Segment
+
+MAX_SEED = 2**32 - 1  # seeds key a uint32 PRNG stream
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
+def frames_for(max_audio_ms) -> int:
+    """Frames in `max_audio_ms` of audio (80 ms each); at least one."""
+    if isinstance(max_audio_ms, bool) or not isinstance(max_audio_ms, (int, float, np.integer)) \
+            or not max_audio_ms >= FRAME_MS:
+        raise ValueError(f"max_audio_ms must be at least {FRAME_MS} (one frame), got {max_audio_ms!r}")
+    return int(max_audio_ms // FRAME_MS)
+
+
+@dataclass
+class Request:
+    """One utterance to speak in a fresh slot: its text after `context` (earlier turns, a voice prompt)."""
+
+    text: str
+    speaker: int = 0
+    context: list[Segment] = field(default_factory=list)
+    seed: int = 0
+    temperature: float = 0.9
+    topk: int = 50
+    max_audio_ms: int = 10_000
+    drop_oldest: bool = False  # drop the oldest context segments when the prompt would not fit
+
+
+@dataclass
+class Event:
+    """What one step made for one slot, or how its work ended without finishing."""
+
+    owner: object  # whoever the engine was given the work by (csm_jax.driver: a Ticket)
+    audio: np.ndarray  # new 24 kHz samples (possibly empty)
+    codes: np.ndarray  # the new frames' codes (frames, 32)
+    finished: bool
+    error: str | None = None  # the work ended without finishing, and why (then finished is True)
+    shutdown: bool = False  # ... because the driver stopped, not because anything failed
+
+    @staticmethod
+    def ended(owner, error: str, shutdown: bool = False) -> "Event":
+        """The last event of work that could not finish: no audio, finished, with the reason."""
+        return Event(owner, np.zeros(0, np.float32), np.zeros((0, 32), np.int32), True, error, shutdown)

@@ -1,0 +1,44 @@
+"""An OpenAI-compatible speech server over the continuous-batching engine (FastAPI + uvicorn).
+
+  POST /v1/audio/speech  {"model": "csm-1b", "input": "...", "voice": "alice", "response_format": "wav",
+                          "speed": 1.0, "stream": true, "seed": 0}       -> audio (streamed as it is generated)
+  GET  /v1/models, GET /health
+  GET  /converse, WebSocket /v1/converse     (when a conversation factory is given: talk to it)
+
+One thread steps the device: the driver's (csm_jax.driver), which admits submitted requests into free engine
+slots and hands each step's audio to its request; handlers only submit, cancel and read their queues. At most
+`slots + max_queue` requests are admitted at once (in a slot, being prefilled, or waiting); beyond that the
+answer is 429 with Retry-After, never a hang. A client that disconnects, streamed or not, frees its queue place
+at once and its slot after the step under way.
+
+Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad body (with
+the field in `param`; also malformed HTTP), 404/405 for a wrong route, 408 for a body that arrives too
+slowly, 413 for a body over `max_body_bytes` (refused before it is read whole), 431 for headers over 16 KB,
+429 when full, 503 when the engine failed or the server is shutting down. A failed engine step ends every
+request in flight or waiting with an error the client sees (503, or a stream cut short), /health answers 503
+with the failure, and the driver resets the engine and checks it with one short utterance before it admits
+requests again. At start-up /health answers 503 "warming" (with the programs compiled of the total) until
+every program is compiled; a warm-up that fails ends the process with its cause. On shutdown (SIGTERM) new
+and waiting requests get 503 at once, requests in a slot get `shutdown_grace` seconds to finish; after that
+non-streamed ones get 503 and streams end.
+
+Voices (voices.py) are Mimi-encoded once at start-up and given to CSM as context, so `voice="NAME"` speaks in
+that voice; `voice="default"` (or none) uses no voice prompt. Extensions of OpenAI's body: `seed`
+(0 .. 2**32-1, the uint32 that seeds the sampler: the same seed gives the same audio), `temperature` (0 =
+greedy) and `topk` for sampling, and `max_audio_ms` (a cap on the audio).
+
+Files, one job each:
+  errors.py         the OpenAI error shape, BadRequest, the header limit
+  speech.py         POST /v1/audio/speech: the body checked (`parse_speech`), audio streamed or whole
+  conversations.py  the conversation WebSocket protocol and the registry of open conversations
+  voices.py         named voice prompts from a folder
+  protocol.py       uvicorn: header timeout, malformed HTTP as JSON, shutdown, start-up failure (`serve`)
+  app.py            `create_app`: the routes and the driver wired together
+"""
+
+from csm_jax.server.app import create_app
+from csm_jax.server.protocol import serve
+from csm_jax.server.speech import parse_speech
+from csm_jax.server.voices import load_voices
+
+__all__ = ["create_app", "load_voices", "parse_speech", "serve"]
