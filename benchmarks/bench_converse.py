@@ -173,7 +173,7 @@ def main(args: Args) -> None:
                        "audio_s": log.audio_seconds, **{k: log.latency.get(k) for k in stages},
                        "append_s": round(log.latency["context_s"] - log.latency["asr_s"], 4),
                        "reprefill_s": time_reprefill(gen, conv.dialogue),
-                       "reference_reprefill_s": ref(conv.dialogue.pos) if ref else None, "error": log.error}
+                       "reference_reprefill_s": ref(conv.dialogue.rows) if ref else None, "error": log.error}
                 rows.append(row)
                 print(f"turn {row['turn']}: {log.user_text!r} -> {log.reply_text[:60]!r}", file=sys.stderr)
     print(f"{'turn':>4s} {'rows':>10s} " + " ".join(f"{s[:-2]:>18s}" for s in stages) +

@@ -68,7 +68,7 @@ class Dialogue:
         self.events: queue.Queue[Event] = queue.Queue()
         self.slot: int | None = None
         self.closed = False
-        self.pos = 0  # rows in the slot's cache: the next row's position
+        self.rows = 0  # rows in the slot's cache, queued ones included: the next row's position
         self.rebuilds = 0  # times the cache was rebuilt because the history outgrew it
         self.dropped = 0  # history segments that left the context
         self.appended_rows = 0  # rows appended by turns (rebuilds not counted)
@@ -119,22 +119,22 @@ class Dialogue:
 
     def _prefill(self, tokens: np.ndarray, mask: np.ndarray) -> None:
         """Queues rows for the slot (the driver's steps prefill them, in order)."""
-        if self.pos + len(tokens) > self.capacity:
+        if self.rows + len(tokens) > self.capacity:
             raise AssertionError("the caller makes room first")
         self.driver.extend(self._slot(), tokens, mask)
-        self.pos += len(tokens)
+        self.rows += len(tokens)
 
     def _rebuild(self) -> None:
         """Empties the cache and prefills the pinned prompt and the kept history from position 0."""
         self.driver.clear(self._slot())
-        self.pos = 0
+        self.rows = 0
         parts = [segment_rows(self.model.tokenizer, e.segment) for e in self.pinned + self.history]
         if parts:
             self._prefill(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
     def _make_room(self, needed: int) -> None:
         """Ensures `needed` more rows fit below the capacity, dropping the oldest history and rebuilding."""
-        if self.pos + needed <= self.capacity:
+        if self.rows + needed <= self.capacity:
             return
         base = sum(e.rows for e in self.pinned)
         if base + needed > self.capacity:
@@ -200,7 +200,7 @@ class Dialogue:
                     # The engine started afresh: this slot is gone. The next turn holds a new one and
                     # rebuilds the context (without this reply).
                     self.slot = None
-                    self.pos -= len(tokens)
+                    self.rows -= len(tokens)
                     raise RuntimeError(f"generation failed: {error}")
                 if stopped:
                     extra += len(ev.codes)
@@ -219,7 +219,7 @@ class Dialogue:
                 if extra:
                     self.driver.rewind(slot, extra)
                 codes = np.concatenate(made).T.astype(np.int32) if made else np.zeros((32, 0), np.int32)
-                self.pos += codes.shape[1]
+                self.rows += codes.shape[1]
                 end_t, end_m = audio_rows(codes[:, :0])  # the end-of-audio row only: the frames are in already
                 self._prefill(end_t, end_m)
                 self.appended_rows += codes.shape[1] + 1

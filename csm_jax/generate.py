@@ -144,12 +144,12 @@ class Generator:
                 talks = {i: Dialogue(driver, context) for i in idx}
                 made = {i: [] for i in idx}
                 for r in range(max(len(sentences[i]) for i in idx)):
-                    live = {i: talks[i].speak(sentences[i][r], speaker, seeds[i] + r, temperature, topk,
-                                              max_audio_ms) for i in idx if r < len(sentences[i])}
-                    while live:  # the sentences generate together; their chunks are taken in turns
-                        for i, chunks in list(live.items()):
+                    speaking = {i: talks[i].speak(sentences[i][r], speaker, seeds[i] + r, temperature, topk,
+                                                  max_audio_ms) for i in idx if r < len(sentences[i])}
+                    while speaking:  # the sentences generate together; their chunks are taken in turns
+                        for i, chunks in list(speaking.items()):
                             if next(chunks, None) is None:
-                                del live[i]
+                                del speaking[i]
                                 made[i].append(talks[i].segments[-1].codes)
                 for i in idx:
                     talks[i].close()

@@ -120,7 +120,7 @@ def test_llm_down_or_slow_then_retry(gen, one_slot, llm_server):
     conv = Conversation(d, llm, max_sentence_ms=240)
     log = conv.respond("Are you there?")
     assert log.error and "cannot reach the LLM" in log.error and log.reply_text == "" and log.audio_seconds == 0
-    assert conv.history == []  # a failed turn leaves no half exchange in the LLM's history
+    assert conv.messages == []  # a failed turn leaves no half exchange in the LLM's messages
 
     stalled, url = stalled_endpoint()
     try:
@@ -133,7 +133,7 @@ def test_llm_down_or_slow_then_retry(gen, one_slot, llm_server):
     llm.url = llm_server.url + "/chat/completions"  # the server is back: the same conversation goes on
     log = conv.respond("Now?")
     assert log.error is None and log.reply_text == REPLY and log.audio_seconds > 0
-    assert conv.history == [{"role": "user", "content": "Now?"}, {"role": "assistant", "content": REPLY}]
+    assert conv.messages == [{"role": "user", "content": "Now?"}, {"role": "assistant", "content": REPLY}]
     assert [s.text for s in d.segments] == ["Are you there?", "Hello?", "Now?", *SENTENCES]
 
 
@@ -142,7 +142,7 @@ def test_asr_hears_nothing_is_no_turn(gen, one_slot, llm_server, asr_model):
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model))
     noise = (0.003 * np.random.default_rng(0).standard_normal(16000 * 2)).astype(np.float32)
     assert conv.turn(noise, 16000) is None
-    assert d.pos == 0 and conv.history == [] and conv.turns == 0
+    assert d.rows == 0 and conv.messages == [] and conv.turns == 0
 
 
 def test_user_audio_codes_in_context_and_long_turn(gen, one_slot, llm_server, asr_model, turns):
@@ -170,7 +170,7 @@ def test_user_audio_codes_in_context_and_long_turn(gen, one_slot, llm_server, as
     long_audio = np.tile(a24, 24)[: 24000 * 70]
     log = conv.respond("A very long story.", long_audio)
     assert log.rebuilt and log.dropped_segments >= 2 and log.reply_text == REPLY and log.audio_seconds > 0
-    assert d.segments[0].text == "I am the assistant." and d.pos <= d.capacity
+    assert d.segments[0].text == "I am the assistant." and d.rows <= d.capacity
     assert d.segments[-3].text == "A very long story." and d.segments[-3].codes.shape[1] == 875
 
 
@@ -295,10 +295,10 @@ def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp
 
 def test_chat_history_is_bounded_and_speakers_differ(gen, one_slot, llm_server):
     conv = Conversation(Dialogue(one_slot()), ChatClient(llm_server.url, llm_server.model), max_sentence_ms=160,
-                        max_history_messages=2)
+                        max_messages=2)
     conv.respond("First question?")
     conv.respond("Second question?")
-    assert conv.history == [{"role": "user", "content": "Second question?"},
+    assert conv.messages == [{"role": "user", "content": "Second question?"},
                             {"role": "assistant", "content": REPLY}]
     with pytest.raises(ValueError, match="different CSM speaker ids"):
         Conversation(Dialogue(one_slot()), conv.llm, user_speaker=1, reply_speaker=1)

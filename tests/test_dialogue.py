@@ -44,7 +44,7 @@ def test_appended_turns_equal_full_prompt(gen, driver):
     voice = [Segment(1, "This is how I sound.", audio=speech_like(24000, 1))]
     user_audio = [speech_like(24000, 2), speech_like(12000, 3)]
     d = Dialogue(driver, voice)
-    start = d.pos
+    start = d.rows
     user1 = d.add(Segment(0, "Hello, can you hear me?", audio=user_audio[0]))
     np.testing.assert_array_equal(user1.codes, gen.model.encode_audio(user_audio[0]))
     history = list(d.segments)
@@ -63,12 +63,12 @@ def test_appended_turns_equal_full_prompt(gen, driver):
     ref = gen.generate_codes(["Sure thing, here is more."], speakers=1, contexts=[history], seeds=4,
                              max_audio_ms=400)
     np.testing.assert_array_equal(d.segments[-1].codes, ref[0])
-    assert reply2 and d.rebuilds == 0 and d.appended_rows == d.pos - start  # appended turn by turn, no rebuild
+    assert reply2 and d.rebuilds == 0 and d.appended_rows == d.rows - start  # appended turn by turn, no rebuild
 
     # The cache built turn by turn holds what a from-scratch prefill of the history holds.
     ref_h, n = fresh_hidden(gen, d.segments, 0, "And now?")
     d.add(Segment(0, "And now?"))
-    assert d.pos == n and d.rebuilds == 0
+    assert d.rows == n and d.rebuilds == 0
     np.testing.assert_allclose(_hidden(d), ref_h, rtol=0, atol=1e-4 * np.abs(ref_h).max())
 
 
@@ -82,20 +82,20 @@ def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen, driver):
     d = Dialogue(driver, voice)
     for i in range(3):
         d.add(Segment(0, f"Turn number {i}.", codes=random_codes(rng, 550)), reserve=20)
-    assert d.rebuilds == 0 and d.pos > 1500
+    assert d.rebuilds == 0 and d.rows > 1500
     d.add(Segment(0, "Turn number 3.", codes=random_codes(rng, 550)), reserve=20)
-    assert d.rebuilds == 1 and d.dropped == 1 and d.pos <= d.capacity - 20
+    assert d.rebuilds == 1 and d.dropped == 1 and d.rows <= d.capacity - 20
     texts = [s.text for s in d.segments]
     assert texts == ["My voice.", "Turn number 1.", "Turn number 2.", "Turn number 3."]  # voice pinned
     # After the rebuild the state is the fresh prefill of what remained plus what was appended since.
     h_full, n_full = fresh_hidden(gen, d.segments, 0, "Next.")
     d.add(Segment(0, "Next."))
-    assert d.pos == n_full
+    assert d.rows == n_full
     np.testing.assert_allclose(_hidden(d), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
 
     # A reply still fits and speaks after the history was cut; positions never pass the trained range.
     audio = np.concatenate(list(d.speak("Still here.", seed=1, max_audio_ms=240)))
-    assert audio.size > 0 and d.pos <= d.capacity
+    assert audio.size > 0 and d.rows <= d.capacity
 
 
 def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen, driver):
@@ -106,10 +106,10 @@ def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen, driver):
     stored = d.add(Segment(0, "A very long turn.", codes=long_codes), reserve=100)
     assert [s.text for s in d.segments] == ["Voice.", "A very long turn."]  # the earlier turn left too
     T = stored.codes.shape[1]
-    assert 1500 < T < 2048 and d.pos == d.capacity - 100
+    assert 1500 < T < 2048 and d.rows == d.capacity - 100
     np.testing.assert_array_equal(stored.codes, long_codes[:, -T:])
     assert np.concatenate(list(d.speak("Okay.", seed=0, max_audio_ms=160))).size > 0
-    assert d.segments[-1].text == "Okay." and d.pos <= d.capacity
+    assert d.segments[-1].text == "Okay." and d.rows <= d.capacity
 
 
 def test_cancel_keeps_what_was_spoken(gen, driver):
@@ -123,7 +123,7 @@ def test_cancel_keeps_what_was_spoken(gen, driver):
     assert len(got) == 1 and seg.codes.shape[1] == got[0].size // 1920 <= gen.frames_per_call
     h_full, n = fresh_hidden(gen, d.segments, 0, "Wait.")
     d.add(Segment(0, "Wait."))
-    assert d.pos == n  # the interrupted reply is closed by its end-of-audio row, as a finished one is
+    assert d.rows == n  # the interrupted reply is closed by its end-of-audio row, as a finished one is
     np.testing.assert_allclose(_hidden(d), h_full, rtol=0, atol=1e-4 * np.abs(h_full).max())
 
 
@@ -136,7 +136,7 @@ def test_bad_inputs(gen, driver):
         list(d.speak("Hi.", max_audio_ms=10))
     with pytest.raises(ValueError, match="text is empty"):
         list(d.speak("   "))
-    assert d.pos == 0 and d.segments == []  # nothing half-appended
+    assert d.rows == 0 and d.segments == []  # nothing half-appended
 
 
 def test_turn_audio_of_any_length_compiles_nothing_after_the_encoder_warm_up(gen):
@@ -193,7 +193,7 @@ def test_turns_prefilled_across_steps_beside_a_running_stream(gen):
         d = Dialogue(driver, [Segment(1, "My voice.", codes=random_codes(rng, 150))])
         d.add(Segment(0, "A long user turn.", codes=random_codes(rng, 120)))
         counting = False
-        assert d.pos > 4 * 64 and len(steps) >= -(-d.pos // 64)  # prefilled 64 rows a step, by the driver's steps
+        assert d.rows > 4 * 64 and len(steps) >= -(-d.rows // 64)  # prefilled 64 rows a step, by the driver's steps
         assert steps == [[4]] * len(steps)
         history = list(d.segments)
         reply = list(d.speak("A reply.", seed=8, max_audio_ms=480))

@@ -35,13 +35,13 @@ class ChatClient:
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
 
-    def stream(self, history: list[dict], stop: threading.Event | None = None) -> Iterator[str]:
-        """Text deltas of the reply to `history` (a list of {"role", "content"}), as they arrive."""
+    def stream(self, messages: list[dict], stop: threading.Event | None = None) -> Iterator[str]:
+        """Text deltas of the reply to `messages` (a list of {"role", "content"}), as they arrive."""
         import httpx
 
         body = {"model": self.model, "stream": True, "max_tokens": self.max_tokens,
                 "temperature": self.temperature,
-                "messages": [{"role": "system", "content": self.system_prompt}, *history]}
+                "messages": [{"role": "system", "content": self.system_prompt}, *messages]}
         try:
             with self.http.stream("POST", self.url, json=body, headers=self.headers) as r:
                 if r.status_code >= 400:

@@ -49,19 +49,19 @@ class TurnLog:
 
 
 class Conversation:
-    """A spoken conversation: chat history for the LLM and CSM context (`dialogue`) for the voice."""
+    """A spoken conversation: chat messages for the LLM and CSM context (`dialogue`) for the voice."""
 
     def __init__(self, dialogue: Dialogue, llm: ChatClient, asr: Transcriber | None = None,
                  seed: int = 0, temperature: float = 0.9, topk: int = 50, max_sentence_ms: int = 10_000,
                  user_speaker: int = 0, reply_speaker: int = 1, max_user_text_chars: int = 2000,
-                 max_history_messages: int = 40):
+                 max_messages: int = 40):
         self.dialogue, self.llm, self.asr = dialogue, llm, asr
         self.seed, self.temperature, self.topk, self.max_sentence_ms = seed, temperature, topk, max_sentence_ms
         self.user_speaker, self.reply_speaker = user_speaker, reply_speaker
         if user_speaker == reply_speaker:
             raise ValueError(f"the user and the assistant need different CSM speaker ids (both {user_speaker})")
-        self.max_user_text_chars, self.max_history_messages = max_user_text_chars, max_history_messages
-        self.history: list[dict] = []  # the chat sent to the LLM: the latest max_history_messages messages
+        self.max_user_text_chars, self.max_messages = max_user_text_chars, max_messages
+        self.messages: list[dict] = []  # the chat sent to the LLM: its latest max_messages messages
         self.turns = 0
 
     def turn(self, audio: np.ndarray, sample_rate: int, on_audio: Callable[[np.ndarray], None] = lambda a: None,
@@ -91,18 +91,18 @@ class Conversation:
         text = text.strip()[: self.max_user_text_chars]
         d = self.dialogue
         self.turns += 1
-        log = TurnLog(self.turns, text, context_rows_before=d.pos)
+        log = TurnLog(self.turns, text, context_rows_before=d.rows)
         rebuilds, dropped, appended = d.rebuilds, d.dropped, d.appended_rows
         cancel = cancel or threading.Event()
 
         # The LLM streams in a thread; sentences arrive on a queue while CSM works on the previous one.
         sentences: queue.Queue = queue.Queue()
-        messages = [*self.history, {"role": "user", "content": text}]
+        chat = [*self.messages, {"role": "user", "content": text}]
 
         def llm_worker():
             cutter = SentenceCutter()
             try:
-                for delta in self.llm.stream(messages, cancel):
+                for delta in self.llm.stream(chat, cancel):
                     for s in cutter.feed(without_markdown(delta)):
                         sentences.put((s, time.monotonic()))
                 for s in cutter.flush():
@@ -149,11 +149,11 @@ class Conversation:
                 on_audio(chunk)
         log.interrupted = cancel.is_set()
         log.reply_text = " ".join(log.sentences)
-        if log.sentences:  # the LLM's history holds what was actually said
-            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": log.reply_text}]
-            self.history = self.history[-self.max_history_messages:]
+        if log.sentences:  # the LLM's chat holds what was actually said
+            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": log.reply_text}]
+            self.messages = self.messages[-self.max_messages:]
         log.audio_seconds = round(samples / SAMPLE_RATE, 3)
-        log.context_rows, log.appended_rows = d.pos, d.appended_rows - appended
+        log.context_rows, log.appended_rows = d.rows, d.appended_rows - appended
         log.rebuilt, log.dropped_segments = d.rebuilds > rebuilds, d.dropped - dropped
         log.latency["total_s"] = round(time.monotonic() - t0, 4)
         return log
