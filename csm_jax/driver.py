@@ -76,7 +76,7 @@ class Driver:
 
     def __init__(self, engine: Engine, max_queue: int = 0, on_fatal: Callable[[BaseException], None] | None = None):
         """`max_queue`: requests that may wait for a slot beyond the engine's slots. `on_fatal(error)`: called
-        from the driver's thread when its warm-up fails."""
+        from the driver's thread when it ends for good (its warm-up failed)."""
         if max_queue < 0:
             raise ValueError(f"max_queue must be 0 or more, got {max_queue}")
         self.engine, self.capacity, self.on_fatal = engine, engine.slots + max_queue, on_fatal
