@@ -1,7 +1,9 @@
-"""The /converse page in a real headless Chromium (a WAV as its microphone) against a real server process,
-and the WebSocket's faults: a client that goes away mid-reply frees its conversation; bad messages."""
+"""The /converse page in a real headless Chromium (a WAV as its microphone) against a real server process
+with an API key (the page asks for it), and the WebSocket's faults: a client that goes away mid-reply frees
+its conversation; bad messages."""
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -22,13 +25,15 @@ from test_server import _start
 ROOT = Path(__file__).resolve().parents[1]
 PLAYWRIGHT = ROOT / ".cache" / "node" / "node_modules" / "playwright-core"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+KEY = "page/key+1="  # base64's own characters: the page must encode it for the WebSocket's subprotocol
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def server(csm_dir, tmp_path_factory, llm_server, asr_model):
     proc, url = _start(csm_dir, tmp_path_factory, "converse", "--llm-url", llm_server.url, "--llm-model",
                        llm_server.model, "--asr-model", asr_model, "--max-sentence-ms", "2000",
-                       "--max-conversations", "1")
+                       "--max-conversations", "1", "--api-key", KEY)
     yield url
     proc.terminate()
     proc.wait(timeout=60)
@@ -39,12 +44,12 @@ def turn_wav(tmp_path_factory):
     return speak("Please tell me about the weather today.", tmp_path_factory.mktemp("web") / "turn.wav", 3.0)
 
 
-def browse(server, wav, mode):
+def browse(server, wav, mode, keys=(KEY,)):
     require("Chromium", CHROMIUM is not None, "apt-get install chromium")
     require("playwright-core", PLAYWRIGHT.is_dir(), "bash scripts/test.sh installs it into .cache/node")
     env = dict(os.environ, PLAYWRIGHT_CORE_DIR=str(PLAYWRIGHT))
     r = subprocess.run(["node", str(ROOT / "tests" / "browser" / "converse_page.mjs"), server + "/converse",
-                        str(wav), CHROMIUM, "300000", mode], capture_output=True, text=True, timeout=400, env=env)
+                        str(wav), CHROMIUM, "300000", mode, ",".join(keys)], capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -71,8 +76,12 @@ def wait_free(server, seconds=30):
 
 
 def test_page_in_chromium_talks_and_shows_the_transcript(server, turn_wav):
-    page = browse(server, turn_wav, "converse")
+    page = browse(server, turn_wav, "converse", keys=("wrong-key", KEY))
     assert page["errors"] == 0 and page["turns"] == 1, page
+    # It asked for the key, again after a wrong one, and not when started a second time; no URL carried it.
+    assert page["keyPrompts"] == 2 and "Listening" in page["status"], page
+    forms = (KEY, quote(KEY, safe=""), base64.urlsafe_b64encode(KEY.encode()).decode().rstrip("="))
+    assert page["urls"] and not [u for u in page["urls"] if any(f in u for f in forms)], page["urls"]
     assert "weather" in page["user"][0].lower() and "today" in page["user"][0].lower()
     assert " ".join(t.removeprefix("CSM: ") for t in page["reply"]) == REPLY
     assert page["audioBytes"] > 2 * 1920  # 16-bit PCM of at least one 80 ms frame arrived and was played
@@ -90,7 +99,7 @@ def test_browser_closed_mid_reply_frees_the_conversation(server, turn_wav):
 async def _ws(url):
     import websockets
 
-    return await websockets.connect(url.replace("http", "ws") + "/v1/converse", max_size=None)
+    return await websockets.connect(url.replace("http", "ws") + "/v1/converse", max_size=None, additional_headers=AUTH)
 
 
 def test_disconnect_mid_reply_frees_the_conversation(server, turn_wav):
@@ -123,7 +132,7 @@ def test_disconnect_mid_reply_frees_the_conversation(server, turn_wav):
     assert httpx.get(server + "/health").json()["conversations_closed_mid_reply"] == before + 1
     # ...and the server still talks to the next client.
     assert httpx.post(server + "/v1/audio/speech", json={"input": "Still here.", "max_audio_ms": 160},
-                      timeout=300).status_code == 200
+                      headers=AUTH, timeout=300).status_code == 200
 
 
 def test_bad_messages_get_clear_errors(server):

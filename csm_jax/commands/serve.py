@@ -17,6 +17,9 @@ and checked. At start-up /health says "warming" (with the programs compiled so f
 compiled; a failure there ends the process non-zero with its cause. On SIGTERM new and waiting requests get
 503, the rest get --shutdown-grace seconds to finish.
 
+API keys (--api-key, --api-key-file, $CSM_JAX_API_KEYS): every route but /health and the /converse page then
+needs `Authorization: Bearer KEY` (else 401), the conversation WebSocket too; without keys the server is open.
+
 With the `converse` subcommand, http://HOST:PORT/converse is also a page to talk to CSM from the browser:
 microphone in, speech out, transcript shown; speech recognition, an OpenAI-compatible LLM and CSM, with the
 conversation's own audio as CSM context. Its options, scripts/converse.py's and --max-conversations, follow
@@ -91,15 +94,24 @@ class Args:
     """Seconds a /v1/converse WebSocket has to send its start message (else closed, code 1008)."""
     ws_idle_timeout: float = 300.0
     """Seconds a conversation may send nothing while no reply plays (else closed, code 1008)."""
+    api_key: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """A key clients must send as `Authorization: Bearer KEY` (repeat the flag for several). Other users of the
+    machine can read it in the process list: prefer --api-key-file or $CSM_JAX_API_KEYS (comma-separated).
+    All keys given are valid; with none the server is open to anyone who can reach the port."""
+    api_key_file: Optional[Path] = None
+    """File of API keys, one a line (blank lines and # comments skipped)."""
 
 
 def main(args: Args) -> None:
     import logging
+    import os
 
     from csm_jax.generate import Generator
     from csm_jax.server import create_app, load_voices, serve
+    from csm_jax.server.keys import KEYS_ENV, collect_keys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # warm-up progress
+    keys = collect_keys(args.api_key, args.api_key_file, os.environ)
     mesh = _mesh(args.devices, args.slots)
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=args.dtype, frames_per_call=args.frames_per_call,
@@ -114,7 +126,13 @@ def main(args: Args) -> None:
                      conversations=factory, max_conversations=conv.max_conversations if conv else 0,
                      max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
                      shutdown_grace=args.shutdown_grace, ws_start_timeout=args.ws_start_timeout,
-                     ws_idle_timeout=args.ws_idle_timeout, warmup=args.warmup)
+                     ws_idle_timeout=args.ws_idle_timeout, warmup=args.warmup, api_keys=keys)
+    if keys:
+        logging.getLogger("serve").info("%d API key(s): requests need `Authorization: Bearer KEY`", len(keys))
+    else:
+        logging.getLogger("serve").warning(
+            "no API key (--api-key, --api-key-file, $%s): anyone who can reach %s:%d can use this server",
+            KEYS_ENV, args.host, args.port)
     serve(app, args.host, args.port, header_timeout=args.request_timeout, keep_alive=args.keep_alive_timeout,
           shutdown_grace=args.shutdown_grace)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import Callable
+from typing import Callable, Sequence
 
 from fastapi import FastAPI
 
 from csm_jax.driver import Driver, EngineFailed
 from csm_jax.server.conversations import Conversations, add_conversation_routes
 from csm_jax.server.errors import ASCIIJSONResponse, HeaderLimit, error
+from csm_jax.server.keys import ApiKeys, RequireKey
 from csm_jax.server.speech import add_speech_routes
 from csm_jax.text import Segment
 
@@ -21,14 +22,15 @@ log = logging.getLogger("csm_jax.server")
 def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str = "csm-1b",
                conversations: Callable | None = None, max_conversations: int = 2, max_body_bytes: int = 64 * 1024,
                request_timeout: float = 10.0, shutdown_grace: float = 8.0, ws_start_timeout: float = 10.0,
-               ws_idle_timeout: float = 300.0, warmup: bool = True) -> FastAPI:
+               ws_idle_timeout: float = 300.0, warmup: bool = True, api_keys: Sequence[str] = ()) -> FastAPI:
     """The server over `driver` (not yet running: the app starts its thread, and with `warmup` compiles every
     program first; /health says "warming" meanwhile, with the programs compiled of the total). A warm-up that
     fails (or a driver that stops for good) stops the server: `app.state.fatal` says why, and
     csm_jax.server.serve raises it. `conversations`: optional
     `sample_rate -> (Conversation, TurnDetector)`, which enables the /converse page and the /v1/converse
     WebSocket. The limits are described in csm_jax.server; `request_timeout` bounds the arrival of a request's
-    body (its headers: see `serve`)."""
+    body (its headers: see `serve`). `api_keys`: every route but /health and the /converse page needs one of
+    them (csm_jax.server.keys); none: all are open."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
@@ -43,6 +45,7 @@ def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str
         await asyncio.to_thread(driver.close)
 
     app = FastAPI(title="csm-jax speech server", lifespan=lifespan)
+    app.add_middleware(RequireKey, keys=ApiKeys(api_keys), open_paths={"/health", "/converse"})
     app.add_middleware(HeaderLimit)
     app.state.driver, app.state.conversations, app.state.fatal = driver, talks, None
     app.state.begin_shutdown = lambda: driver.shutdown(shutdown_grace)

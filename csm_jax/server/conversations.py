@@ -1,6 +1,9 @@
 """Conversations over a WebSocket (csm_jax.converse): GET /converse is a page that streams the microphone to
 /v1/converse and plays the reply as it streams back.
 
+With API keys (csm_jax.server.keys), the handshake carries one (`Authorization: Bearer KEY`, or from a browser
+the subprotocols `csm-jax` and `csm-jax.key.<KEY in base64url>`); without, the answer is 401 before the upgrade.
+
 Protocol: the client sends {"type": "start", "sample_rate": SR} first, then binary messages of float32 mono
 samples at SR, and {"type": "end_turn"} to end a turn at once (push to talk; otherwise voice activity ends
 it). The server sends JSON events {"type": "ready" | "speech_start" | "user" | "reply" | "barge_in" |
@@ -21,6 +24,7 @@ from typing import Callable
 import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
+from csm_jax.server.keys import SUBPROTOCOL
 from csm_jax.server.speech import pcm16
 
 
@@ -72,7 +76,7 @@ def add_conversation_routes(app: FastAPI, conversations: Conversations, start_ti
 
     @app.websocket("/v1/converse")
     async def converse(ws: WebSocket):
-        await ws.accept()
+        await ws.accept(SUBPROTOCOL if SUBPROTOCOL in ws.scope.get("subprotocols", ()) else None)
         token = conversations.enter()
         if token is None:
             await ws.close(1013, f"all {conversations.limit} conversations are in use; try again later")

@@ -8,9 +8,7 @@ import json
 from fastapi.responses import JSONResponse, Response
 
 MAX_HEADER_BYTES = 16 * 1024
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-               408: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
-               429: "rate_limit_error"}
+ERROR_TYPES = {**dict.fromkeys((400, 401, 404, 405, 408, 413, 431), "invalid_request_error"), 429: "rate_limit_error"}
 
 
 class ASCIIJSONResponse(JSONResponse):

@@ -1,0 +1,175 @@
+"""The server as an operator runs it, against a real server process (scripts/serve.py on the tiny checkpoint):
+API keys (from flags, a file and the environment; HTTP and the conversation WebSocket)."""
+
+import asyncio
+import base64
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from csm_jax.server.keys import collect_keys
+from test_server import _addr, _conversations_available, _error, _free_port, _wav
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAG_KEYS = ("flag-key-1", "flag-key-2")
+FILE_KEYS = ("file-key-1", "file/key+2=")  # base64 characters: the browser's subprotocol must encode them
+ENV_KEY = "env-key-1"
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+def _launch(csm_dir, folder: Path, *extra, env=None) -> Server:
+    """scripts/serve.py (--no-warmup, 2 slots, 2 queued) on a free port, once /health answers 200; stdout and
+    stderr go to folder/server.log."""
+    port = _free_port()
+    log = folder / "server.log"
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--checkpoint", str(csm_dir), "--port", str(port),
+           "--slots", "2", "--max-queue", "2", "--no-warmup", *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return Server(proc, url, log)
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + log.read_text())
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the server did not start in 600 s:\n" + log.read_text())
+
+
+@pytest.fixture(scope="module")
+def keyed(csm_dir, tmp_path_factory):
+    """Keys from --api-key twice, a key file (with a comment and blank lines) and $CSM_JAX_API_KEYS; the
+    conversation WebSocket when its parts are installed (its LLM is never reached)."""
+    folder = tmp_path_factory.mktemp("keyed")
+    key_file = folder / "keys.txt"
+    key_file.write_text(f"# the team's keys\n\n{FILE_KEYS[0]}\n  {FILE_KEYS[1]}  \n\n")
+    asr = _conversations_available()
+    converse = ["converse", "--llm-url", "http://127.0.0.1:9/v1", "--asr-model", asr] if asr else []
+    server = _launch(csm_dir, folder, "--api-key", FLAG_KEYS[0], "--api-key", FLAG_KEYS[1], "--api-key-file",
+                     str(key_file), *converse, env={"CSM_JAX_API_KEYS": ENV_KEY})
+    yield server
+    server.proc.terminate()
+    server.proc.wait(timeout=60)
+    log = server.text()
+    for key in (*FLAG_KEYS, *FILE_KEYS, ENV_KEY, "wrong-key"):
+        assert key not in log, f"a key is in the server's log: {key}"
+
+
+def _ask(conn, method, path, body=None, key=None, headers=None):
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json", **auth, **(headers or {})})
+    r = conn.getresponse()
+    return r, r.read()
+
+
+def test_requests_without_a_valid_key_get_401_on_a_connection_that_stays_open(keyed):
+    conn = http.client.HTTPConnection(*_addr(keyed.url), timeout=300)
+    r, data = _ask(conn, "GET", "/health")  # open: a load balancer's check needs no key
+    assert r.status == 200 and json.loads(data)["status"] == "ok"
+    sock = conn.sock
+    body = json.dumps({"input": "Hello.", "max_audio_ms": 160})
+    for path, key, headers, missing in [("/v1/audio/speech", None, None, True),
+                                        ("/v1/audio/speech", "wrong-key", None, False),
+                                        ("/v1/audio/speech", None, {"Authorization": f"Basic {FLAG_KEYS[0]}"}, True),
+                                        ("/v1/audio/speech", f"{FLAG_KEYS[0]}x", None, False),
+                                        ("/v1/models", None, None, True),
+                                        ("/v1/no-such-route", None, None, True)]:
+        r, data = _ask(conn, "POST" if path.endswith("speech") else "GET", path, body, key, headers)
+        err = _error(r.status, r.getheader("content-type", ""), data, 401,
+                     "no API key" if missing else "invalid API key")
+        assert err["type"] == "invalid_request_error" and err["code"] == "invalid_api_key", err
+        assert r.getheader("www-authenticate") == "Bearer"
+        assert conn.sock is sock, "the connection was closed after a 401"
+    r, data = _ask(conn, "POST", "/v1/audio/speech", body, FLAG_KEYS[1])
+    assert r.status == 200 and len(_wav(data)) > 0 and conn.sock is sock
+    conn.close()
+
+
+def test_every_configured_key_is_accepted(keyed):
+    for key in (*FLAG_KEYS, *FILE_KEYS, ENV_KEY):
+        r = httpx.post(keyed.url + "/v1/audio/speech", headers={"Authorization": f"Bearer {key}"}, timeout=300,
+                       json={"input": "Hello.", "max_audio_ms": 160, "stream": False})
+        assert r.status_code == 200 and len(_wav(r.content)) > 0, (key, r.text[:300])
+        assert httpx.get(keyed.url + "/v1/models", headers={"Authorization": f"bearer {key}"}).status_code == 200
+
+
+def test_the_conversation_websocket_needs_a_key(keyed):
+    if _conversations_available() is None:
+        from converse_fixtures import require, whisper_tiny_en
+
+        whisper_tiny_en()
+        require("silero-vad", False, "pip install --no-deps silero-vad")
+    import websockets
+    from websockets.exceptions import InvalidStatus
+
+    ws_url = keyed.url.replace("http", "ws") + "/v1/converse"
+    as_protocol = lambda key: "csm-jax.key." + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")  # noqa: E731
+
+    async def refused(**kw):
+        with pytest.raises(InvalidStatus) as e:
+            await websockets.connect(ws_url, **kw)
+        r = e.value.response
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r
+        assert json.loads(r.body)["error"]["code"] == "invalid_api_key"
+
+    async def talks(**kw):
+        async with websockets.connect(ws_url, **kw) as ws:
+            await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 120)) == {"type": "ready"}
+            return ws.subprotocol
+
+    async def run():
+        await refused()
+        await refused(additional_headers={"Authorization": "Bearer wrong-key"})
+        await refused(subprotocols=["csm-jax", as_protocol("wrong-key")])
+        await refused(subprotocols=["csm-jax", "csm-jax.key.!!"])
+        assert await talks(additional_headers={"Authorization": f"Bearer {FLAG_KEYS[0]}"}) is None
+        # The browser's way: the key as a subprotocol offered beside "csm-jax", which the server selects.
+        assert await talks(subprotocols=["csm-jax", as_protocol(FILE_KEYS[1])]) == "csm-jax"
+
+    asyncio.run(run())
+    r = httpx.get(keyed.url + "/converse")  # the page itself is open: it asks for the key
+    assert r.status_code == 200 and "API key" in r.text
+
+
+def test_key_sources_and_their_errors(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# comment\n\n a \nb\n")
+    assert collect_keys(["c", "a"], keys, {"CSM_JAX_API_KEYS": "d, e,"}) == ("c", "a", "b", "d", "e")
+    assert collect_keys([], None, {}) == ()
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    for args, message in [((["k"], tmp_path / "missing.txt", {}), "no such file"),
+                          ((["k"], tmp_path / "empty.txt", {}), "holds no key"),
+                          ((["k"], tmp_path, {}), "cannot be read"),
+                          (([], None, {"CSM_JAX_API_KEYS": " , "}), "is set but holds no key"),
+                          ((["two words"], None, {}), "not printable ASCII without spaces"),
+                          ((["caf\u00e9"], None, {}), "not printable ASCII without spaces")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            collect_keys(*args)
+    # The command says so at once, before loading anything, with exit status 2.
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--api-key-file",
+                        str(tmp_path / "empty.txt"), "--checkpoint", str(tmp_path / "no-checkpoint")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "holds no key" in r.stderr, r.stderr[-2000:]
