@@ -69,6 +69,7 @@ class Ticket:
     cancelled: bool = False
     finished: bool = False
     counted: bool = True  # takes one of the `capacity` places until it finishes
+    slotted: float | None = None  # when it entered its slot (time.monotonic())
 
 
 class Driver:
@@ -327,7 +328,7 @@ class Driver:
                 if slot is None:
                     return
                 self.pending.popleft()
-                t.slot, t.prompt = slot, None
+                t.slot, t.prompt, t.slotted = slot, None, time.monotonic()
                 self.jobs[slot] = t
 
     def _step(self) -> None:

@@ -1,11 +1,14 @@
 """The server as an operator runs it, against a real server process (scripts/serve.py on the tiny checkpoint):
-API keys (from flags, a file and the environment; HTTP and the conversation WebSocket)."""
+API keys (from flags, a file and the environment; HTTP and the conversation WebSocket), request ids and the
+access log (JSON lines read from the process's stderr)."""
 
 import asyncio
 import base64
 import http.client
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -16,12 +19,13 @@ import httpx
 import pytest
 
 from csm_jax.server.keys import collect_keys
-from test_server import _addr, _conversations_available, _error, _free_port, _wav
+from test_server import _addr, _conversations_available, _error, _free_port, _read_response, _wav
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAG_KEYS = ("flag-key-1", "flag-key-2")
 FILE_KEYS = ("file-key-1", "file/key+2=")  # base64 characters: the browser's subprotocol must encode them
 ENV_KEY = "env-key-1"
+TEXT = "Sphinx of black quartz, judge my vow."  # never in the log
 
 
 @dataclass
@@ -68,13 +72,13 @@ def keyed(csm_dir, tmp_path_factory):
     asr = _conversations_available()
     converse = ["converse", "--llm-url", "http://127.0.0.1:9/v1", "--asr-model", asr] if asr else []
     server = _launch(csm_dir, folder, "--api-key", FLAG_KEYS[0], "--api-key", FLAG_KEYS[1], "--api-key-file",
-                     str(key_file), *converse, env={"CSM_JAX_API_KEYS": ENV_KEY})
+                     str(key_file), "--log-format", "json", *converse, env={"CSM_JAX_API_KEYS": ENV_KEY})
     yield server
     server.proc.terminate()
     server.proc.wait(timeout=60)
     log = server.text()
-    for key in (*FLAG_KEYS, *FILE_KEYS, ENV_KEY, "wrong-key"):
-        assert key not in log, f"a key is in the server's log: {key}"
+    for secret in (*FLAG_KEYS, *FILE_KEYS, ENV_KEY, "wrong-key", TEXT):
+        assert secret not in log, f"the server's log holds a key or a request's text: {secret}"
 
 
 def _ask(conn, method, path, body=None, key=None, headers=None):
@@ -173,3 +177,92 @@ def test_key_sources_and_their_errors(tmp_path):
                         str(tmp_path / "empty.txt"), "--checkpoint", str(tmp_path / "no-checkpoint")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "holds no key" in r.stderr, r.stderr[-2000:]
+
+
+def _access_lines(server: Server, ids, seconds=20) -> dict:
+    """{request id: its access-log line} for `ids`, once all have been written (each exactly once); every line
+    of the log is one JSON object."""
+    deadline = time.time() + seconds
+    while True:
+        lines = [json.loads(line) for line in server.text().splitlines() if line.strip()]
+        access = [x for x in lines if x["logger"] == "csm_jax.access"]
+        found = {x["request_id"]: x for x in access if x["request_id"] in ids}
+        if len(found) == len(set(ids)) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert set(found) == set(ids), f"no access line for {set(ids) - set(found)}"
+    for i in set(ids):
+        assert sum(x["request_id"] == i for x in access) == 1, f"request {i}: more than one access line"
+    return found
+
+
+def test_request_ids_and_one_access_line_per_request(keyed):
+    conn = http.client.HTTPConnection(*_addr(keyed.url), timeout=300)
+    key = {"Authorization": f"Bearer {ENV_KEY}"}
+    sent = {}  # our name -> (the response's X-Request-Id, status, audio samples, seconds the client waited)
+
+    def ask(name, method, path, body=None, headers=None):
+        t0 = time.monotonic()
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        data = r.read()
+        audio = len(_wav(data)) if r.status == 200 and path.endswith("speech") else 0
+        sent[name] = (r.getheader("x-request-id"), r.status, audio, time.monotonic() - t0)
+        return r
+
+    speech = json.dumps({"input": TEXT, "max_audio_ms": 320, "stream": False})
+    ask("given", "POST", "/v1/audio/speech", speech, {**key, "X-Request-Id": "client/trace:1"})
+    ask("stream", "POST", "/v1/audio/speech", json.dumps({"input": TEXT, "max_audio_ms": 320}), key)
+    ask("no key", "POST", "/v1/audio/speech", speech, {"X-Request-Id": "no-key-1"})
+    ask("bad body", "POST", "/v1/audio/speech", json.dumps({"input": TEXT, "topk": 0}), key)
+    ask("no route", "GET", "/v1/nothing", None, key)
+    ask("too long", "GET", "/health", None, {"X-Request-Id": "x" * 129})
+    ask("longest", "GET", "/health", None, {"X-Request-Id": "y" * 128})
+    ask("spaced", "GET", "/health", None, {"X-Request-Id": "a b"})
+    ask("latin-1", "GET", "/health", None, {"X-Request-Id": "caf\u00e9".encode("latin-1")})
+    ask("big headers", "GET", "/health", None, {"X-Request-Id": "big-1", "X-Big": "a" * 20000})
+    conn.close()
+    assert sent["given"][0] == "client/trace:1" and sent["no key"][0] == "no-key-1"
+    assert sent["longest"][0] == "y" * 128 and sent["big headers"][0] == "big-1"
+    made = [sent[n][0] for n in ("stream", "bad body", "no route", "too long", "spaced", "latin-1")]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in made) and len(set(made)) == len(made), made
+    assert [sent[n][1] for n in ("given", "stream", "no key", "bad body", "no route", "big headers")] == \
+        [200, 200, 401, 400, 404, 431]
+    # Malformed HTTP never reaches the app: it gets an id and a line all the same.
+    with socket.create_connection(_addr(keyed.url)) as s:
+        s.sendall(b"NOT HTTP\r\n\r\n")
+        status, headers, _ = _read_response(s)
+        sent["malformed"] = (headers["x-request-id"], status, 0, None)
+    # A stream whose client leaves after its first audio: 499.
+    left = _send_with_key(keyed.url, {"input": TEXT, "max_audio_ms": 60000}, ENV_KEY)
+    head = left.recv(4096)
+    left_id = re.search(rb"x-request-id: (\w+)", head).group(1).decode()
+    left.close()
+
+    lines = _access_lines(keyed, [i for i, *_ in sent.values()] + [left_id])
+    for name, (rid, status, audio, waited) in sent.items():
+        line = lines[rid]
+        assert line["status"] == status and line["level"] == "INFO", (name, line)
+        speech_route = name in ("given", "stream", "bad body")
+        assert line["route"] == {"no route": "/v1/nothing", "malformed": "-"}.get(
+            name, "/v1/audio/speech" if speech_route or name == "no key" else "/health"), (name, line)
+        assert line["text_chars"] == (len(TEXT) if speech_route else None), (name, line)
+        if waited is not None:
+            assert 0 <= line["total_s"] <= waited, (name, line)
+        if status == 200 and speech_route:  # audio seconds exactly as received; first audio within the total
+            assert abs(line["audio_s"] - audio / 24000) < 1e-4 and audio > 0, (name, line)
+            assert 0 < line["first_audio_s"] <= line["total_s"] and 0 <= line["slot_wait_s"] <= line["total_s"]
+        else:
+            assert line["audio_s"] is line["first_audio_s"] is line["slot_wait_s"] is None, (name, line)
+        assert line["error"] is None
+    gone = lines[left_id]
+    assert gone["status"] == 499 and gone["audio_s"] > 0 and 0 < gone["first_audio_s"] <= gone["total_s"], gone
+
+
+def _send_with_key(url, body: dict, key: str) -> socket.socket:
+    """A speech request on a socket of its own, nothing read: a client that may leave at any time."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(_addr(url))
+    s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+              b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n" % (key.encode(), len(data)) + data)
+    return s

@@ -15,7 +15,8 @@ within --request-timeout seconds (slower connections are closed, slow bodies get
 engine step ends the requests in flight with an error (503), /health answers 503 until the engine is reset
 and checked. At start-up /health says "warming" (with the programs compiled so far) until every program is
 compiled; a failure there ends the process non-zero with its cause. On SIGTERM new and waiting requests get
-503, the rest get --shutdown-grace seconds to finish.
+503, the rest get --shutdown-grace seconds to finish. Every response carries X-Request-Id (the client's, when
+sane); every request ends in one access-log line (--log-format plain or json).
 
 API keys (--api-key, --api-key-file, $CSM_JAX_API_KEYS): every route but /health and the /converse page then
 needs `Authorization: Bearer KEY` (else 401), the conversation WebSocket too; without keys the server is open.
@@ -100,6 +101,9 @@ class Args:
     All keys given are valid; with none the server is open to anyone who can reach the port."""
     api_key_file: Optional[Path] = None
     """File of API keys, one a line (blank lines and # comments skipped)."""
+    log_format: Literal["plain", "json"] = "plain"
+    """The log on stderr: plain lines, or one JSON object a line (every logger; an access line's fields at the
+    top level: request_id, route, status, text_chars, audio_s, first_audio_s, total_s, slot_wait_s)."""
 
 
 def main(args: Args) -> None:
@@ -109,8 +113,9 @@ def main(args: Args) -> None:
     from csm_jax.generate import Generator
     from csm_jax.server import create_app, load_voices, serve
     from csm_jax.server.keys import KEYS_ENV, collect_keys
+    from csm_jax.server.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # warm-up progress
+    configure_logging(args.log_format)  # also warm-up progress
     keys = collect_keys(args.api_key, args.api_key_file, os.environ)
     mesh = _mesh(args.devices, args.slots)
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,

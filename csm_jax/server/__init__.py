@@ -27,12 +27,15 @@ that voice; `voice="default"` (or none) uses no voice prompt. Extensions of Open
 (0 .. 2**32-1, the uint32 that seeds the sampler: the same seed gives the same audio), `temperature` (0 =
 greedy) and `topk` for sampling, and `max_audio_ms` (a cap on the audio).
 
-With API keys (keys.py) every route but /health and the /converse page needs `Authorization: Bearer KEY`
+Every response carries X-Request-Id, and every request ends in one access-log line (access.py). With API
+keys (keys.py) every route but /health and the /converse page needs `Authorization: Bearer KEY`
 (401 otherwise); the conversation WebSocket checks it in its handshake.
 
 Files, one job each:
   errors.py         the OpenAI error shape, BadRequest, the header limit
   keys.py           API keys: where they come from, the constant-time check, 401 for requests without one
+  access.py         request ids (X-Request-Id) and one access-log line per request, when it ends
+  logs.py           the log's format: plain, or one JSON object a line
   speech.py         POST /v1/audio/speech: the body checked (`parse_speech`), audio streamed or whole
   conversations.py  the conversation WebSocket protocol and the registry of open conversations
   voices.py         named voice prompts from a folder

@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 
 from fastapi import FastAPI
 
-from csm_jax.driver import Driver, EngineFailed
+from csm_jax.driver import Driver
+from csm_jax.server.access import AccessLog
 from csm_jax.server.conversations import Conversations, add_conversation_routes
 from csm_jax.server.errors import ASCIIJSONResponse, HeaderLimit, error
 from csm_jax.server.keys import ApiKeys, RequireKey
@@ -47,6 +48,8 @@ def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str
     app = FastAPI(title="csm-jax speech server", lifespan=lifespan)
     app.add_middleware(RequireKey, keys=ApiKeys(api_keys), open_paths={"/health", "/converse"})
     app.add_middleware(HeaderLimit)
+    app.state.ended, app.state.in_flight = [], set()  # see AccessLog
+    app.add_middleware(AccessLog, on_end=app.state.ended, in_flight=app.state.in_flight)
     app.state.driver, app.state.conversations, app.state.fatal = driver, talks, None
     app.state.begin_shutdown = lambda: driver.shutdown(shutdown_grace)
 
@@ -65,12 +68,6 @@ def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
         return error(400, str(exc)[:300])
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc):
-        if not isinstance(exc, EngineFailed):  # (a stream cut short by a failed step: logged by the driver)
-            log.error("unexpected error", exc_info=exc)
-        return error(500, f"internal error ({type(exc).__name__}); this is a bug in the server")
 
     @app.get("/health")
     def health():

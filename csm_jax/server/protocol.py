@@ -1,9 +1,11 @@
 """uvicorn as the server runs it: bounded headers (a header timeout, a size limit, malformed HTTP answered in
-the JSON error shape), idle keep-alive connections closed, a shutdown that first ends what the app cannot
-finish, and a process that ends with the cause when the app's start-up fails."""
+the JSON error shape, with a request id and an access line), idle keep-alive connections closed, a shutdown
+that first ends what the app cannot finish, and a process that ends with the cause when the app's start-up
+fails."""
 
 from __future__ import annotations
 
+from csm_jax.server.access import Record, new_id, write
 from csm_jax.server.errors import MAX_HEADER_BYTES, error
 
 
@@ -36,8 +38,11 @@ def header_timeout_protocol(header_timeout: float):
 
             body = error(400, f"{msg} (malformed HTTP; headers are limited to {MAX_HEADER_BYTES} bytes)",
                          code="bad_http").body
+            record = Record(new_id(), "-", "-", status=400, complete=True)  # before any app: its own id and line
             head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close")]
+                    (b"connection", b"close"), (b"x-request-id", record.id.encode())]
+            record.total_s = 0.0
+            write(record)
             try:
                 for event in (h11.Response(status_code=400, headers=head, reason=b"Bad Request"), h11.Data(data=body),
                               h11.EndOfMessage()):
@@ -66,7 +71,9 @@ def serve(app, host: str, port: int, header_timeout: float = 10.0, keep_alive: f
                 begin()
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", http=header_timeout_protocol(header_timeout),
+    # uvicorn logs through the root logger (csm_jax.server.logs); its access lines give way to AccessLog's.
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", log_config=None, access_log=False,
+                            http=header_timeout_protocol(header_timeout),
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=keep_alive,
                             timeout_graceful_shutdown=shutdown_grace + 5)
     server = Server(config)

@@ -9,6 +9,7 @@ import json
 import logging
 import reprlib
 import struct
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from csm_jax.audio import FRAME_MS, SAMPLE_RATE
 from csm_jax.driver import Driver, EngineFailed, Full, ShuttingDown, Ticket
 from csm_jax.request import MAX_SEED, Event, Request, check_seed, frames_for
+from csm_jax.server.access import Record
 from csm_jax.server.errors import BadRequest, BodyTooLarge, ClientGone, error
 from csm_jax.text import Segment
 
@@ -136,8 +138,10 @@ class Job:
     (done) or an exception (EngineFailed, ShuttingDown)."""
 
     loop: asyncio.AbstractEventLoop
+    record: Record  # the request's access-log record: what the handler takes goes in it
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     ticket: Ticket | None = None
+    submitted: float = field(default_factory=time.monotonic)
 
     def sink(self, ev: Event) -> None:  # from the driver's thread
         if ev.audio.size:
@@ -146,6 +150,17 @@ class Job:
             self._put((ShuttingDown if ev.shutdown else EngineFailed)(ev.error))
         elif ev.finished:
             self._put(None)
+
+    def took(self, item):
+        """`item`, taken off `out` by the handler, noted in the record; an error is raised (its code noted)."""
+        if self.ticket is not None and self.ticket.slotted is not None:
+            self.record.slot_wait_s = self.ticket.slotted - self.submitted
+        if isinstance(item, Exception):
+            self.record.error = "shutting_down" if isinstance(item, ShuttingDown) else "engine_failed"
+            raise item
+        if item is not None:
+            self.record.audio(item.size)
+        return item
 
     def _put(self, item) -> None:
         try:
@@ -180,9 +195,7 @@ def add_speech_routes(app: FastAPI, driver: Driver, voices: dict[str, list[Segme
                     driver.cancel(job.ticket)
                     raise ClientGone from None
                 continue
-            if isinstance(item, Exception):
-                raise item
-            return item
+            return job.took(item)
 
     @app.post("/v1/audio/speech")
     async def speech(http: HTTPRequest):
@@ -200,11 +213,14 @@ def add_speech_routes(app: FastAPI, driver: Driver, voices: dict[str, list[Segme
             return error(400, "the body is JSON nested too deeply", code="invalid_json")
         except ValueError as e:  # also bad UTF-8 and over-long numbers
             return error(400, f"the body must be a JSON object: {str(e)[:120]}", code="invalid_json")
+        record: Record = http.state.record
+        if isinstance(body, dict) and isinstance(body.get("input"), str):
+            record.text_chars = len(body["input"])
         try:
             request, fmt, stream = parse_speech(body, voices, max_frames)
         except BadRequest as e:
             return error(400, str(e), e.param, "invalid_value")
-        job = Job(asyncio.get_running_loop())
+        job = Job(asyncio.get_running_loop(), record)
         try:
             job.ticket = driver.submit(request, job.sink)
         except Full:
@@ -253,11 +269,14 @@ def add_speech_routes(app: FastAPI, driver: Driver, voices: dict[str, list[Segme
                 if first is None:
                     return
                 yield pcm16(first)
-                while (item := await job.out.get()) is not None:
-                    if isinstance(item, ShuttingDown):
+                while True:
+                    try:
+                        item = job.took(await job.out.get())
+                    except ShuttingDown:
                         return  # the stream ends cleanly: the server stops
-                    if isinstance(item, Exception):
-                        raise item  # the stream is cut short (no final chunk): the client sees the failure
+                    # (another error propagates: the stream is cut short, no final chunk; the client sees it)
+                    if item is None:
+                        return
                     yield pcm16(item)
             finally:
                 driver.cancel(job.ticket)  # a client gone mid-stream frees its slot at the driver's next turn
