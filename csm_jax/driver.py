@@ -87,13 +87,11 @@ class Driver:
         self.gone: list[Ticket] = []  # cancelled in a slot: cancelled in the engine at the next turn
         self.admitted = 0  # requests pending, being submitted or in a slot: at most `capacity`
         self.failure: str | None = None  # set from a failed step until the engine is checked again
-        self.failures = 0
-        self.fatal: BaseException | None = None  # the thread ended on an error (e.g. its warm-up's): it runs no more
-        self.fatal_what = ""
-        self.warming = False
-        self.warmup_progress = (0, 0)  # programs compiled, of the total
-        self.stopping = False
-        self.deadline = math.inf  # when stopping: requests still in a slot at this time are ended
+        self.failures = self.restarts = 0  # failed steps (and checks after a reset); resets checked good
+        self.on_step: Callable[[float, dict], None] = lambda seconds, events: None  # each step's (metrics)
+        self.fatal, self.fatal_what = None, ""  # the error (BaseException) the thread ended on, and in what
+        self.warming, self.warmup_progress = False, (0, 0)  # programs compiled, of the total
+        self.stopping, self.deadline = False, math.inf  # when stopping: requests still in a slot then are ended
         self.thread: threading.Thread | None = None
         self.stepping = False  # a thread (the driver's, or a caller's `run`) steps the engine
 
@@ -333,7 +331,9 @@ class Driver:
 
     def _step(self) -> None:
         """The one call of Engine.step: its events to their owners' sinks."""
-        for ev in self.engine.step().values():
+        t0, events = time.perf_counter(), self.engine.step()
+        self.on_step(time.perf_counter() - t0, events)
+        for ev in events.values():
             t = ev.owner
             if ev.finished and not t.held:
                 self._finish(t)  # before the sink hears it: its place is free when its owner knows it is done
@@ -392,7 +392,7 @@ class Driver:
                         return
                 backoff = min(2 * backoff, 30.0)
         with self.cond:
-            self.failure = None
+            self.failure, self.restarts = None, self.restarts + 1
             self.cond.notify_all()
         log.info("engine reset and checked; serving again")
 
@@ -441,10 +441,10 @@ class Driver:
     # ------------------------------------------------------------------------------------- reading
 
     def stats(self) -> dict:
-        """Counts for /health and metrics: slots, requests in them and waiting, failures, warm-up."""
+        """Counts for /health and metrics: slots, requests, failures, restarts, prefill rows, deferrals, warm-up."""
         with self.cond:
             compiled, total = self.warmup_progress
             return {"slots": self.engine.slots, "busy_slots": len(self.jobs), "queued": len(self.pending),
-                    "capacity": self.capacity, "engine_failures": self.failures,
-                    "deferred_admissions": self.engine.schedule.deferrals,
+                    "capacity": self.capacity, "engine_failures": self.failures, "engine_restarts": self.restarts,
+                    "prefill_rows": self.engine.prefilled_rows, "deferred_admissions": self.engine.schedule.deferrals,
                     "warmup": {"programs": total, "compiled": compiled}}

@@ -109,6 +109,7 @@ class Engine:
                              f"programs take at most {self.max_prefill} (max_prefill)")
         self.clock = clock
         self.lock = threading.RLock()
+        self.prefilled_rows = 0  # prompt rows prefilled since the start (resets included)
         self.reset()
 
     # ------------------------------------------------------------------------------------------- state
@@ -130,6 +131,10 @@ class Engine:
     def free_slots(self) -> list[int]:
         with self.lock:
             return [s for s in range(self.slots) if s not in self.owners]
+
+    def slots_in_use(self) -> int:
+        """Slots reserved or held, read without waiting for a step or warm-up under way (a count for metrics)."""
+        return len(self.owners)
 
     def busy(self) -> bool:
         """Work is waiting or on the device: `step` has something to do."""
@@ -310,6 +315,7 @@ class Engine:
         if fresh:
             self.state = self.programs.reset(self.state, fresh)
         self.state = self.programs.prefill(self.state, [p.slot for p, _ in taken], tokens, mask, lengths)
+        self.prefilled_rows += int(lengths.sum())
         starting = [p for p in self.queue.advance(taken) if p.sampling is not None]
         if starting:
             self._start_slots([p.slot for p in starting], [p.sampling for p in starting])

@@ -496,6 +496,7 @@ def test_failed_engine_step_ends_every_request_and_the_engine_recovers(server, f
     for t in threads[4:]:
         t.start()
     before = _wait(server, "2 queued", lambda h: h["queued"] == 2, 30)["engine_failures"]
+    counted = _counters(server)
     while not streamed:
         time.sleep(0.05)
     fault_file.touch()
@@ -519,8 +520,20 @@ def test_failed_engine_step_ends_every_request_and_the_engine_recovers(server, f
         assert err["code"] == "engine_failed" and r.headers["retry-after"] == "1", i
     h = _wait(server, "recovery", lambda h: h["status"] == "ok", 60)
     assert h["engine_failures"] >= before + 1 and h["busy_slots"] == h["queued"] == 0
+    # Prometheus counts the failing step and the two failed checks after it, and one restart.
+    now = _counters(server)
+    assert (now["csm_engine_failures_total"] - counted["csm_engine_failures_total"],
+            now["csm_engine_restarts_total"] - counted["csm_engine_restarts_total"]) == (3, 1)
     after = _speech(server, input="Before and after.", seed=3, max_audio_ms=480, stream=False)
     assert after.status_code == 200 and after.content == ref.content  # a fresh engine: the same audio as before
+
+
+def _counters(url) -> dict:
+    """/metrics' unlabelled samples, read with prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
 def test_idle_or_junk_websockets_are_closed(server):
@@ -676,12 +689,14 @@ def test_warmup_compiles_before_serving_and_health_says_so(csm_dir, tmp_path_fac
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        seen = []
+        seen, metered = [], []
         deadline = time.time() + 600
         while time.time() < deadline:
             try:
                 r = httpx.get(url + "/health", timeout=2)
                 seen.append((r.status_code, r.json()["status"]))
+                m = _counters(url)  # Prometheus says the same
+                metered.append((m["csm_warming"], m["csm_warmup_programs_compiled"], m["csm_warmup_programs"]))
                 if r.status_code == 200:
                     break
                 if len(seen) == 1 or seen[-1] != seen[-2]:  # while warming: a request waits for the warm-up
@@ -692,6 +707,9 @@ def test_warmup_compiles_before_serving_and_health_says_so(csm_dir, tmp_path_fac
             assert proc.poll() is None, "the server exited"
             time.sleep(0.5)
         assert (503, "warming") in seen and seen[-1] == (200, "ok"), seen
+        total = metered[-1][2]
+        assert total > 1 and metered[-1] == (0, total, total), metered
+        assert any(w == 1 and c < total for w, c, t in metered) and all(t in (0, total) for *_, t in metered)
         assert port_holder["early"].status_code == 200 and len(port_holder["early"].content) > 44
         log.seek(0)
         assert "warm-up:" in log.read()

@@ -1,6 +1,7 @@
 """The server as an operator runs it, against a real server process (scripts/serve.py on the tiny checkpoint):
 API keys (from flags, a file and the environment; HTTP and the conversation WebSocket), request ids and the
-access log (JSON lines read from the process's stderr)."""
+access log (JSON lines read from the process's stderr), Prometheus metrics (read with prometheus-client's own
+parser)."""
 
 import asyncio
 import base64
@@ -150,6 +151,12 @@ def test_the_conversation_websocket_needs_a_key(keyed):
         await refused(subprotocols=["csm-jax", as_protocol("wrong-key")])
         await refused(subprotocols=["csm-jax", "csm-jax.key.!!"])
         assert await talks(additional_headers={"Authorization": f"Bearer {FLAG_KEYS[0]}"}) is None
+        # While one is open: one conversation and one WebSocket in the metrics.
+        async with websockets.connect(ws_url, additional_headers={"Authorization": f"Bearer {ENV_KEY}"}) as ws:
+            await ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 120)) == {"type": "ready"}
+            m = await asyncio.to_thread(_scrape, keyed.url)
+            assert _value(m, "csm_conversations_open") == 1 and _value(m, "csm_websocket_connections") == 1, m
         # The browser's way: the key as a subprotocol offered beside "csm-jax", which the server selects.
         assert await talks(subprotocols=["csm-jax", as_protocol(FILE_KEYS[1])]) == "csm-jax"
 
@@ -248,7 +255,8 @@ def test_request_ids_and_one_access_line_per_request(keyed):
             name, "/v1/audio/speech" if speech_route or name == "no key" else "/health"), (name, line)
         assert line["text_chars"] == (len(TEXT) if speech_route else None), (name, line)
         if waited is not None:
-            assert 0 <= line["total_s"] <= waited, (name, line)
+            # (the server stops its clock after the last byte is out, a little after the client has it)
+            assert 0 <= line["total_s"] <= waited + 0.5, (name, line)
         if status == 200 and speech_route:  # audio seconds exactly as received; first audio within the total
             assert abs(line["audio_s"] - audio / 24000) < 1e-4 and audio > 0, (name, line)
             assert 0 < line["first_audio_s"] <= line["total_s"] and 0 <= line["slot_wait_s"] <= line["total_s"]
@@ -266,3 +274,124 @@ def _send_with_key(url, body: dict, key: str) -> socket.socket:
     s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
               b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n" % (key.encode(), len(data)) + data)
     return s
+
+
+def _scrape(url, key=ENV_KEY) -> dict:
+    """/metrics as {(sample name, labels): value}, read with prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:300]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def _value(m: dict, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _moved(before, after, name, **labels) -> float:
+    return _value(after, name, **labels) - _value(before, name, **labels)
+
+
+def _check_histogram(before, after, name, values):
+    """The histogram `name` moved by exactly `values`: its count, its sum, and each bucket by the values at or
+    under its bound (values within 1e-4 of a bound, as the access log rounds them, may fall either side)."""
+    assert _moved(before, after, name + "_count") == len(values), (name, values)
+    assert abs(_moved(before, after, name + "_sum") - sum(values)) < 1e-3 * max(1, len(values)), (name, values)
+    bounds = [dict(labels)["le"] for (n, labels) in after if n == name + "_bucket"]
+    assert "+Inf" in bounds and len(bounds) > 10, bounds
+    for le in bounds:
+        moved = _moved(before, after, name + "_bucket", le=le)
+        bound = float(le)
+        assert sum(v <= bound - 1e-4 for v in values) <= moved <= sum(v <= bound + 1e-4 for v in values), \
+            (name, le, moved, values)
+
+
+def test_metrics_move_by_the_right_amounts(keyed):
+    no_key = httpx.get(keyed.url + "/metrics")  # --metrics-auth is the default: a key is needed
+    _error(no_key.status_code, no_key.headers["content-type"], no_key.content, 401, "no API key")
+    before = _scrape(keyed.url)
+    key = {"Authorization": f"Bearer {ENV_KEY}"}
+    # A 200 (whole), a stream, a 400.
+    whole = httpx.post(keyed.url + "/v1/audio/speech", headers=key, timeout=300,
+                       json={"input": "One whole answer.", "max_audio_ms": 320, "stream": False})
+    stream = httpx.post(keyed.url + "/v1/audio/speech", headers=key, timeout=300,
+                        json={"input": "One streamed answer.", "max_audio_ms": 480, "seed": 5})
+    bad = httpx.post(keyed.url + "/v1/audio/speech", headers=key, json={"input": "Hi.", "topk": 0})
+    assert [whole.status_code, stream.status_code, bad.status_code] == [200, 200, 400]
+    served = [whole, stream]
+    lines = _access_lines(keyed, [r.headers["x-request-id"] for r in (whole, stream, bad)])
+    mid = _scrape(keyed.url)
+    speech = "/v1/audio/speech"
+    assert _moved(before, mid, "csm_requests_total", route=speech, status="200") == 2
+    assert _moved(before, mid, "csm_requests_total", route=speech, status="400") == 1
+    audio_s = sum(len(_wav(r.content)) for r in served) / 24000
+    assert abs(_moved(before, mid, "csm_generated_audio_seconds_total") - audio_s) < 1e-6 and audio_s > 0
+    done = [lines[r.headers["x-request-id"]] for r in served]
+    _check_histogram(before, mid, "csm_speech_duration_seconds", [x["total_s"] for x in done])
+    _check_histogram(before, mid, "csm_speech_first_audio_seconds", [x["first_audio_s"] for x in done])
+    _check_histogram(before, mid, "csm_speech_slot_wait_seconds", [x["slot_wait_s"] for x in done])
+    _check_histogram(before, mid, "csm_speech_real_time_factor", [x["total_s"] / x["audio_s"] for x in done])
+    assert _moved(before, mid, "csm_engine_step_seconds_count") >= 2
+    assert _moved(before, mid, "csm_prefill_rows_total") >= 2 * len("One whole answer.".split())
+    for name in ("csm_deferred_admissions_total", "csm_engine_failures_total", "csm_engine_restarts_total",
+                 "csm_warming", "csm_warmup_programs", "csm_warmup_programs_compiled"):
+        assert (name, ()) in mid and _value(mid, name) == 0, name  # (no failure here; --no-warmup)
+    assert _value(mid, "csm_slots") == 2 and _value(mid, "csm_slots_busy") == 0
+    assert _value(mid, "process_resident_memory_bytes") > 0
+
+    # Two streams hold both slots and have their first audio; two more wait; the next one gets 429. Then
+    # all four clients leave (the waiting ones first): four 499s, two with audio and a slot, two without.
+    def hold(name):
+        return _send_with_key(keyed.url, {"input": f"A long answer {name}.", "max_audio_ms": 60000}, ENV_KEY)
+
+    held = []
+    for name in ("slot-1", "slot-2"):
+        held.append(hold(name))
+        assert b"200 OK" in held[-1].recv(4096)  # its headers come with its first audio
+    held += [hold("wait-1"), hold("wait-2")]
+    _wait_health(keyed.url, lambda h: h["queued"] == 2)
+    full = _scrape(keyed.url)
+    assert (_value(full, "csm_slots_busy"), _value(full, "csm_requests_waiting")) == (2, 2), full
+    busy = httpx.post(keyed.url + "/v1/audio/speech", headers=key, json={"input": "Hi.", "max_audio_ms": 160})
+    assert busy.status_code == 429
+    for s in held[2:]:
+        s.close()
+    _wait_health(keyed.url, lambda h: h["queued"] == 0)
+    for s in held[:2]:
+        s.close()
+    _wait_health(keyed.url, lambda h: h["busy_slots"] == 0)
+    before_left = mid
+    # The waiting ones never had a response, nor an id: their lines are found by their text's length.
+    left = _wait_lines(keyed, lambda x: x["status"] == 499 and x["text_chars"] == len("A long answer slot-1."), 4)
+    after = _scrape(keyed.url)
+    assert _moved(before_left, after, "csm_requests_total", route=speech, status="499") == 4
+    assert _moved(before_left, after, "csm_requests_total", route=speech, status="429") == 1
+    assert _moved(before_left, after, "csm_requests_total", route=speech, status="200") == 0
+    _check_histogram(before_left, after, "csm_speech_duration_seconds", [x["total_s"] for x in left])
+    got_audio = [x for x in left if x["first_audio_s"] is not None]
+    assert len(got_audio) == 2 and all(x["slot_wait_s"] is not None for x in got_audio), left
+    _check_histogram(before_left, after, "csm_speech_first_audio_seconds", [x["first_audio_s"] for x in got_audio])
+    _check_histogram(before_left, after, "csm_speech_slot_wait_seconds", [x["slot_wait_s"] for x in got_audio])
+    _check_histogram(before_left, after, "csm_speech_real_time_factor", [])
+    assert _moved(before_left, after, "csm_generated_audio_seconds_total") >= sum(x["audio_s"] for x in got_audio)
+
+
+def _wait_health(url, ok, seconds=120):
+    deadline = time.time() + seconds
+    while not ok(h := httpx.get(url + "/health", timeout=30).json()):
+        assert time.time() < deadline, h
+        time.sleep(0.05)
+
+
+def _wait_lines(server: Server, match, n, seconds=30) -> list:
+    """The access lines that `match`, once there are `n`."""
+    deadline = time.time() + seconds
+    while True:
+        lines = [json.loads(line) for line in server.text().splitlines() if line.strip()]
+        found = [x for x in lines if x["logger"] == "csm_jax.access" and match(x)]
+        if len(found) >= n or time.time() > deadline:
+            assert len(found) == n, found
+            return found
+        time.sleep(0.2)

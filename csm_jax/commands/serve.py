@@ -16,7 +16,7 @@ engine step ends the requests in flight with an error (503), /health answers 503
 and checked. At start-up /health says "warming" (with the programs compiled so far) until every program is
 compiled; a failure there ends the process non-zero with its cause. On SIGTERM new and waiting requests get
 503, the rest get --shutdown-grace seconds to finish. Every response carries X-Request-Id (the client's, when
-sane); every request ends in one access-log line (--log-format plain or json).
+sane); every request ends in one access-log line (--log-format plain or json). Prometheus metrics at /metrics.
 
 API keys (--api-key, --api-key-file, $CSM_JAX_API_KEYS): every route but /health and the /converse page then
 needs `Authorization: Bearer KEY` (else 401), the conversation WebSocket too; without keys the server is open.
@@ -101,6 +101,10 @@ class Args:
     All keys given are valid; with none the server is open to anyone who can reach the port."""
     api_key_file: Optional[Path] = None
     """File of API keys, one a line (blank lines and # comments skipped)."""
+    metrics_auth: bool = True
+    """With API keys, /metrics needs one too (Prometheus: `authorization: {credentials_file: ...}` in its scrape
+    config); --no-metrics-auth leaves it open to whoever reaches the port (e.g. a scraper inside a private
+    network). Without keys it is open either way."""
     log_format: Literal["plain", "json"] = "plain"
     """The log on stderr: plain lines, or one JSON object a line (every logger; an access line's fields at the
     top level: request_id, route, status, text_chars, audio_s, first_audio_s, total_s, slot_wait_s)."""
@@ -131,7 +135,8 @@ def main(args: Args) -> None:
                      conversations=factory, max_conversations=conv.max_conversations if conv else 0,
                      max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
                      shutdown_grace=args.shutdown_grace, ws_start_timeout=args.ws_start_timeout,
-                     ws_idle_timeout=args.ws_idle_timeout, warmup=args.warmup, api_keys=keys)
+                     ws_idle_timeout=args.ws_idle_timeout, warmup=args.warmup, api_keys=keys,
+                     metrics_auth=args.metrics_auth)
     if keys:
         logging.getLogger("serve").info("%d API key(s): requests need `Authorization: Bearer KEY`", len(keys))
     else:

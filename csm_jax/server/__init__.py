@@ -2,7 +2,7 @@
 
   POST /v1/audio/speech  {"model": "csm-1b", "input": "...", "voice": "alice", "response_format": "wav",
                           "speed": 1.0, "stream": true, "seed": 0}       -> audio (streamed as it is generated)
-  GET  /v1/models, GET /health
+  GET  /v1/models, GET /health, GET /metrics
   GET  /converse, WebSocket /v1/converse     (when a conversation factory is given: talk to it)
 
 One thread steps the device: the driver's (csm_jax.driver), which admits submitted requests into free engine
@@ -27,7 +27,8 @@ that voice; `voice="default"` (or none) uses no voice prompt. Extensions of Open
 (0 .. 2**32-1, the uint32 that seeds the sampler: the same seed gives the same audio), `temperature` (0 =
 greedy) and `topk` for sampling, and `max_audio_ms` (a cap on the audio).
 
-Every response carries X-Request-Id, and every request ends in one access-log line (access.py). With API
+Every response carries X-Request-Id, and every request ends in one access-log line (access.py); GET
+/metrics is Prometheus' text format (metrics.py). With API
 keys (keys.py) every route but /health and the /converse page needs `Authorization: Bearer KEY`
 (401 otherwise); the conversation WebSocket checks it in its handshake.
 
@@ -36,6 +37,7 @@ Files, one job each:
   keys.py           API keys: where they come from, the constant-time check, 401 for requests without one
   access.py         request ids (X-Request-Id) and one access-log line per request, when it ends
   logs.py           the log's format: plain, or one JSON object a line
+  metrics.py        Prometheus metrics at /metrics, a registry per app
   speech.py         POST /v1/audio/speech: the body checked (`parse_speech`), audio streamed or whole
   conversations.py  the conversation WebSocket protocol and the registry of open conversations
   voices.py         named voice prompts from a folder

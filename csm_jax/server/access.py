@@ -60,6 +60,7 @@ class Record:
     slot_wait_s: float | None = None  # from its submission to its slot
     total_s: float | None = None
     error: str | None = None  # the error code when the audio ended unfinished
+    admitted: bool = False  # a speech request that got a place (Driver.submit took it)
     complete: bool = False  # the response's last byte was sent
 
     def audio(self, samples: int) -> None:

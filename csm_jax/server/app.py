@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 from typing import Callable, Sequence
 
 from fastapi import FastAPI
+from fastapi.responses import Response
 
 from csm_jax.driver import Driver
 from csm_jax.server.access import AccessLog
 from csm_jax.server.conversations import Conversations, add_conversation_routes
 from csm_jax.server.errors import ASCIIJSONResponse, HeaderLimit, error
 from csm_jax.server.keys import ApiKeys, RequireKey
+from csm_jax.server.metrics import Metrics
 from csm_jax.server.speech import add_speech_routes
 from csm_jax.text import Segment
 
@@ -23,15 +25,17 @@ log = logging.getLogger("csm_jax.server")
 def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str = "csm-1b",
                conversations: Callable | None = None, max_conversations: int = 2, max_body_bytes: int = 64 * 1024,
                request_timeout: float = 10.0, shutdown_grace: float = 8.0, ws_start_timeout: float = 10.0,
-               ws_idle_timeout: float = 300.0, warmup: bool = True, api_keys: Sequence[str] = ()) -> FastAPI:
+               ws_idle_timeout: float = 300.0, warmup: bool = True, api_keys: Sequence[str] = (),
+               metrics_auth: bool = True) -> FastAPI:
     """The server over `driver` (not yet running: the app starts its thread, and with `warmup` compiles every
     program first; /health says "warming" meanwhile, with the programs compiled of the total). A warm-up that
     fails (or a driver that stops for good) stops the server: `app.state.fatal` says why, and
     csm_jax.server.serve raises it. `conversations`: optional
     `sample_rate -> (Conversation, TurnDetector)`, which enables the /converse page and the /v1/converse
     WebSocket. The limits are described in csm_jax.server; `request_timeout` bounds the arrival of a request's
-    body (its headers: see `serve`). `api_keys`: every route but /health and the /converse page needs one of
-    them (csm_jax.server.keys); none: all are open."""
+    body (its headers: see `serve`). `api_keys`: every route but /health, the /converse page and (unless
+    `metrics_auth`) /metrics needs one of them (csm_jax.server.keys); none: all are open. Prometheus metrics
+    (csm_jax.server.metrics) at /metrics."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
@@ -46,7 +50,8 @@ def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str
         await asyncio.to_thread(driver.close)
 
     app = FastAPI(title="csm-jax speech server", lifespan=lifespan)
-    app.add_middleware(RequireKey, keys=ApiKeys(api_keys), open_paths={"/health", "/converse"})
+    open_paths = {"/health", "/converse"} | (set() if metrics_auth else {"/metrics"})
+    app.add_middleware(RequireKey, keys=ApiKeys(api_keys), open_paths=open_paths)
     app.add_middleware(HeaderLimit)
     app.state.ended, app.state.in_flight = [], set()  # see AccessLog
     app.add_middleware(AccessLog, on_end=app.state.ended, in_flight=app.state.in_flight)
@@ -87,7 +92,15 @@ def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str
     def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "csm-jax"}]}
 
+    @app.get("/metrics")
+    def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     add_speech_routes(app, driver, voices, max_body_bytes, request_timeout)
     if conversations is not None:
         add_conversation_routes(app, talks, ws_start_timeout, ws_idle_timeout)
+    metrics = Metrics(driver, talks, app.state.in_flight, {route.path for route in app.routes})
+    app.state.ended.append(metrics.ended)
+    driver.on_step = metrics.step
     return app

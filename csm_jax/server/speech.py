@@ -223,6 +223,7 @@ def add_speech_routes(app: FastAPI, driver: Driver, voices: dict[str, list[Segme
         job = Job(asyncio.get_running_loop(), record)
         try:
             job.ticket = driver.submit(request, job.sink)
+            record.admitted = True
         except Full:
             return error(429, f"the server is busy: all {driver.capacity} places (slots and queue) are taken; "
                               "retry shortly", code="busy", **{"Retry-After": "1"})
