@@ -8,7 +8,6 @@ import io
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -156,8 +155,9 @@ def _error(status, content_type, data, want_status=400, message=None, param=None
 
 
 def test_shutdown_answers_503_and_ends_streams(csm_dir, tmp_path_factory):
-    """SIGTERM: a waiting request gets 503 at once; requests in a slot get --shutdown-grace (1 s), then a
-    non-streamed one gets 503 and a stream ends cleanly (a complete chunked response); the process exits."""
+    """SIGTERM drains: what is in flight gets --shutdown-grace (1 s, too short for these); then a waiting
+    request and a non-streamed one in a slot get 503 and a stream ends cleanly (a complete chunked response);
+    the process exits with 0. (tests/test_server_ops.py: a drain that lets everything finish.)"""
     proc, url = _start(csm_dir, tmp_path_factory, "--shutdown-grace", "1")
     got, answers = [], {}
 
@@ -186,8 +186,7 @@ def test_shutdown_answers_503_and_ends_streams(csm_dir, tmp_path_factory):
     while not got:
         time.sleep(0.1)
     proc.terminate()
-    # uvicorn re-raises the signal after a clean shutdown, so the exit status is -SIGTERM (or 0 on older ones).
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
     for t in threads:
         t.join(timeout=60)
         assert not t.is_alive()

@@ -1,7 +1,7 @@
 """The server as an operator runs it, against a real server process (scripts/serve.py on the tiny checkpoint):
 API keys (from flags, a file and the environment; HTTP and the conversation WebSocket), request ids and the
 access log (JSON lines read from the process's stderr), Prometheus metrics (read with prometheus-client's own
-parser)."""
+parser), the drain on SIGTERM."""
 
 import asyncio
 import base64
@@ -9,14 +9,17 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from csm_jax.server.keys import collect_keys
@@ -311,6 +314,8 @@ def _check_histogram(before, after, name, values):
 def test_metrics_move_by_the_right_amounts(keyed):
     no_key = httpx.get(keyed.url + "/metrics")  # --metrics-auth is the default: a key is needed
     _error(no_key.status_code, no_key.headers["content-type"], no_key.content, 401, "no API key")
+    # Nothing generating (a client that left before may still have its slot until the driver's next turn).
+    _wait_health(keyed.url, lambda h: h["busy_slots"] == h["queued"] == 0)
     before = _scrape(keyed.url)
     key = {"Authorization": f"Bearer {ENV_KEY}"}
     # A 200 (whole), a stream, a 400.
@@ -395,3 +400,101 @@ def _wait_lines(server: Server, match, n, seconds=30) -> list:
             assert len(found) == n, found
             return found
         time.sleep(0.2)
+
+
+def _stream(url, body, out: list, key=ENV_KEY):
+    """Streams a speech request into `out`: its status, its chunks' bytes, then "complete" (or the error)."""
+    try:
+        with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=300,
+                          headers={"Authorization": f"Bearer {key}"} if key else {}) as r:
+            out.append(r.status_code)
+            for chunk in r.iter_bytes():
+                out.append(chunk)
+        out.append("complete")
+    except httpx.HTTPError as e:
+        out.append(e)
+
+
+def test_sigterm_drains_then_exits_0(csm_dir, tmp_path_factory):
+    """SIGTERM while two streams hold the slots and a request waits: new requests get 503 draining (with
+    Retry-After), /health 503 "draining", a new conversation WebSocket 503; the streams finish in full (the
+    same audio as before the drain) and the waiting request is served; then the process exits with 0. Also:
+    --no-metrics-auth leaves /metrics open while the rest needs the key."""
+    asr = _conversations_available()
+    converse = ["converse", "--llm-url", "http://127.0.0.1:9/v1", "--asr-model", asr] if asr else []
+    server = _launch(csm_dir, tmp_path_factory.mktemp("drain"), "--api-key", ENV_KEY, "--no-metrics-auth",
+                     "--shutdown-grace", "120", *converse)
+    url, key = server.url, {"Authorization": f"Bearer {ENV_KEY}"}
+    try:
+        assert httpx.get(url + "/v1/models").status_code == 401
+        _scrape(url, key=None)  # open without a key
+        bodies = [{"input": f"Stream number {i}.", "max_audio_ms": 2400, "seed": i} for i in range(2)]
+        alone = [httpx.post(url + "/v1/audio/speech", headers=key, timeout=300, json={**b, "stream": False})
+                 for b in bodies]
+        assert all(r.status_code == 200 for r in alone)
+        streams = [[], []]
+        threads = [threading.Thread(target=_stream, args=(url, b, out)) for b, out in zip(bodies, streams)]
+        for t in threads:
+            t.start()
+        _wait_health(url, lambda h: h["busy_slots"] == 2)
+        waiting = {}
+        threads.append(threading.Thread(target=lambda: waiting.setdefault("r", httpx.post(
+            url + "/v1/audio/speech", headers=key, timeout=300,
+            json={"input": "I waited.", "max_audio_ms": 320, "stream": False}))))
+        threads[-1].start()
+        _wait_health(url, lambda h: h["queued"] == 1)
+        while not all(len(out) > 1 for out in streams):  # both have audio on the way
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 30
+        while (h := httpx.get(url + "/health", timeout=30)).status_code == 200:
+            assert time.time() < deadline, h.json()
+            time.sleep(0.02)
+        assert h.status_code == 503 and h.json()["status"] == "draining", h.json()
+        r = httpx.post(url + "/v1/audio/speech", headers=key, json={"input": "Too late.", "max_audio_ms": 160})
+        err = _error(r.status_code, r.headers["content-type"], r.content, 503, "draining")
+        assert err["code"] == "draining" and r.headers["retry-after"] == "1", err
+        if asr:
+            import websockets
+            from websockets.exceptions import InvalidStatus
+
+            async def refused():
+                with pytest.raises(InvalidStatus) as e:
+                    await websockets.connect(url.replace("http", "ws") + "/v1/converse", additional_headers=key)
+                return e.value.response.status_code
+
+            assert asyncio.run(refused()) == 503
+        assert server.proc.poll() is None  # still draining: the streams are not done
+        for t in threads:
+            t.join(timeout=300)
+        for out, ref in zip(streams, alone):
+            assert out[0] == 200 and out[-1] == "complete", out[-1:]
+            pcm, want = _wav(b"".join(out[1:-1])), _wav(ref.content)
+            assert pcm.shape == want.shape and np.abs(pcm.astype(int) - want.astype(int)).max() <= 1
+        assert waiting["r"].status_code == 200 and len(_wav(waiting["r"].content)) > 0
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    log = server.text()
+    assert "draining: new requests get 503" in log and "nothing left in flight" in log, log[-3000:]
+
+
+def test_a_second_signal_exits_at_once(csm_dir, tmp_path_factory):
+    """SIGTERM starts the drain; a Ctrl-C then exits at once (status 130), a stream in flight cut."""
+    server = _launch(csm_dir, tmp_path_factory.mktemp("twice"), "--shutdown-grace", "120")
+    out = []
+    listener = threading.Thread(target=_stream, args=(server.url, {"input": "A long one.", "max_audio_ms": 60000},
+                                                      out, None))
+    listener.start()
+    while len(out) < 2:
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    _wait_health(server.url, lambda h: h["status"] == "draining", 30)
+    t0 = time.time()
+    server.proc.send_signal(signal.SIGINT)
+    status = server.proc.wait(timeout=30)
+    listener.join(timeout=30)
+    assert status == 130 and time.time() - t0 < 10, status  # not drained: it says so (as Ctrl-C does)
+    assert out[-1] != "complete"
+    assert "a second signal (Interrupt): exiting at once" in server.text() and "Traceback" not in server.text()

@@ -14,9 +14,11 @@ within --request-timeout seconds (slower connections are closed, slow bodies get
 16 KB; idle keep-alive connections close after --keep-alive-timeout seconds; seeds are 0 .. 2**32-1. A failed
 engine step ends the requests in flight with an error (503), /health answers 503 until the engine is reset
 and checked. At start-up /health says "warming" (with the programs compiled so far) until every program is
-compiled; a failure there ends the process non-zero with its cause. On SIGTERM new and waiting requests get
-503, the rest get --shutdown-grace seconds to finish. Every response carries X-Request-Id (the client's, when
-sane); every request ends in one access-log line (--log-format plain or json). Prometheus metrics at /metrics.
+compiled; a failure there ends the process non-zero with its cause. On SIGTERM the server drains: it keeps
+listening but new requests get 503 (and /health 503 "draining"), what is in flight gets --shutdown-grace
+seconds to finish, then the process exits with 0; a second signal exits at once. Every response carries
+X-Request-Id (the client's, when sane); every request ends in one access-log line (--log-format plain or
+json). Prometheus metrics at /metrics.
 
 API keys (--api-key, --api-key-file, $CSM_JAX_API_KEYS): every route but /health and the /converse page then
 needs `Authorization: Bearer KEY` (else 401), the conversation WebSocket too; without keys the server is open.
@@ -90,7 +92,9 @@ class Args:
     keep_alive_timeout: float = 5.0
     """Seconds an idle keep-alive connection stays open."""
     shutdown_grace: float = 8.0
-    """On SIGTERM: seconds requests already in a slot get to finish (then 503, or the stream ends)."""
+    """On SIGTERM (the drain): seconds what is in flight (requests in a slot or waiting, streams, conversations)
+    gets to finish; then non-streamed requests get 503, streams end and conversations close. A supervisor's stop
+    timeout should be longer."""
     ws_start_timeout: float = 10.0
     """Seconds a /v1/converse WebSocket has to send its start message (else closed, code 1008)."""
     ws_idle_timeout: float = 300.0

@@ -18,9 +18,10 @@ slowly, 413 for a body over `max_body_bytes` (refused before it is read whole), 
 request in flight or waiting with an error the client sees (503, or a stream cut short), /health answers 503
 with the failure, and the driver resets the engine and checks it with one short utterance before it admits
 requests again. At start-up /health answers 503 "warming" (with the programs compiled of the total) until
-every program is compiled; a warm-up that fails ends the process with its cause. On shutdown (SIGTERM) new
-and waiting requests get 503 at once, requests in a slot get `shutdown_grace` seconds to finish; after that
-non-streamed ones get 503 and streams end.
+every program is compiled; a warm-up that fails ends the process with its cause. On SIGTERM the server
+drains (drain.py): it keeps listening, new requests get 503 "draining" and /health 503 "draining", what is in
+flight gets `shutdown_grace` seconds to finish (after that non-streamed requests get 503 and streams end),
+then the process exits with 0.
 
 Voices (voices.py) are Mimi-encoded once at start-up and given to CSM as context, so `voice="NAME"` speaks in
 that voice; `voice="default"` (or none) uses no voice prompt. Extensions of OpenAI's body: `seed`
@@ -41,7 +42,8 @@ Files, one job each:
   speech.py         POST /v1/audio/speech: the body checked (`parse_speech`), audio streamed or whole
   conversations.py  the conversation WebSocket protocol and the registry of open conversations
   voices.py         named voice prompts from a folder
-  protocol.py       uvicorn: header timeout, malformed HTTP as JSON, shutdown, start-up failure (`serve`)
+  drain.py          the drain on SIGTERM: no new work, what is in flight finishes, then the process exits
+  protocol.py       uvicorn: header timeout, malformed HTTP as JSON, signals, start-up failure (`serve`)
   app.py            `create_app`: the routes and the driver wired together
 """
 

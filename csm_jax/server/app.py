@@ -1,9 +1,8 @@
-"""The app: routes, error handlers and start-up wired around one running driver."""
+"""The app: routes, middleware, error handlers and start-up wired around one running driver."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from contextlib import asynccontextmanager
 from typing import Callable, Sequence
 
@@ -13,14 +12,12 @@ from fastapi.responses import Response
 from csm_jax.driver import Driver
 from csm_jax.server.access import AccessLog
 from csm_jax.server.conversations import Conversations, add_conversation_routes
+from csm_jax.server.drain import Drain, RefuseWhileDraining
 from csm_jax.server.errors import ASCIIJSONResponse, HeaderLimit, error
 from csm_jax.server.keys import ApiKeys, RequireKey
 from csm_jax.server.metrics import Metrics
 from csm_jax.server.speech import add_speech_routes
 from csm_jax.text import Segment
-
-log = logging.getLogger("csm_jax.server")
-
 
 def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str = "csm-1b",
                conversations: Callable | None = None, max_conversations: int = 2, max_body_bytes: int = 64 * 1024,
@@ -50,10 +47,15 @@ def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str
         await asyncio.to_thread(driver.close)
 
     app = FastAPI(title="csm-jax speech server", lifespan=lifespan)
+    app.state.ended, app.state.in_flight = [], set()  # see AccessLog
+    drain = app.state.drain = Drain(shutdown_grace, app.state.in_flight,
+                                    end=lambda: (talks.close_all(), driver.shutdown(0)))
+    # Middleware, innermost first (each added wraps the ones before): what a request meets is AccessLog (its id,
+    # its line), HeaderLimit, RequireKey, RefuseWhileDraining, then the routes.
+    app.add_middleware(RefuseWhileDraining, drain=drain, paths={"/v1/audio/speech", "/v1/converse"})
     open_paths = {"/health", "/converse"} | (set() if metrics_auth else {"/metrics"})
     app.add_middleware(RequireKey, keys=ApiKeys(api_keys), open_paths=open_paths)
     app.add_middleware(HeaderLimit)
-    app.state.ended, app.state.in_flight = [], set()  # see AccessLog
     app.add_middleware(AccessLog, on_end=app.state.ended, in_flight=app.state.in_flight)
     app.state.driver, app.state.conversations, app.state.fatal = driver, talks, None
     app.state.begin_shutdown = lambda: driver.shutdown(shutdown_grace)
@@ -79,6 +81,8 @@ def create_app(driver: Driver, voices: dict[str, list[Segment]], model_name: str
         body = {"status": "ok", **driver.stats(), **talks.stats()}
         if driver.fatal is not None:
             return ASCIIJSONResponse({**body, "status": "failed", "error": driver.stopped_because()}, 503)
+        if drain.draining:
+            return ASCIIJSONResponse({**body, "status": "draining"}, 503)
         if driver.stopping:
             return ASCIIJSONResponse({**body, "status": "shutting_down"}, 503)
         if driver.warming:

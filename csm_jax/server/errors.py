@@ -25,6 +25,14 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
                              status, headers=headers)
 
 
+async def refuse(scope, receive, send, response: Response, close_code: int) -> None:
+    """`response` to an HTTP request, or to a WebSocket's handshake instead of the upgrade (ASGI's denial
+    response; a server without it gets a close before the upgrade, i.e. HTTP 403, with `close_code`)."""
+    if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
+        return await response(scope, receive, send)
+    await send({"type": "websocket.close", "code": close_code, "reason": ""})
+
+
 class BadRequest(Exception):
     """A request body the server refuses (400); `param` names the field."""
 

@@ -21,7 +21,7 @@ import hmac
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from csm_jax.server.errors import error
+from csm_jax.server.errors import error, refuse
 
 KEYS_ENV = "CSM_JAX_API_KEYS"  # comma-separated keys
 SUBPROTOCOL = "csm-jax"  # the WebSocket subprotocol the server selects
@@ -120,11 +120,3 @@ class RequireKey:
                    "invalid API key: send one of the server's keys as `Authorization: Bearer KEY`")
         refusal = error(401, message, code="invalid_api_key", **{"WWW-Authenticate": "Bearer"})
         await refuse(scope, receive, send, refusal, 1008)
-
-
-async def refuse(scope, receive, send, response, close_code: int) -> None:
-    """`response` to an HTTP request, or to a WebSocket's handshake instead of the upgrade (ASGI's denial
-    response; a server without it gets a close before the upgrade, i.e. HTTP 403, with `close_code`)."""
-    if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
-        return await response(scope, receive, send)
-    await send({"type": "websocket.close", "code": close_code, "reason": ""})

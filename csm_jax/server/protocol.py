@@ -1,12 +1,18 @@
 """uvicorn as the server runs it: bounded headers (a header timeout, a size limit, malformed HTTP answered in
-the JSON error shape, with a request id and an access line), idle keep-alive connections closed, a shutdown
-that first ends what the app cannot finish, and a process that ends with the cause when the app's start-up
-fails."""
+the JSON error shape, with a request id and an access line), idle keep-alive connections closed, a drain on
+SIGTERM (csm_jax.server.drain), and a process that ends with the cause when the app's start-up fails."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
+
 from csm_jax.server.access import Record, new_id, write
 from csm_jax.server.errors import MAX_HEADER_BYTES, error
+
+log = logging.getLogger("csm_jax.server")
 
 
 def header_timeout_protocol(header_timeout: float):
@@ -58,13 +64,32 @@ def serve(app, host: str, port: int, header_timeout: float = 10.0, keep_alive: f
           shutdown_grace: float = 8.0) -> None:
     """uvicorn with bounded headers (16 KB: h11 refuses more while they are incomplete, HeaderLimit once they
     are in; all of them within `header_timeout` s), idle keep-alive connections closed after `keep_alive` s,
-    and a shutdown that first ends what the app cannot finish (`app.state.begin_shutdown`) and waits
-    `shutdown_grace` + 5 s for the rest. When the app cannot go on (it sets `app.state.fatal` to why, e.g. a
-    failed warm-up, and calls `app.state.stop_serving`), uvicorn stops and this raises RuntimeError with the
-    cause, so the process ends non-zero."""
+    and a drain on SIGTERM or SIGINT (`app.state.drain`, csm_jax.server.drain: the listener stays open, the
+    process exits with 0 once it is done; a second signal exits at once) in place of uvicorn's own shutdown,
+    which closes the listener at once. A shutdown otherwise first ends what the app cannot finish
+    (`app.state.begin_shutdown`) and waits `shutdown_grace` + 5 s for the rest. When the app cannot go on (it
+    sets `app.state.fatal` to why, e.g. a failed warm-up, and calls `app.state.stop_serving`), uvicorn stops
+    and this raises RuntimeError with the cause, so the process ends non-zero."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        drain_task = None
+
+        def handle_exit(self, sig, frame):  # SIGTERM, SIGINT: the first drains, a second exits at once
+            drain = getattr(app.state, "drain", None)
+            if drain is not None and drain.begin():
+                return  # on_tick starts it; the process then exits with 0
+            if drain is not None:  # the second: the shell's status for the signal (130: Ctrl-C, 143: SIGTERM)
+                log.warning("a second signal (%s): exiting at once; what is in flight is cut", signal.strsignal(sig))
+                os._exit(128 + sig)
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter):
+            drain = getattr(app.state, "drain", None)
+            if drain is not None and drain.draining and self.drain_task is None:
+                self.drain_task = asyncio.create_task(drain.run(stop=lambda: setattr(self, "should_exit", True)))
+            return await super().on_tick(counter)
+
         async def shutdown(self, sockets=None):
             begin = getattr(app.state, "begin_shutdown", None)
             if begin is not None:
