@@ -77,8 +77,8 @@ class ModelBundle:
         sharding.check_mesh(mesh)
         self.mesh = mesh
         # Programs compiled for this bundle's mesh, made on first use: ("state", slots) -> a GenState maker,
-        # "mimi_reset" -> the row reset. Every state they return is placed as sharding's description says,
-        # exactly as the engine's generation program returns it: a program's compiled form depends on its
+        # ("mimi_reset", slots) -> the row reset. Every state they return is placed as sharding's description
+        # says, exactly as the engine's generation program returns it: a program's compiled form depends on its
         # inputs' shardings, and equivalent but unequal ones would compile the next program again while serving.
         self._programs: dict = {}
         if mesh is not None:
@@ -137,18 +137,24 @@ class ModelBundle:
                                     self.replicate(init_decoder_state(self.mimi, 1)))
 
     def reset_mimi_rows(self, state, rows, fresh):
-        """mimi.reset_state_rows (rows (B,) bool start afresh), its result placed on a mesh like
+        """mimi.reset_state_rows (rows (B,) bool start afresh; `state` is donated), by `mimi_reset_program`."""
+        return self.mimi_reset_program(state)(state, rows, fresh)
+
+    def mimi_reset_program(self, state):
+        """The jitted row reset of Mimi decoder states shaped as `state`: mimi.reset_state_rows, or on a mesh
+        the same mapped over "data" (each device resets its own streams) with its result placed like
         `new_mimi_state`'s (left to itself, XLA may replicate some leaves, and the next program would compile
-        again for them): mapped over "data", each device resets its own streams."""
+        again for them)."""
         if self.mesh is None:
-            return reset_state_rows(state, rows, fresh)
-        if "mimi_reset" not in self._programs:
+            return reset_state_rows
+        slots = state["offset"].shape[0]
+        if ("mimi_reset", slots) not in self._programs:
             streams = sharding.specs(sharding.stream_shardings(state, self.mesh))
-            self._programs["mimi_reset"] = jax.jit(jax.shard_map(
-                reset_state_rows, mesh=self.mesh, in_specs=(streams, sharding.slot_spec(len(rows), self.mesh),
+            self._programs["mimi_reset", slots] = jax.jit(jax.shard_map(
+                reset_state_rows, mesh=self.mesh, in_specs=(streams, sharding.slot_spec(slots, self.mesh),
                                                             PartitionSpec()),
                 out_specs=streams, check_vma=False), donate_argnums=(0,))
-        return self._programs["mimi_reset"](state, rows, fresh)
+        return self._programs["mimi_reset", slots]
 
     # ---------------------------------------------------------------------------------------- helpers
 

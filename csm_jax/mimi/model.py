@@ -129,7 +129,9 @@ def init_decoder_state(params, batch_size: int):
 
 
 def _keep_rows(new, old, active):
-    """Rows where `active` is False keep their old state (a paused or finished stream)."""
+    """Rows where `active` is False keep their old state (a paused or finished stream). The transformer's rings
+    are `new`'s as they are: their writes were already masked by `active` (a select over them would copy the
+    whole rings, the most of the state, at every step)."""
     if active is None:
         return new
 
@@ -137,7 +139,8 @@ def _keep_rows(new, old, active):
         mask = active.reshape((-1,) + (1,) * (n.ndim - 1))
         return jnp.where(mask, n, o)
 
-    return jax.tree.map(pick, new, old)
+    rest = {name: x for name, x in new.items() if name != "transformer"}
+    return dict(jax.tree.map(pick, rest, {name: old[name] for name in rest}), transformer=new["transformer"])
 
 
 @partial(jax.jit, static_argnames=("num_codebooks",), donate_argnums=(1,))
@@ -145,7 +148,7 @@ def _encode_step(params, state, chunk, active, num_codebooks):
     B = chunk.shape[0]
     h, sean = seanet.encoder(params["encoder"], chunk[:, :, None].astype(compute_dtype(params)), state["seanet"])
     pos = state["offset"][:, None] + jnp.arange(h.shape[1], dtype=jnp.int32)
-    h, caches = tr.transformer(params["encoder_transformer"], h, pos, state["transformer"])
+    h, caches = tr.transformer(params["encoder_transformer"], h, pos, state["transformer"], active)
     # The downsample is replicate-padded: a stream's first step sees its first latent twice on the left.
     buf = jnp.where(state["first"][:, None, None], jnp.broadcast_to(h[:, :1], state["down"].shape), state["down"])
     z, down = conv1d_step(params["downsample"], h, buf, stride=2)
@@ -172,7 +175,7 @@ def _decode_step(params, state, codes, active):
     z = rvq.decode(params["quantizer"], codes[:, :, None])
     h, up = conv_transpose1d_step(params["upsample"], z, state["up"], stride=2, groups=z.shape[-1])
     pos = state["offset"][:, None] + jnp.arange(h.shape[1], dtype=jnp.int32)
-    h, caches = tr.transformer(params["decoder_transformer"], h, pos, state["transformer"])
+    h, caches = tr.transformer(params["decoder_transformer"], h, pos, state["transformer"], active)
     y, sean = seanet.decoder(params["decoder"], h, state["seanet"])
     new = {"seanet": sean, "transformer": caches, "up": up,
            "offset": state["offset"] + h.shape[1], "first": jnp.zeros_like(state["first"])}
@@ -186,13 +189,21 @@ def decode_step(params, state, codes_frame, active=None):
     return _decode_step(params, state, jnp.asarray(codes_frame, jnp.int32), active)
 
 
-@jax.jit
+@partial(jax.jit, donate_argnums=(0,))
 def reset_state_rows(state, rows, fresh):
     """Rows where `rows` (B,) is True start a fresh stream; the others are untouched. `fresh` is a one-stream
-    state as `init_encoder_state` / `init_decoder_state` make it (batch 1): a reset row becomes exactly that,
-    whatever the state holds."""
+    state as `init_encoder_state` / `init_decoder_state` make it (batch 1). `state` is donated: updated in
+    place, never copied.
+
+    A reset row becomes that fresh state but for its transformer rings' keys and values: their positions
+    become -1 (empty), so no query sees the old keys (attention reads only cells whose position is >= 0), and
+    the stream's own keys overwrite them as it goes. Those rings are most of the state (8 MB a decoder stream
+    in fp32), and a reset then writes only the positions and the small convolution buffers."""
 
     def reset(x, f):
         return jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), f, x)
 
-    return jax.tree.map(reset, state, fresh)
+    rings = [(k, v, reset(pos, fresh_pos)) for (k, v, pos), (_, _, fresh_pos)
+             in zip(state["transformer"], fresh["transformer"])]
+    rest = {name: x for name, x in state.items() if name != "transformer"}
+    return dict(jax.tree.map(reset, rest, {name: fresh[name] for name in rest}), transformer=rings)

@@ -11,9 +11,11 @@ its own block and the one before (the window needs at most CONTEXT - 1 earlier k
 O(T * CONTEXT) memory instead of the O(T^2) of a full (T, T) product, which for 10 minutes (T = 15,000) was
 7 GB per layer.
 
-Streaming keeps a ring of `context` keys/values per layer with the absolute position each slot holds
-(-1 = empty). New keys are attended together with the ring before they are written into it, so a step
-of several time steps sees exactly the window a one-shot pass sees.
+Streaming keeps a ring of RING (256) keys/values per layer with the absolute position each cell holds
+(-1 = empty). A step writes its new keys into the ring, then attends to the cells of each query's window: the
+ring holds a whole window besides a step's new keys, so a step of several time steps sees exactly the window
+a one-shot pass sees. The rings are most of a stream's state: a step writes its cells in place and reads them
+where they lie, never copying them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 
 NUM_HEADS = 8
 CONTEXT = 250
+RING = 256  # cells of a streaming ring: a 250-step window and a step's new keys (up to 7 steps)
 MAX_PERIOD = 10_000.0
 
 
@@ -86,7 +89,34 @@ def _attend_blocks(q, k, v, pos):
     return out[:, :T]
 
 
-def _layer(p, x, pos, cache=None):
+def _attend_ring(q, k, v, pos, ring, active):
+    """Streaming attention: the new keys and values are written into the ring in place first (an inactive
+    row's writes go out of range and are dropped), then every query attends to the ring's cells whose
+    positions are in its window. The ring has room for a step's keys beside a whole window (RING >= CONTEXT +
+    T - 1), so a write never overwrites a key a query of the same step still sees, and the keys each query
+    sees are those of the one-shot pass. The rings (most of a stream's state) are read where they lie: never
+    copied, nor transposed (they are stored heads first, as the products read them).
+    -> (out (B, T, N*H), ring)."""
+    B, T, N, H = q.shape
+    ck, cv, cpos = ring
+    S = ck.shape[2]
+    if T > S - CONTEXT + 1:
+        raise ValueError(f"a streaming step of {T} steps needs a ring of at least {CONTEXT + T - 1} cells, not {S}")
+    cells = pos % S if active is None else jnp.where(active[:, None], pos % S, S)  # (B, T); S: dropped
+    rows = jnp.arange(B)[:, None]
+    at = rows[:, :, None], jnp.arange(N)[None, :, None], cells[:, None, :]
+    ck = ck.at[at].set(jnp.swapaxes(k, 1, 2).astype(ck.dtype), mode="drop")
+    cv = cv.at[at].set(jnp.swapaxes(v, 1, 2).astype(cv.dtype), mode="drop")
+    cpos = cpos.at[rows, cells].set(pos, mode="drop")
+    delta = pos[:, :, None] - cpos[:, None, :]
+    visible = (cpos[:, None, :] >= 0) & (delta >= 0) & (delta < CONTEXT)
+    logits = jnp.einsum("btnh,bnsh->bnts", q, ck) / math.sqrt(H)
+    logits = jnp.where(visible[:, None], logits.astype(jnp.float32), -jnp.inf)
+    w = jax.nn.softmax(logits, axis=-1).astype(cv.dtype)
+    return jnp.einsum("bnts,bnsh->btnh", w, cv).reshape(B, T, N * H), (ck, cv, cpos)
+
+
+def _layer(p, x, pos, cache=None, active=None):
     B, T, D = x.shape
     h = layer_norm(p["norm1"], x)
     q = (h @ p["wq"]).reshape(B, T, NUM_HEADS, -1)
@@ -98,12 +128,7 @@ def _layer(p, x, pos, cache=None):
         a = _attend(q, k, v, pos, pos) if T <= 2 * CONTEXT else _attend_blocks(q, k, v, pos)
         new_cache = None
     else:
-        ck, cv, cpos = cache
-        a = _attend(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), pos,
-                    jnp.concatenate([cpos, pos], 1))
-        slots = pos % ck.shape[1]  # (B, T)
-        rows = jnp.arange(B)[:, None]
-        new_cache = (ck.at[rows, slots].set(k), cv.at[rows, slots].set(v), cpos.at[rows, slots].set(pos))
+        a, new_cache = _attend_ring(q, k, v, pos, cache, active)
     x = x + p["ls1"] * (a @ p["wo"])
     h = layer_norm(p["norm2"], x)
     x = x + p["ls2"] * (jax.nn.gelu(h @ p["w1"], approximate=False) @ p["w2"])
@@ -111,19 +136,21 @@ def _layer(p, x, pos, cache=None):
 
 
 @jax.named_scope("transformer")
-def transformer(layers, x, pos, caches=None):
+def transformer(layers, x, pos, caches=None, active=None):
     """x (B, T, D) at positions pos (B, T). caches: per-layer (k, v, pos) rings, or None for one-shot (then
-    positions must be consecutive along T, as an unbroken clip's are)."""
+    positions must be consecutive along T, as an unbroken clip's are). `active` (B,) bool: rows whose rings
+    take the new steps (None: all); the others' rings are left as they were (their outputs are meaningless)."""
     new = []
     for i, p in enumerate(layers):
         with jax.named_scope(f"layer{i}"):
-            x, c = _layer(p, x, pos, None if caches is None else caches[i])
+            x, c = _layer(p, x, pos, None if caches is None else caches[i], active)
         new.append(c)
     return x, (None if caches is None else new)
 
 
 def init_caches(layers, batch, dtype=jnp.float32):
+    """Empty streaming rings, one (k, v, pos) per layer: k, v (B, N, RING, H), pos (B, RING) = -1."""
     H = layers[0]["wq"].shape[1] // NUM_HEADS
-    shape = (batch, CONTEXT, NUM_HEADS, H)  # separate buffers: the state is donated leaf by leaf
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, CONTEXT), -1, jnp.int32))
+    shape = (batch, NUM_HEADS, RING, H)  # separate buffers: the state is donated leaf by leaf
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, RING), -1, jnp.int32))
             for _ in layers]
