@@ -12,13 +12,14 @@ returns its events to its caller. csm_jax.driver is that caller for every user o
 a capacity, events to their owners, cancel, failure recovery, shutdown).
 
 Seams, as JetStream's prefill / insert / generate:
-  prefill + insert  requests waiting since `submit` are prefilled together (bucketed by count and by prompt
-                    length, in pieces of at most 128 rows: `csm.prefill_pieces`) straight into their slots: only
-                    those slots of the cache are read and written, the other slots' caches are not copied.
-                    Which rows each step prefills, the schedule decides (csm_jax.schedule: its PrefillQueue
-                    and Scheduler): at most a step's row budget (`prefill_rows`, less when a generating stream's
-                    audio is close to its playback), so a long prompt is prefilled across steps, each keeping its
-                    offset. A slot starts generating when its last rows are in.
+  prefill + insert  requests waiting since `submit` are prefilled together (grouped by prompt length, in
+                    programs of 64, 8 or 1 requests, in pieces of at most 128 rows: `csm.prefill_pieces`)
+                    straight into their slots: only those slots of the cache are read and written, the other
+                    slots' caches are not copied. Which rows each step prefills, the schedule decides
+                    (csm_jax.schedule: its PrefillQueue and Scheduler): as many waiting requests as a step's row
+                    budget holds (`prefill_rows`, less when a generating stream's audio is close to its
+                    playback), so a long prompt is prefilled across steps, each keeping its offset. A slot
+                    starts generating when its last rows are in.
   generate          one device program runs F = frames_per_call frames for the generating slots and decodes them
                     with the streaming Mimi decoder: one host copy of PCM, codes and flags per step.
   pipelining        `step` dispatches the next program before it copies the previous one's results to the host,
@@ -47,7 +48,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-import jax
 import numpy as np
 
 from csm_jax.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
@@ -86,12 +86,12 @@ class Engine:
     """Slots on the device, shared by plain requests (`submit`) and held conversations (`hold`)."""
 
     def __init__(self, model: ModelBundle, slots: int = 4, frames_per_call: int = FRAMES_PER_CALL,
-                 max_prefill: int = 8, prefill_rows: int = 1024, schedule: Scheduler | None = None,
+                 max_prefill: int | None = None, prefill_rows: int = 1024, schedule: Scheduler | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         """`model`: the loaded model (csm_jax.bundle).
-        `max_prefill`: requests prefilled together at most; `prefill_rows`: padded prompt rows prefilled per step
-        at most (a longer prompt goes in across steps), so admitting long prompts never stalls the generating
-        slots.
+        `max_prefill`: requests prefilled at one step at most (None: as many as the rows allow);
+        `prefill_rows`: padded prompt rows prefilled per step at most (a longer prompt goes in across steps), so
+        admitting long prompts never stalls the generating slots.
         `schedule`: decides which waiting requests each step prefills (default: csm_jax.schedule.Scheduler
         with these two limits); `clock`: its time source, seconds."""
         if slots < 1 or frames_per_call < 1:
@@ -99,14 +99,10 @@ class Engine:
         model.check_slots(slots)
         self.model, self.cfg = model, model.cfg
         self.slots, self.frames_per_call = slots, frames_per_call
-        self.programs = Programs(model, slots, frames_per_call, max_prefill)
-        # Requests prefilled together: a power of two, so padding them to a bucket never needs more slots.
-        self.max_prefill, self.prefill_rows = self.programs.max_count, prefill_rows
+        self.programs = Programs(model, slots, frames_per_call)
+        self.max_prefill, self.prefill_rows = max_prefill, prefill_rows
         self.schedule = schedule if schedule is not None else Scheduler(
-            self.max_prefill, prefill_rows, row_step=PREFILL_STEP, step_audio_s=frames_per_call * FRAME_MS / 1000)
-        if self.schedule.max_count > self.max_prefill:
-            raise ValueError(f"the schedule prefills up to {self.schedule.max_count} requests together; the engine's "
-                             f"programs take at most {self.max_prefill} (max_prefill)")
+            max_prefill, prefill_rows, row_step=PREFILL_STEP, step_audio_s=frames_per_call * FRAME_MS / 1000)
         self.clock = clock
         self.lock = threading.RLock()
         self.prefilled_rows = 0  # prompt rows prefilled since the start (resets included)
@@ -304,18 +300,19 @@ class Engine:
         if not chosen:
             return 0
         taken = [(p, chosen[p.slot]) for p in order if p.slot in chosen]
-        longest = max(rows for _, rows in taken)
-        tokens = np.zeros((len(taken), longest, 33), np.int32)
-        mask = np.zeros((len(taken), longest, 33), bool)
-        lengths = np.zeros(len(taken), np.int32)
-        for r, (p, rows) in enumerate(taken):
-            span = slice(p.prefilled, p.prefilled + rows)
-            tokens[r, :rows], mask[r, :rows], lengths[r] = p.tokens[span], p.mask[span], rows
         fresh = [p.slot for p, _ in taken if p.fresh and p.prefilled == 0]
         if fresh:
             self.state = self.programs.reset(self.state, fresh)
-        self.state = self.programs.prefill(self.state, [p.slot for p, _ in taken], tokens, mask, lengths)
-        self.prefilled_rows += int(lengths.sum())
+        for idx, length in self.schedule.groups([rows for _, rows in taken]):
+            tokens = np.zeros((len(idx), length, 33), np.int32)
+            mask = np.zeros((len(idx), length, 33), bool)
+            lengths = np.zeros(len(idx), np.int32)
+            for r, i in enumerate(idx):
+                p, rows = taken[i]
+                span = slice(p.prefilled, p.prefilled + rows)
+                tokens[r, :rows], mask[r, :rows], lengths[r] = p.tokens[span], p.mask[span], rows
+            self.state = self.programs.prefill(self.state, [taken[i][0].slot for i in idx], tokens, mask, lengths)
+            self.prefilled_rows += int(lengths.sum())
         starting = [p for p in self.queue.advance(taken) if p.sampling is not None]
         if starting:
             self._start_slots([p.slot for p in starting], [p.sampling for p in starting])
@@ -364,24 +361,17 @@ class Engine:
     # ---------------------------------------------------------------------------------------- warm-up
 
     def programs_to_compile(self) -> int:
-        """How many programs `warmup` runs."""
-        return len(self.programs.table())
+        """How many programs `warmup` compiles."""
+        return len(self.programs.table(self.state, self.mimi_state))
 
-    def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> int:
-        """Compiles every program the engine can run (csm_jax.programs' table: generation for each count of
-        generating slots, prefill for each piece size and count of requests admitted together, slot updates),
-        by running each once on free slots; the state is then made afresh. Uses JAX's on-disk compile cache
-        when enabled. `progress(compiled, total, what)` after each. Returns the number of programs run. Call
-        it with every slot free."""
+    def warmup(self, progress: Callable[[int, int, str], None] | None = None, workers: int | None = None) -> int:
+        """Compiles every program the engine can run (csm_jax.programs' table: generation for each bucket of
+        generating slots, prefill for each group count and piece size, slot updates) ahead of time, `workers`
+        at once (default: one per core), running none; uses JAX's on-disk compile cache when enabled.
+        `progress(compiled, total, what)` after each. Returns the number of programs. Call it with every slot
+        free. `compiled` keeps each program with its compiled form (its memory analysis)."""
         with self.lock:
             if self.owners:
                 raise RuntimeError("warm the engine up before it has work")
-            table = self.programs.table()
-            for compiled, (what, run) in enumerate(table, 1):
-                self.state, self.mimi_state = run(self.state, self.mimi_state)
-                jax.block_until_ready((self.state, self.mimi_state))
-                if progress is not None:
-                    progress(compiled, len(table), what)
-            self.state = self.model.new_state(self.slots)
-            self.mimi_state = self.model.new_mimi_state(self.slots)
-            return len(table)
+            self.compiled = self.programs.compile(self.state, self.mimi_state, progress, workers)
+            return len(self.compiled)

@@ -2,25 +2,39 @@
 warm-up share, so warm-up compiles exactly what serving runs.
 
   generate   F = frames_per_call frames for the generating slots and their streaming Mimi decode, in one
-             program (`generate_audio`); its rows are the generating slots padded to a power of two with
-             other (finished, so unchanged) slots, or every slot (`rows`). On a mesh always every slot.
-  prefill    prompt rows into some slots, in pieces of `csm.piece_sizes()` rows (`csm.prefill_pieces`); the
-             slots padded to a power of two (`count`) with other, distinct slots given no rows (read and
-             written back unchanged).
-  reset, start, stop, rewind
-             per-slot updates of the generation state (start: sampling settings and a fresh Mimi stream), their
-             slots padded to a power of two by repeating the first (which writes the same values again).
+             program (`generate_audio`); its rows are the generating slots padded with other (finished, so
+             unchanged) slots to the next of ROW_BUCKETS, or every slot (`rows`). On a mesh always every slot.
+  prefill    prompt rows into a group of GROUP_COUNTS (64, 8 or 1) slots at once, in pieces of
+             `csm.piece_sizes()` rows (`csm.prefill_pieces`). A step prefills as many groups as admission
+             chose: n requests of one length class go in as n // 64 groups of 64, then groups of 8, then
+             single ones, so no group is padded with idle slots.
+  reset, start, mimi_reset, stop, rewind
+             per-slot updates of the generation state (start: sampling settings) and of the Mimi decoder state
+             (mimi_reset: the started slots' streams afresh, by a mask over every slot), their slot ids padded
+             to every slot by repeating the first (which writes the same values again): one program each,
+             whatever the count.
 
-At most `max_count` slots are updated together (the requests prefilled together), so `table()` is: generate
-at each of `generate_rows()`, prefill at each of `counts()` x piece size, and the updates at each of `counts()`.
-Every device call of the engine goes through this class, padded by `rows` and `count`, the same functions
-`table()` enumerates; a count over `max_count` (a program warm-up never compiled) is refused.
+Few programs, so a server starts quickly (benchmarks/bench_startup.py counts and compiles them): at 1,024
+slots 5 generation programs (1, 8, 64, 256, 1,024 rows), 3 x 4 prefill programs and 5 updates; powers of two
+compiled 11 generation programs and 4 x 4 prefill programs plus 4 x 4 updates. The price is padding: a step
+of 65 generating slots computes 256 rows. On an accelerator a step reads every weight whatever its rows, so up
+to ~128 rows cost about the same (an H100 ran 16 rows at 10.7 ms a frame, 64 at 12.0, 256 at 18.4: README of
+the GPU figures in benchmarks/README.md); the padding costs at most about 1.5x a step's time just above a
+bucket, and the steps stay far faster than real time. Padding never changes a slot's codes: every row
+computes its own slot.
+
+Warm-up (`compile`) compiles every program of the table ahead of time, several at once on the host's cores
+(XLA compiles outside Python's lock); the jitted functions then find them in JAX's cache, so serving compiles
+nothing. Each compiled program's memory analysis (`memory`) says what it needs beside the state it updates in
+place.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +44,9 @@ from jax.sharding import Mesh, PartitionSpec
 from csm_jax import csm, sharding
 from csm_jax.bundle import ModelBundle
 from csm_jax.mimi import decode_step, init_decoder_state
-from csm_jax.schedule import bucket
+
+ROW_BUCKETS = (1, 8, 64, 256)  # rows of a generation program below every slot
+GROUP_COUNTS = (64, 8, 1)  # requests one prefill program takes, largest first
 
 
 @partial(jax.jit, static_argnums=(1, 6, 7), donate_argnums=(3, 4))
@@ -67,55 +83,92 @@ def _generate_audio(params, mimi, state: csm.GenState, mimi_state, *, cfg: csm.C
     return state, mimi_state, (jnp.moveaxis(pcm, 0, 1).reshape(pcm.shape[1], -1), codes, valid, done)
 
 
-class Programs:
-    """The device programs of an engine of `slots` slots, padded to the shapes `table()` lists."""
+def split_counts(n: int, counts: tuple[int, ...]) -> list[int]:
+    """`n` requests as groups of `counts` (largest first, the last 1): as many of the largest as fit, then of
+    the next, ... (64 + 64 + 8 + 1 for 137). No group is padded."""
+    out = []
+    for c in counts:
+        out += [c] * (n // c)
+        n %= c
+    return out
 
-    def __init__(self, model: ModelBundle, slots: int, frames_per_call: int, max_count: int):
-        """`max_count`: slots updated together at most (rounded down to a power of two, at most `slots`)."""
+
+class Program(NamedTuple):
+    """One entry of the table: a jitted function and arguments of the shapes the engine calls it with."""
+
+    what: str
+    fn: Callable
+    args: tuple
+
+
+class Programs:
+    """The device programs of an engine of `slots` slots, at the shapes `table()` lists."""
+
+    def __init__(self, model: ModelBundle, slots: int, frames_per_call: int):
         self.model, self.slots, self.frames_per_call = model, slots, frames_per_call
-        self.max_count = 1 << (min(max_count, slots).bit_length() - 1)
+        self.counts = tuple(c for c in GROUP_COUNTS if c <= slots)
         self.mimi_fresh = model.replicate(init_decoder_state(model.mimi, 1))  # what a reset Mimi row becomes
 
     # ------------------------------------------------------------------------------------------- shapes
 
     def rows(self, active: int) -> int:
-        """Rows one generation program computes for `active` generating slots: a power of two (or every slot).
-        On a mesh always every slot, each device running its own (generate_audio's shard_map): a subset of rows
-        would be gathered from every device and computed whole on each (benchmarks/README.md, "Mesh")."""
-        return self.slots if self.model.mesh is not None else min(bucket(active), self.slots)
-
-    def count(self, n: int) -> int:
-        """Slots one update or prefill program is padded to for `n` slots."""
-        if not 1 <= n <= self.max_count:
-            raise ValueError(f"{n} slots updated together; the engine's programs take 1 to {self.max_count}")
-        return bucket(n)
+        """Rows one generation program computes for `active` generating slots: the next of ROW_BUCKETS (or
+        every slot). On a mesh always every slot, each device running its own (generate_audio's shard_map): a
+        subset of rows would be gathered from every device and computed whole on each (benchmarks/README.md,
+        "Mesh")."""
+        if self.model.mesh is not None:
+            return self.slots
+        return next((r for r in ROW_BUCKETS if r >= active and r < self.slots), self.slots)
 
     def generate_rows(self) -> list[int]:
-        return sorted({self.rows(n) for n in range(1, self.slots + 1)})
+        return sorted({self.rows(n) for n in (*ROW_BUCKETS, self.slots) if n <= self.slots})
 
-    def counts(self) -> list[int]:
-        return sorted({self.count(n) for n in range(1, self.max_count + 1)})
-
-    def table(self) -> list[tuple[str, Callable]]:
-        """Every program at every shape the engine runs it, each run once on slots that hold nothing, where it
-        changes nothing that matters: [(what, run(state, mimi_state) -> (state, mimi_state)), ...]."""
+    def table(self, state, mimi_state) -> list[Program]:
+        """Every program at every shape the engine runs it, with arguments for `state` and `mimi_state` (the
+        engine's; lowering a program reads only their shapes and placements)."""
+        m, F = self.model, self.frames_per_call
         table = []
         for R in self.generate_rows():
-            table.append((f"generate {self.frames_per_call} frames for {R} slots",
-                          lambda st, ms, R=R: self.generate(st, ms, list(range(R)))[:2]))
-        for R in self.counts():
-            ids = list(range(R))
+            ids = None if R >= self.slots else self._put(np.arange(R), np.int32)
+            table.append(Program(f"generate {F} frames for {R} slots", generate_audio,
+                                 (m.params, m.cfg, m.mimi, state, mimi_state, ids, F, m.mesh)))
+        for C in self.counts:
+            ids = self._put(np.arange(C), np.int32)
             for P in csm.piece_sizes():
-                zeros = np.zeros((R, P, 33))
-                table.append((f"prefill {R} x {P} rows", lambda st, ms, ids=ids, z=zeros: (self._piece(
-                    st, self._put(ids, np.int32), self._put(z, np.int32), self._put(z, bool),
-                    self._put(z[:, 0, 0], np.int32)), ms)))
-            table.append((f"reset {R} slots", lambda st, ms, ids=ids: (self.reset(st, ids), ms)))
-            table.append((f"start {R} slots",
-                          lambda st, ms, ids=ids: self.start(st, ms, ids, [(0.0, 0, 0, 0)] * len(ids))))
-            table.append((f"stop {R} slots", lambda st, ms, ids=ids: (self.stop(st, ids), ms)))
-            table.append((f"rewind {R} slots", lambda st, ms, ids=ids: (self.rewind(st, ids, [0] * len(ids)), ms)))
+                z = np.zeros((C, P, 33))
+                table.append(Program(f"prefill {C} x {P} rows", csm.prefill,
+                                     (m.params, m.cfg, state, self._put(z, np.int32), self._put(z, bool),
+                                      self._put(z[:, 0, 0], np.int32), ids)))
+        ids, zeros = self._pad([0]), self._put(np.zeros(self.slots), np.int32)
+        table += [Program("reset slots", csm.reset_slots, (state, ids)),
+                  Program("start slots", csm.set_sampling, (state, ids, self._put(np.zeros(self.slots), np.float32),
+                                                           zeros, self._put(np.zeros(self.slots), np.uint32), zeros)),
+                  Program("reset Mimi streams", m.mimi_reset_program(mimi_state),
+                          (mimi_state, self._put(np.zeros(self.slots), bool), self.mimi_fresh)),
+                  Program("stop slots", csm.stop_slots, (state, ids)),
+                  Program("rewind slots", csm.rewind_slots, (state, ids, zeros))]
         return table
+
+    def compile(self, state, mimi_state, progress: Callable[[int, int, str], None] | None = None,
+                workers: int | None = None) -> list[tuple[Program, jax.stages.Compiled]]:
+        """Compiles every program of the table ahead of time, `workers` at once (default: one per core of the
+        host), without running any; uses JAX's on-disk compile cache when enabled. `progress(compiled, total,
+        what)` after each. Returns each program with its compiled form (for its memory analysis)."""
+        table = self.table(state, mimi_state)
+        workers = max(1, min(len(table), workers or os.cpu_count() or 1))
+        compiled = {}
+        with ThreadPoolExecutor(workers, thread_name_prefix="csm-compile") as pool:
+            running = {pool.submit(lambda p: p.fn.lower(*p.args).compile(), p): i for i, p in enumerate(table)}
+            for future in as_completed(running):  # progress told from the caller's thread
+                i = running[future]
+                try:
+                    compiled[i] = future.result()
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)  # those not started never start
+                    raise
+                if progress is not None:
+                    progress(len(compiled), len(table), table[i].what)
+        return [(p, compiled[i]) for i, p in enumerate(table)]
 
     # ----------------------------------------------------------------------------------------- programs
 
@@ -136,19 +189,16 @@ class Programs:
 
     def prefill(self, state, slot_ids: list[int], tokens: np.ndarray, mask: np.ndarray, lengths: np.ndarray):
         """Appends prompt rows to the distinct slots `slot_ids` (n,): tokens and mask (n, S, 33), lengths (n,)
-        rows each (the rest is padding)."""
-        n, R = len(slot_ids), self.count(len(slot_ids))
-        chosen = set(slot_ids)
-        others = [s for s in range(self.slots) if s not in chosen][:R - n]
-        pad = lambda x: np.concatenate([x, np.zeros((R - n,) + x.shape[1:], x.dtype)])  # noqa: E731
-        padded = self._put(slot_ids + others, np.int32)
+        rows each (the rest is padding); in groups of `counts` slots (`split_counts`)."""
         put = lambda x: self._put(x, x.dtype)  # noqa: E731 - one transfer per piece array (replicated on a mesh)
-        for t, m, ln in csm.prefill_pieces(pad(tokens), pad(mask), pad(lengths), put=put):
-            state = self._piece(state, padded, t, m, ln)
+        start = 0
+        for C in split_counts(len(slot_ids), self.counts):
+            group = slice(start, start + C)
+            ids = self._put(slot_ids[group], np.int32)
+            for t, m, ln in csm.prefill_pieces(tokens[group], mask[group], lengths[group], put=put):
+                state = csm.prefill(self.model.params, self.model.cfg, state, t, m, ln, ids)
+            start += C
         return state
-
-    def _piece(self, state, padded, tokens, mask, lengths):
-        return csm.prefill(self.model.params, self.model.cfg, state, tokens, mask, lengths, padded)
 
     def reset(self, state, slot_ids: list[int]):
         """The slots become empty: no context, position 0, finished."""
@@ -157,9 +207,8 @@ class Programs:
     def start(self, state, mimi_state, slot_ids: list[int], sampling: list[tuple]):
         """The slots generate from their last row with `sampling` ((temperature, topk, seed, max_frames) each),
         their Mimi streams fresh."""
-        R = self.count(len(slot_ids))
         cols = list(zip(*sampling))
-        pad = lambda v, dtype: self._put(list(v) + [v[0]] * (R - len(v)), dtype)  # noqa: E731
+        pad = lambda v, dtype: self._put(list(v) + [v[0]] * (self.slots - len(v)), dtype)  # noqa: E731
         state = csm.set_sampling(state, self._pad(slot_ids), pad(cols[0], np.float32), pad(cols[1], np.int32),
                                  pad(cols[2], np.uint32), pad(cols[3], np.int32))
         fresh = np.zeros(self.slots, bool)
@@ -171,8 +220,8 @@ class Programs:
 
     def rewind(self, state, slot_ids: list[int], rows: list[int]):
         """The slots forget their last `rows` rows each."""
-        R = self.count(len(slot_ids))
-        return csm.rewind_slots(state, self._pad(slot_ids), self._put(list(rows) + [0] * (R - len(rows)), np.int32))
+        rows = list(rows) + [0] * (self.slots - len(rows))  # the padding repeats the first slot, minus 0 rows
+        return csm.rewind_slots(state, self._pad(slot_ids), self._put(rows, np.int32))
 
     # ---------------------------------------------------------------------------------------- placement
 
@@ -181,6 +230,7 @@ class Programs:
         return self.model.put(values, dtype)
 
     def _pad(self, slot_ids: list[int]) -> jax.Array:
-        """`slot_ids` padded to their count bucket by repeating the first (the padding writes the same values)."""
-        R = self.count(len(slot_ids))
-        return self._put(list(slot_ids) + [slot_ids[0]] * (R - len(slot_ids)), np.int32)
+        """`slot_ids` padded to every slot by repeating the first (the padding writes the same values again)."""
+        if not 1 <= len(slot_ids) <= self.slots:
+            raise ValueError(f"{len(slot_ids)} slots updated together; the engine has {self.slots}")
+        return self._put(list(slot_ids) + [slot_ids[0]] * (self.slots - len(slot_ids)), np.int32)

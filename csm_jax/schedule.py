@@ -1,7 +1,8 @@
 """Which waiting requests the engine prefills at a step: new requests' first audio soon, running streams on time.
 
-    sched = Scheduler(max_count=8, max_rows=1024)
+    sched = Scheduler(max_rows=1024)
     chosen = sched.admit(now, [(slot, rows_left), ...])   # oldest first -> [(slot, rows to prefill now), ...]
+    groups = sched.groups([rows for _, rows in chosen])   # -> [(indices into chosen, padded rows), ...]
     sched.delivered(slot, now, seconds)                   # audio handed to a stream's client
     sched.finished(slot)                                  # the stream made its last frame
     sched.step_done(now, cost, measured)                  # a step ended: the step-time estimates learn from it
@@ -20,21 +21,23 @@ dispatched with it, so:
     prompt never stalls the running streams for its whole prefill. The queue (`PrefillQueue.waiting`) lists
     partly prefilled prompts first (oldest first), then new ones: what was started is finished first.
   - When every running stream's slack covers the next step plus the prefill, the waiting prompts are admitted
-    at once, oldest first, up to `max_rows` padded rows and `max_count` requests (and always the oldest one):
-    a new request's first audio comes first.
+    at once, oldest first, as many as `max_rows` padded rows hold (and always the oldest one; `max_count`
+    requests at most when given): a new request's first audio comes first.
   - Otherwise only as many rows as the smallest slack leaves room for are prefilled this step (the oldest
-    prompt's next rows and its group; none when not even one `row_step` piece fits): running streams keep
-    ahead of their playback.
+    prompt's next rows and those after it that fit; none when not even one `row_step` piece fits): running
+    streams keep ahead of their playback.
   - Unless generation itself is slower than real time (a step takes longer than the audio it makes,
     `step_audio_s`): then no deferral keeps the streams on time, and waiting requests go in at once.
   - Starvation either way is bounded: the oldest waiting prompt gets rows after at most `max_defer` steps
     that passed it over, whatever the slack; running streams generate at every step, and a step never prefills
     more than `max_rows` padded rows (one `row_step` piece when `max_rows` is smaller).
 
-Groups are bucketed by the rows each prompt prefills this step: with the oldest come the waiting prompts of its
-length class (padded rows within the same power of two of `row_step`-row pieces), and prompts no longer than the
-group's longest fill the rows the count bucket pads to anyway. A prefill of n requests computes
-bucket(n) x (longest rounded up to `row_step`) rows (see `cost`), so similar lengths waste little padding.
+The prompts admitted at a step are prefilled in groups (`groups`), one per length class: the prompts whose
+rows this step fill the same power of two of `row_step`-row pieces (up to 32 rows, 64, 128, 256, ...), each
+padded to the longest of its class, rounded up to `row_step`. A step's prefill then computes (`cost`), per
+class, its count times its padded length: similar lengths waste little padding, and a prompt never waits for
+another class. The engine runs each group as programs of 64, 8 or single requests (csm_jax.programs), so no
+request is ever padded in.
 
 Step times are estimated from the wall time between the ends of consecutive pipelined steps (moving averages):
 a step ends when the previous step's results are on the host, so the time between two ends is one generation
@@ -59,19 +62,20 @@ def bucket(n: int, lo: int = 1) -> int:
 class Scheduler:
     """Per-step admission of waiting prefills against the running streams' playback deadlines."""
 
-    def __init__(self, max_count: int = 8, max_rows: int = 1024, row_step: int = 32, max_defer: int = 4,
+    def __init__(self, max_count: int | None = None, max_rows: int = 1024, row_step: int = 32, max_defer: int = 4,
                  start_buffer_s: float = 0.0, step_audio_s: float | None = None, smoothing: float = 0.25):
-        """`max_count`: requests prefilled together at most (rounded down to a power of two); `max_rows`: padded
-        prompt rows per step at most (longer prompts are prefilled across steps); `row_step`: prompts are padded to
-        a multiple of it (csm.PREFILL_STEP); `max_defer`: steps the oldest waiting request may be passed over
-        for the running streams' sake; `start_buffer_s`: audio a client buffers before it starts playing (0:
-        playback starts with the first audio, the strictest assumption); `step_audio_s`: seconds of audio a
-        step makes per stream (None: unknown, streams are always protected); `smoothing`: weight of a new step-time
-        measurement in the moving averages."""
-        if max_count < 1 or max_rows < 1 or row_step < 1 or max_defer < 0 or not 0 < smoothing <= 1:
-            raise ValueError("the scheduler needs max_count, max_rows and row_step >= 1, max_defer >= 0 and "
-                             "0 < smoothing <= 1")
-        self.max_count, self.max_rows, self.row_step = 1 << (max_count.bit_length() - 1), max_rows, row_step
+        """`max_count`: requests prefilled at one step at most (None: as many as the rows allow); `max_rows`:
+        padded prompt rows per step at most (longer prompts are prefilled across steps); `row_step`: prompts
+        are padded to a multiple of it (csm.PREFILL_STEP); `max_defer`: steps the oldest waiting request may be
+        passed over for the running streams' sake; `start_buffer_s`: audio a client buffers before it starts
+        playing (0: playback starts with the first audio, the strictest assumption); `step_audio_s`: seconds of
+        audio a step makes per stream (None: unknown, streams are always protected); `smoothing`: weight of a
+        new step-time measurement in the moving averages."""
+        if (max_count is not None and max_count < 1) or max_rows < 1 or row_step < 1 or max_defer < 0 \
+                or not 0 < smoothing <= 1:
+            raise ValueError("the scheduler needs max_count (or None), max_rows and row_step >= 1, max_defer >= 0 "
+                             "and 0 < smoothing <= 1")
+        self.max_count, self.max_rows, self.row_step = max_count, max_rows, row_step
         self.max_defer, self.start_buffer_s, self.smoothing = max_defer, start_buffer_s, smoothing
         self.step_audio_s = step_audio_s
         self.step_s: float | None = None  # a generation step without prefill, seconds
@@ -108,11 +112,25 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------------------- admission
 
+    def padded(self, rows: int) -> int:
+        """`rows` rounded up to whole `row_step` pieces."""
+        return -(-rows // self.row_step) * self.row_step
+
+    def length_class(self, rows: int) -> int:
+        """The power of two of `row_step` pieces that holds `rows` rows (1, 2, 4, 8, ...)."""
+        return bucket(-(-rows // self.row_step))
+
+    def groups(self, rows: Sequence[int]) -> list[tuple[list[int], int]]:
+        """Prompts prefilling `rows` rows each at one step, by length class (in order of first appearance):
+        [(their indices in `rows`, the rows each is padded to: the class's longest, padded), ...]."""
+        classes: dict[int, list[int]] = {}
+        for i, n in enumerate(rows):
+            classes.setdefault(self.length_class(n), []).append(i)
+        return [(idx, self.padded(max(rows[i] for i in idx))) for idx in classes.values()]
+
     def cost(self, rows: Sequence[int]) -> int:
-        """Rows a prefill of prompts of `rows` rows computes: the count bucket times the longest, padded."""
-        if not rows:
-            return 0
-        return bucket(len(rows)) * -(-max(rows) // self.row_step) * self.row_step
+        """Rows a step's prefill of prompts of `rows` rows computes: per length class, count x padded length."""
+        return sum(len(idx) * length for idx, length in self.groups(rows))
 
     def budget(self, now: float) -> float:
         """Padded prompt rows the running streams' slack allows this step (at most `max_rows`)."""
@@ -145,34 +163,32 @@ class Scheduler:
         # Rows one prompt may prefill this step: whole pieces of `row_step` rows within the cap (at least one
         # piece when the head is forced in or the cap allows one).
         per = max(int(cap) // self.row_step * self.row_step, self.row_step if cap >= self.max_rows else 0)
-        rows = [(key, min(n, per)) for key, n in waiting]
-        chosen = [] if per == 0 else self._group(rows, 0, cap)
-        if chosen and chosen[0] == 0:
-            self.head, self.passed = None, 0
-        else:
+        if per == 0:
             self.passed += 1
             self.deferrals += 1
-        return [rows[i] for i in chosen]
+            return []
+        self.head, self.passed = None, 0
+        rows = [(key, min(n, per)) for key, n in waiting]
+        return [rows[i] for i in self._fill([n for _, n in rows], cap)]
 
-    def _group(self, waiting: Sequence[tuple[Hashable, int]], anchor: int, cap: float) -> list[int]:
-        """The anchor and the waiting requests of its length class (oldest first) within `cap` padded rows, then
-        shorter ones into the rows the count bucket pads to anyway."""
-        length_class = lambda rows: bucket(-(-rows // self.row_step))  # noqa: E731
-        chosen, longest = [anchor], waiting[anchor][1]
-        for i, (_, rows) in enumerate(waiting):
-            if len(chosen) == self.max_count:
+    def _fill(self, rows: Sequence[int], cap: float) -> list[int]:
+        """The first prompt, then each later one (oldest first) whose rows keep the step's cost within `cap`
+        (a longer prompt may raise its class's padded length), up to `max_count`."""
+        classes: dict[int, tuple[int, int]] = {}  # length class -> (prompts, padded length)
+        chosen, total = [], 0
+        for i, n in enumerate(rows):
+            if self.max_count is not None and len(chosen) == self.max_count:
                 break
-            if i != anchor and length_class(rows) == length_class(waiting[anchor][1]) \
-                    and self.cost([max(longest, rows)] * (len(chosen) + 1)) <= cap:
-                chosen.append(i)
-                longest = max(longest, rows)
-        padded = self.cost([longest])
-        for i, (_, rows) in enumerate(waiting):
-            if len(chosen) == bucket(len(chosen)) or len(chosen) == self.max_count:
-                break
-            if i not in chosen and self.cost([rows]) <= padded:
-                chosen.append(i)
-        return sorted(chosen)
+            c = self.length_class(n)
+            count, length = classes.get(c, (0, 0))
+            grown = max(length, self.padded(n))
+            extra = (count + 1) * grown - count * length
+            if chosen and total + extra > cap:
+                continue
+            classes[c] = (count + 1, grown)
+            total += extra
+            chosen.append(i)
+        return chosen
 
     # ---------------------------------------------------------------------------------------- step times
 

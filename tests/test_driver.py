@@ -152,10 +152,13 @@ def test_failed_step_in_the_callers_thread_tells_everyone_and_raises(gen, solo, 
 def test_warmup_failure_is_fatal_and_told(gen, monkeypatch):
     """A warm-up that fails in the driver's thread: `on_fatal` hears the cause, a request waiting for the
     warm-up ends with it, new ones are refused, and a dialogue's wait raises instead of waiting forever."""
-    def broken(*args):
-        raise RuntimeError("injected warm-up failure")
+    class Broken:  # the warm-up's first program: it fails to compile (and would fail to run)
+        def __call__(self, *args):
+            raise RuntimeError("injected warm-up failure")
 
-    monkeypatch.setattr(programs, "generate_audio", broken)  # the warm-up's first program
+        lower = __call__
+
+    monkeypatch.setattr(programs, "generate_audio", Broken())
     driver = gen.driver(1)
     fatal, waiting = [], Collect()
     driver.on_fatal = fatal.append

@@ -126,6 +126,31 @@ def test_requests_admitted_together_equal_alone(gen):
         np.testing.assert_array_equal(np.concatenate(results[id(r)]).T, _alone(gen, r)[1])
 
 
+def test_many_requests_admitted_within_the_row_budget_equal_alone(gen):
+    """64 requests submitted together on a 64-slot engine with a budget of 512 prompt rows a step: their prompts
+    (different texts, every one within 32 rows: 64 x 32 = 2,048 padded rows) are all prefilled after
+    ceil(2,048 / 512) = 4 steps (16 a step, as groups of 8), not 8 a step as before, and each gets the codes
+    it gets alone."""
+    engine = Engine(gen.model, slots=64, frames_per_call=4, prefill_rows=512, clock=lambda: 0.0)
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    reqs = [Request(f"Request {' '.join(words[:1 + k % 8])} at {k}.", speaker=k % 2, seed=k,
+                    temperature=0.0 if k % 5 == 0 else 0.9, max_audio_ms=240) for k in range(64)]
+    rows = [len(gen.model.prompt([], r.speaker, r.text, 3, False)[0]) for r in reqs]
+    assert max(rows) <= 32 and len(set(rows)) > 4
+    assert [engine.submit(r) for r in reqs] == list(range(64))
+    started, real_start = [], engine._start_slots
+    engine._start_slots = lambda slot_ids, sampling: (started.append(len(slot_ids)), real_start(slot_ids, sampling))
+    results, steps = {}, 0
+    while engine.busy():
+        _codes_by_owner(engine, results)
+        steps += 1
+        if steps <= 4:
+            assert len(started) == steps, started  # every step started some
+    assert started == [16, 16, 16, 16]
+    for r in reqs:
+        np.testing.assert_array_equal(np.concatenate(results[id(r)]).T, _alone(gen, r)[1])
+
+
 def test_conversation_slot_beside_requests_equals_the_whole_history(gen):
     """A dialogue holding a slot of a busy engine replies with the codes Sesame's way (the whole history as one
     prompt, alone) gives, and requests running beside it get their solo codes."""
@@ -249,10 +274,10 @@ def _codes_by_owner(engine, results):
         results.setdefault(id(ev.owner), []).append(ev.codes)
 
 
-def test_length_buckets_reorder_admission_and_codes_equal_alone(gen):
-    """Prompts of different length classes submitted together: the schedule prefills the short ones together
-    first (a later short one ahead of an earlier long one) and the long one at the next step, and every
-    request still gets its solo codes."""
+def test_length_classes_prefilled_as_groups_and_codes_equal_alone(gen):
+    """Prompts of different length classes submitted together are prefilled at one step, one group per class
+    (a later short one with the earlier short one, the long one apart), start together, and every request
+    still gets its solo codes."""
     engine = Engine(gen.model, slots=4, frames_per_call=4)
     rng = np.random.default_rng(7)
     voice = [Segment(1, "A voice prompt with audio.", codes=rng.integers(0, 2048, (32, 80)))]
@@ -262,18 +287,24 @@ def test_length_buckets_reorder_admission_and_codes_equal_alone(gen):
     rows = {id(r): len(gen.model.prompt(r.context, r.speaker, r.text, 6, False)[0]) for r in (short1, long_, short2)}
     assert rows[id(short1)] <= 32 and rows[id(short2)] <= 32 and rows[id(long_)] > 64  # different classes
     slots = [engine.submit(r) for r in (short1, long_, short2)]
-    admitted = []
-    real_start = engine._start_slots
+    admitted, groups = [], []
+    real_start, real_prefill = engine._start_slots, engine.programs.prefill
 
-    def spy(start_slots, sampling):
+    def spy_start(start_slots, sampling):
         admitted.append(sorted(start_slots))
         real_start(start_slots, sampling)
 
-    engine._start_slots = spy
+    def spy_prefill(state, slot_ids, tokens, mask, lengths):
+        groups.append((list(slot_ids), tokens.shape[1]))
+        return real_prefill(state, slot_ids, tokens, mask, lengths)
+
+    engine._start_slots, engine.programs.prefill = spy_start, spy_prefill
     results = {}
     while engine.busy():
         _codes_by_owner(engine, results)
-    assert admitted == [sorted([slots[0], slots[2]]), [slots[1]]]
+    assert admitted == [sorted(slots)]
+    padded = -(-rows[id(long_)] // 32) * 32
+    assert groups == [([slots[0], slots[2]], 32), ([slots[1]], padded)]
     for r in (short1, long_, short2):
         np.testing.assert_array_equal(np.concatenate(results[id(r)]).T,
                                       gen.generate_codes([r.text], speakers=r.speaker, contexts=[r.context],

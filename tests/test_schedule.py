@@ -1,8 +1,8 @@
 """The admission policy on a fake clock: waiting requests go in at once while the running streams have slack, a
 stream near its playback deadline gets only the rows its slack leaves room for (a long prompt is prefilled
-across steps), the oldest waiting request gets rows within max_defer + 1 steps whatever the slack, groups share
-a length class, and the step-time estimates follow the measured steps. Expected values are worked out by hand
-from the rules."""
+across steps), the oldest waiting request gets rows within max_defer + 1 steps whatever the slack, a step
+admits as many prompts as its rows hold, grouped by length class, and the step-time estimates follow the
+measured steps. Expected values are worked out by hand from the rules."""
 
 import pytest
 
@@ -64,15 +64,16 @@ def test_the_oldest_prompt_goes_on_within_the_slack():
     s = Scheduler(max_count=4, max_rows=1024)
     _learn(s, step_s=0.1, row_s=0.001)
     s.delivered("running", now=0.0, seconds=0.32)
-    # Slack 0.32 at t=0: room for 220 rows; the 500-row head gets 192 (six pieces), the 40-row one waits (with
-    # it, two rows of the batch of 192 each would exceed 220).
+    # Slack 0.32 at t=0: room for 220 rows; the 500-row head gets 192 (six pieces), the 40-row one waits (its
+    # group, 64 padded rows, would bring the step to 256).
     assert s.admit(0.0, [("long", 500), ("short", 40)]) == [("long", 192)]
     assert s.passed == 0
     # Next step (the engine lists the partly prefilled prompt first), room for 420 rows: the head's other 308
-    # rows all go in; the short one is of another length class, and two rows of 320 would exceed the cap.
+    # rows (320 padded) and the short one in its own length class (64) go in together: 384 rows.
     s.delivered("running", now=0.0, seconds=0.2)
     assert s.budget(0.0) == pytest.approx(420)
-    assert s.admit(0.0, [("long", 308), ("short", 40)]) == [("long", 308)]
+    assert s.admit(0.0, [("long", 308), ("short", 40)]) == [("long", 308), ("short", 40)]
+    assert s.groups([308, 40]) == [([0], 320), ([1], 64)] and s.cost([308, 40]) == 384
 
 
 def test_oldest_admitted_within_max_defer_steps_whatever_the_slack():
@@ -104,26 +105,34 @@ def test_finished_stream_no_longer_constrains():
     assert s.admit(1.0, [("x", 300)]) == [("x", 300)]
 
 
-def test_length_buckets_group_similar_prompts():
-    s = Scheduler(max_count=4, max_rows=4096)
+def test_length_classes_group_similar_prompts():
+    s = Scheduler(max_rows=4096)
     waiting = [("a", 40), ("b", 300), ("c", 50), ("d", 290), ("e", 60), ("f", 10)]
-    # a (40 rows: two 32-row pieces, class 2) goes with c and e (50, 60: class 2); three requests pad to four
-    # rows of the batch, so f (10 rows, no longer than the group's 64 padded rows) rides along for free.
-    assert s.admit(0.0, waiting) == [("a", 40), ("c", 50), ("e", 60), ("f", 10)]
-    assert s.cost([40, 50, 60, 10]) == 4 * 64
-    # Then b and d (300 and 290: class 16) together.
-    assert s.admit(0.0, [("b", 300), ("d", 290)]) == [("b", 300), ("d", 290)]
+    # Three length classes: a, c, e (40, 50, 60 rows: two 32-row pieces, padded to 64), b and d (300, 290: ten
+    # pieces, class 16, padded to 320) and f (10: one piece). 3 x 64 + 2 x 320 + 32 = 864 rows: all at once.
+    assert s.admit(0.0, waiting) == waiting
+    rows = [n for _, n in waiting]
+    assert s.groups(rows) == [([0, 2, 4], 64), ([1, 3], 320), ([5], 32)]
+    assert s.cost(rows) == 864
+    # Within 700 rows: a (64), then b (320: 384), c and d (64 + 320 would be 768: c goes, 448; d does not),
+    # e (512), f (544).
+    assert Scheduler(max_rows=700).admit(0.0, waiting) == [("a", 40), ("b", 300), ("c", 50), ("e", 60), ("f", 10)]
+    # A longer prompt raises its class's padded length for every prompt of the class: 33 and 64 rows cost
+    # 2 x 64; with a 100-row one (class 4: 128 rows) beside them, 256 rows.
+    assert s.cost([33, 64]) == 128 and s.cost([33, 64, 100]) == 256
 
 
 def test_group_respects_row_and_count_caps():
     s = Scheduler(max_count=2, max_rows=256)
     assert s.max_count == 2
-    # Three of one class: at most two together; 2 x 128 = 256 rows fit the cap.
+    # Three of one class: at most two at a step; 2 x 128 = 256 rows fit the cap.
     assert s.admit(0.0, [("a", 100), ("b", 120), ("c", 110)]) == [("a", 100), ("b", 120)]
     # A prompt over the cap goes in across steps: 256 rows now (then 256, then 188).
     assert s.admit(0.0, [("big", 700), ("small", 10)]) == [("big", 256)]
     # A cap under one piece still prefills one piece a step.
     assert Scheduler(max_rows=20).admit(0.0, [("big", 700)]) == [("big", 32)]
+    # Without max_count, as many as the rows hold: 256 rows take two of the three.
+    assert Scheduler(max_rows=256).admit(0.0, [("a", 100), ("b", 120), ("c", 110)]) == [("a", 100), ("b", 120)]
     with pytest.raises(ValueError, match="max_count"):
         Scheduler(max_count=0)
 

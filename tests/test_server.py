@@ -51,13 +51,18 @@ WARMUP_FAILS = """
 import runpy, sys, time
 from csm_jax import programs
 table = programs.Programs.table
-def slow_then_failing(self):
-    def slow(run):
-        return lambda state, mimi_state: (time.sleep(0.5), run(state, mimi_state))[1]
-    def fail(state, mimi_state):
+class Slow:
+    def __init__(self, fn):
+        self.fn = fn
+    def lower(self, *args):
+        time.sleep(0.5)
+        return self.fn.lower(*args)
+class Fail:
+    def lower(self, *args):
         raise RuntimeError("injected warm-up failure")
-    entries = table(self)
-    return [(what, slow(run)) for what, run in entries[:-1]] + [(entries[-1][0], fail)]
+def slow_then_failing(self, state, mimi_state):
+    entries = table(self, state, mimi_state)
+    return [p._replace(fn=Slow(p.fn)) for p in entries[:-1]] + [entries[-1]._replace(fn=Fail())]
 programs.Programs.table = slow_then_failing
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -720,7 +725,8 @@ def test_warmup_compiles_before_serving_and_health_says_so(csm_dir, tmp_path_fac
 def test_warmup_failure_ends_the_server_with_its_cause(csm_dir, tmp_path_factory):
     """A warm-up that fails (injected at its last program) ends the process non-zero with the cause on stderr,
     nothing left waiting; until then /health answers 503 "warming" with the programs compiled of the total:
-    with one slot, 1 generation program + 4 prefill piece sizes + reset, start, stop and rewind = 9."""
+    with one slot, 1 generation program + 4 prefill piece sizes + reset, start, Mimi reset, stop and rewind =
+    10."""
     voices = tmp_path_factory.mktemp("voices-fail")
     port = _free_port()
     logs = tmp_path_factory.mktemp("log-fail")
@@ -751,5 +757,5 @@ def test_warmup_failure_ends_the_server_with_its_cause(csm_dir, tmp_path_factory
     warming = [body for status, body in seen if body["status"] == "warming"]
     assert warming and all(status == 503 for status, body in seen if body["status"] == "warming"), seen
     compiled = [body["warmup"]["compiled"] for body in warming]
-    assert {body["warmup"]["programs"] for body in warming} == {9}
-    assert compiled == sorted(compiled) and len(set(compiled)) >= 2 and max(compiled) <= 8, compiled
+    assert {body["warmup"]["programs"] for body in warming} == {10}
+    assert compiled == sorted(compiled) and len(set(compiled)) >= 2 and max(compiled) <= 9, compiled

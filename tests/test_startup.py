@@ -1,0 +1,75 @@
+"""Start-up: the programs an engine compiles (few), and what each needs in memory beside the state it updates
+in place.
+
+Memory is XLA's own account of each compiled program (`memory_analysis()`), compiled from shapes alone (no
+state of that size is made, nothing runs) at two slot counts: a program that copied the generation state's
+cache or the Mimi decoder state (or held both an old and a new version of it) would need scratch growing with
+every slot's whole state; one that updates them in place needs only its rows' activations."""
+
+import jax
+import pytest
+
+from csm_jax import csm
+from csm_jax.bundle import ModelBundle
+from csm_jax.mimi import init_decoder_state
+from csm_jax.programs import Programs, split_counts
+
+F = 4
+
+
+@pytest.fixture(scope="module")
+def model(csm_dir):
+    return ModelBundle(str(csm_dir))
+
+
+def _shapes(model, slots):
+    dtype = model.params["text_embed"].dtype
+    return (jax.eval_shape(lambda: csm.GenState.create(model.cfg, slots, dtype)),
+            jax.eval_shape(lambda: init_decoder_state(model.mimi, slots)))
+
+
+def test_few_programs_at_full_size(model, csm_dir):
+    """csm-1b at 1,024 slots: 5 generation programs (1, 8, 64, 256 and every slot), prefill for groups of 64, 8
+    and 1 requests at 4 piece sizes, 5 slot updates: 22 programs (powers of two compiled 11 + 16 + 16 = 43)."""
+    cfg = csm.CsmConfig.csm_1b()
+    params = jax.eval_shape(lambda: csm.init_params(cfg, jax.random.key(0)))
+    big = ModelBundle.from_parts(cfg, params, model.mimi, str(csm_dir / "tokenizer.json"))
+    programs = Programs(big, 1024, F)
+    names = [p.what for p in programs.table(*_shapes(big, 1024))]
+    assert names == ([f"generate {F} frames for {r} slots" for r in (1, 8, 64, 256, 1024)]
+                     + [f"prefill {c} x {p} rows" for c in (64, 8, 1) for p in (32, 64, 96, 128)]
+                     + ["reset slots", "start slots", "reset Mimi streams", "stop slots", "rewind slots"])
+    # Rows of a generation step by generating slots; requests of a prefill split into groups, none padded.
+    assert [programs.rows(n) for n in (1, 2, 8, 9, 64, 65, 256, 257, 1024)] == [1, 8, 8, 64, 64, 256, 256, 1024,
+                                                                              1024]
+    assert split_counts(137, programs.counts) == [64, 64, 8, 1] and split_counts(7, programs.counts) == [1] * 7
+    assert Programs(big, 300, F).generate_rows() == [1, 8, 64, 256, 300]
+
+
+def test_no_program_copies_the_state(model):
+    """Each serving program compiled at 16 and at 32 slots (the tiny model: a slot's cache is 4.2 MB, its Mimi
+    decoder state 8.4 MB): the scratch (temp) grows by less than half of the 16 added slots' cache, where a
+    second copy of the cache or of the Mimi state would add at least all of it (the streaming Mimi decoder
+    once held a second copy of its state in scratch at every step); and every program returns exactly its own
+    results beside the state it updates in place (outputs aliased to the donated inputs)."""
+    slot_cache = 2 * 2 * (2 * 2048 * 64) * 4  # tiny backbone: 2 layers x (k, v) x (2 kv heads x 2048 x 64) fp32
+    analysis = {}
+    for slots in (16, 32):
+        table = Programs(model, slots, F).table(*_shapes(model, slots))
+        for p in table:
+            if p.what in (f"generate {F} frames for 8 slots",) or p.what.startswith("prefill") and p.what not in (
+                    "prefill 8 x 128 rows", "prefill 1 x 32 rows"):
+                continue  # one generation of a subset of the slots, the largest and the smallest prefill
+            kind = "generate every slot" if p.what == f"generate {F} frames for {slots} slots" else p.what
+            analysis.setdefault(kind, {})[slots] = p.fn.lower(*p.args).compile().memory_analysis()
+    assert len(analysis) == 9 and all(len(by_slots) == 2 for by_slots in analysis.values()), list(analysis)
+    for kind, by_slots in analysis.items():
+        grown = by_slots[32].temp_size_in_bytes - by_slots[16].temp_size_in_bytes
+        assert grown < 16 * slot_cache / 2, f"{kind}: scratch grew {grown / 1e6:.1f} MB from 16 to 32 slots"
+        for slots, m in by_slots.items():
+            rows = slots if kind == "generate every slot" else int(kind.split()[-2]) if "generate" in kind else 0
+            # A generation step's results: pcm (R, F x 1920) fp32, codes (R, F, 32) int32, valid (R, F), done (R,);
+            # the per-slot scalars (position, flags, key: 29 bytes a slot) may come back as new buffers.
+            results = rows * F * (1920 * 4 + 32 * 4 + 1) + rows
+            new = m.output_size_in_bytes - m.alias_size_in_bytes
+            assert results <= new <= results + 29 * slots, (kind, slots, new, results)
