@@ -33,6 +33,11 @@ from csm_jax.quantize import quantize_csm
 from csm_jax.schedule import bucket
 from csm_jax.text import Segment, Tokenizer, build_prompt
 
+# Kept for the programs' temporaries when a device's slots are counted: a share of its memory, and at least
+# the largest scratch csm-1b's programs need (prefill of 64 x 128 rows: 7.1 GB in fp32, bench_startup.py).
+SLOT_HEADROOM = 0.1
+MIN_HEADROOM = 8 * 2**30
+
 
 class ModelBundle:
     """A loaded CSM + Mimi + tokenizer: parameters, config, and the audio and prompt helpers every part uses."""
@@ -77,8 +82,8 @@ class ModelBundle:
         sharding.check_mesh(mesh)
         self.mesh = mesh
         # Programs compiled for this bundle's mesh, made on first use: ("state", slots) -> a GenState maker,
-        # ("mimi_reset", slots) -> the row reset. Every state they return is placed as sharding's description
-        # says, exactly as the engine's generation program returns it: a program's compiled form depends on its
+        # ("mimi_reset", slots) -> the row reset. Every state they return is placed as sharding's description says,
+        # exactly as the engine's generation program returns it: a program's compiled form depends on its
         # inputs' shardings, and equivalent but unequal ones would compile the next program again while serving.
         self._programs: dict = {}
         if mesh is not None:
@@ -99,6 +104,44 @@ class ModelBundle:
     def check_slots(self, slots: int) -> None:
         """Raises unless `slots` slots split evenly over the mesh's "data" devices (sharding.check_split)."""
         sharding.check_split(slots, self.mesh)
+
+    def slot_bytes(self) -> int:
+        """Bytes one slot holds on its device: its generation state (KV cache for max_seq_len positions,
+        position, sampling settings) and its streaming Mimi decoder state, from their shapes (on a mesh, the
+        part its device holds: the cache's kv heads may be split along "model")."""
+        dtype, n = self.params["text_embed"].dtype, self.data_size  # one slot per device
+        gen = jax.eval_shape(lambda: GenState.create(self.cfg, n, dtype))
+        mimi = jax.eval_shape(lambda: init_decoder_state(self.mimi, n))
+        if self.mesh is None:
+            shapes = [x.shape for x in jax.tree.leaves((gen, mimi))]
+        else:
+            placed = (sharding.state_shardings(gen, self.mesh), sharding.stream_shardings(mimi, self.mesh))
+            shapes = [s.shard_shape(x.shape) for x, s in zip(jax.tree.leaves((gen, mimi)), jax.tree.leaves(placed))]
+        return sum(int(np.prod(shape)) * x.dtype.itemsize for shape, x in zip(shapes, jax.tree.leaves((gen, mimi))))
+
+    def slots_that_fit(self, stats: dict | None = None) -> tuple[int, str]:
+        """The most slots a device's memory holds beside what it already holds (the parameters), keeping
+        SLOT_HEADROOM of its memory (at least MIN_HEADROOM bytes) for the programs' temporaries: (slots, why in
+        words). `stats`: the device's memory_stats() (default: the first device of the mesh, or the default
+        one), which give "bytes_limit" and "bytes_in_use". A multiple of 8 per device, times the mesh's "data"
+        size. ValueError when the device reports no memory (CPUs don't) or holds fewer than 8 slots."""
+        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        stats = device.memory_stats() if stats is None else stats
+        if not stats or "bytes_limit" not in stats:
+            raise ValueError(f"the device ({device.platform}) reports no memory figures (memory_stats), so the "
+                             "slots that fit cannot be computed: give a number of slots")
+        limit, used, per = stats["bytes_limit"], stats.get("bytes_in_use", 0), self.slot_bytes()
+        kept = max(limit * SLOT_HEADROOM, MIN_HEADROOM)
+        n = int((limit - kept - used) // per) // 8 * 8
+        GiB = 2**30
+        if n < 8:
+            raise ValueError(f"the device's memory ({limit / GiB:.1f} GiB, {used / GiB:.1f} GiB in use) holds fewer "
+                             f"than 8 slots of {per / 2**20:.0f} MiB with {kept / GiB:.1f} GiB kept for the "
+                             "programs: give a number of slots, or use a device with more memory")
+        why = (f"{limit / GiB:.1f} GiB of device memory for JAX, {used / GiB:.1f} GiB in use (the parameters), "
+               f"{kept / GiB:.1f} GiB kept for the programs' temporaries, {per / 2**20:.1f} MiB per slot (cache of "
+               f"{self.cfg.max_seq_len} positions and Mimi's decoder)")
+        return n * self.data_size, why + (f", {n} on each of {self.data_size} devices" if self.data_size > 1 else "")
 
     def put(self, values, dtype) -> jax.Array:
         """Host values to the device(s) as `dtype`: a plain transfer (jnp.asarray would compile a conversion),

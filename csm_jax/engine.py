@@ -48,6 +48,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 
 from csm_jax.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
@@ -86,7 +87,7 @@ class Engine:
     """Slots on the device, shared by plain requests (`submit`) and held conversations (`hold`)."""
 
     def __init__(self, model: ModelBundle, slots: int = 4, frames_per_call: int = FRAMES_PER_CALL,
-                 max_prefill: int | None = None, prefill_rows: int = 1024, schedule: Scheduler | None = None,
+                 max_prefill: int | None = None, prefill_rows: int = 8192, schedule: Scheduler | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         """`model`: the loaded model (csm_jax.bundle).
         `max_prefill`: requests prefilled at one step at most (None: as many as the rows allow);
@@ -369,9 +370,27 @@ class Engine:
         generating slots, prefill for each group count and piece size, slot updates) ahead of time, `workers`
         at once (default: one per core), running none; uses JAX's on-disk compile cache when enabled.
         `progress(compiled, total, what)` after each. Returns the number of programs. Call it with every slot
-        free. `compiled` keeps each program with its compiled form (its memory analysis)."""
+        free. `compiled` keeps each program with its compiled form (its memory analysis). A device whose
+        memory (beside the state and the parameters) cannot hold the largest program's scratch fails here
+        (RuntimeError, with how much), not at the first request that runs it."""
         with self.lock:
             if self.owners:
                 raise RuntimeError("warm the engine up before it has work")
             self.compiled = self.programs.compile(self.state, self.mimi_state, progress, workers)
+            self._check_scratch()
             return len(self.compiled)
+
+    def _check_scratch(self) -> None:
+        if not self.compiled:
+            return
+        device = self.model.mesh.devices.flat[0] if self.model.mesh is not None else jax.devices()[0]
+        stats = device.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return
+        need, what = max((m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, p.what)
+                         for p, m in ((p, c.memory_analysis()) for p, c in self.compiled))
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        if need > free:
+            raise RuntimeError(f"the program '{what}' needs {need / 2**30:.1f} GiB of scratch, and the device has "
+                               f"{free / 2**30:.1f} GiB free beside the state of {self.slots} slots and the "
+                               "parameters: use fewer slots (or --slots auto)")

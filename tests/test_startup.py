@@ -1,5 +1,5 @@
-"""Start-up: the programs an engine compiles (few), and what each needs in memory beside the state it updates
-in place.
+"""Start-up: the programs an engine compiles (few), what each needs in memory beside the state it updates in
+place, and the slots a device's memory holds.
 
 Memory is XLA's own account of each compiled program (`memory_analysis()`), compiled from shapes alone (no
 state of that size is made, nothing runs) at two slot counts: a program that copied the generation state's
@@ -7,6 +7,7 @@ cache or the Mimi decoder state (or held both an old and a new version of it) wo
 every slot's whole state; one that updates them in place needs only its rows' activations."""
 
 import jax
+import numpy as np
 import pytest
 
 from csm_jax import csm
@@ -73,3 +74,27 @@ def test_no_program_copies_the_state(model):
             results = rows * F * (1920 * 4 + 32 * 4 + 1) + rows
             new = m.output_size_in_bytes - m.alias_size_in_bytes
             assert results <= new <= results + 29 * slots, (kind, slots, new, results)
+
+
+def test_slots_that_fit_the_device_memory(model):
+    """The rule: (memory limit - what is kept for the programs - bytes in use) // bytes per slot, rounded down
+    to a multiple of 8; kept: 10% of the limit, at least 8 GiB. A slot of the tiny model, worked out by hand
+    from the shapes: its generation state (cache k and v, 2 layers x 2 kv heads x 2048 positions x 64, fp32;
+    the cache's positions; h of 512; 29 bytes of position, done, frame count and cap, temperature, top-k and
+    PRNG key) and its Mimi decoder state (8 layers' rings: k and v 8 heads x 256 cells x 64 fp32 and 256
+    positions; SEANet's convolution histories, 11,648 floats; the upsample's 2 x 512; offset and first)."""
+    gen = 2 * 2 * (2 * 2048 * 64) * 4 + 2048 * 4 + 512 * 4 + 29
+    mimi = 8 * (2 * 8 * 256 * 64 * 4 + 256 * 4) + 11_648 * 4 + 2 * 512 * 4 + 4 + 1
+    per = gen + mimi
+    assert model.slot_bytes() == per and np.isclose(per / 2**20, 12.07, atol=0.01)
+    GiB = 2**30
+    slots, why = model.slots_that_fit({"bytes_limit": 100 * GiB, "bytes_in_use": GiB})  # keeps 10 GiB
+    assert slots == int((89 * GiB) // per) // 8 * 8 == 7552
+    assert "100.0 GiB" in why and "10.0 GiB kept" in why and "12.1 MiB per slot" in why
+    slots, why = model.slots_that_fit({"bytes_limit": 10 * GiB, "bytes_in_use": GiB})  # keeps 8 GiB
+    assert slots == int(GiB // per) // 8 * 8 == 80 and "8.0 GiB kept" in why
+    with pytest.raises(ValueError, match="fewer than 8 slots"):
+        model.slots_that_fit({"bytes_limit": 8 * GiB + 50 * 2**20, "bytes_in_use": 0})  # 50 MiB: 4 slots
+    if not jax.devices()[0].memory_stats():  # a CPU: no figures to count from
+        with pytest.raises(ValueError, match="reports no memory figures"):
+            model.slots_that_fit()

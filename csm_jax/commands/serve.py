@@ -59,8 +59,14 @@ class Args:
     """Folder of named voice prompts (see above)."""
     host: str = "127.0.0.1"
     port: int = 8000
-    slots: int = 4
-    """Utterances generated at once on the device; conversations each hold one of them."""
+    slots: Union[int, Literal["auto"]] = 4
+    """Utterances generated at once on the device; conversations each hold one of them. auto: the most the
+    device's memory holds (each slot's cache of 2048 positions and Mimi state, beside the parameters; 10% of
+    it, at least 8 GiB, kept for the programs' temporaries), said in the log; devices that report no memory
+    (CPUs) need a number."""
+    prefill_rows: int = 8192
+    """Prompt rows prefilled per engine step at most (fewer when a stream's audio is close to its playback);
+    many requests arriving together are prefilled in few steps."""
     devices: int = 1
     """Local devices to serve on (the first N of jax.local_devices(); 0: all): the slots are split evenly over
     them (data parallel, csm_jax.sharding), so --slots must be a multiple of N. 1: the default device alone."""
@@ -125,13 +131,20 @@ def main(args: Args) -> None:
 
     configure_logging(args.log_format)  # also warm-up progress
     keys = collect_keys(args.api_key, args.api_key_file, os.environ)
-    mesh = _mesh(args.devices, args.slots)
+    mesh = _mesh(args.devices, None if args.slots == "auto" else args.slots)
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=args.dtype, frames_per_call=args.frames_per_call,
                     quantize=args.quantize, mesh=mesh)
+    slots = args.slots
+    if slots == "auto":
+        try:
+            slots, why = gen.model.slots_that_fit()
+        except ValueError as e:
+            raise ValueError(f"--slots auto: {e}") from None
+        logging.getLogger("serve").info("--slots auto: %d slots (%s)", slots, why)
     voices = load_voices(args.voices_dir, gen.model)
     conv = args.converse
-    driver = gen.driver(args.slots, max_queue=args.max_queue)
+    driver = gen.driver(slots, max_queue=args.max_queue, prefill_rows=args.prefill_rows)
     # Conversations hold slots of the same engine; with --warmup the Mimi encoder is compiled for every turn length.
     factory = conv.factory(driver, args.warmup, lambda msg: logging.getLogger("serve").info("warm-up: %s", msg)) \
         if conv else None
@@ -151,8 +164,9 @@ def main(args: Args) -> None:
           shutdown_grace=args.shutdown_grace)
 
 
-def _mesh(devices: int, slots: int):
-    """A ("data", "model") mesh over the first `devices` local devices (0: all); None for one device."""
+def _mesh(devices: int, slots: int | None):
+    """A ("data", "model") mesh over the first `devices` local devices (0: all); None for one device. `slots`
+    (None: chosen later) must split evenly over it."""
     import jax
 
     from csm_jax import sharding
@@ -163,7 +177,8 @@ def _mesh(devices: int, slots: int):
                          f"{len(local)}, or 0 for all")
     mesh = sharding.device_mesh(devices or None, devices=local)
     try:
-        sharding.check_split(slots, mesh)
+        if slots is not None:
+            sharding.check_split(slots, mesh)
     except ValueError as e:
         raise ValueError(f"--slots: {e}") from None
     return mesh
