@@ -166,7 +166,8 @@ def test_warmup_failure_is_fatal_and_told(gen, monkeypatch):
     driver.start_thread(warmup=True)
     driver.thread.join(120)
     assert [str(e) for e in fatal] == ["injected warm-up failure"] and driver.fatal is fatal[0]
-    assert not driver.warming and driver.warmup_progress[0] == 0
+    compiled, total = driver.warmup_progress  # (programs compile several at once: others may have finished)
+    assert not driver.warming and compiled < total
     assert waiting.finished.is_set() and "injected warm-up failure" in waiting.events[-1].error
     with pytest.raises(EngineFailed, match="its warm-up failed .RuntimeError: injected warm-up failure."):
         driver.submit(REQUESTS[0], Collect())
