@@ -111,7 +111,9 @@ def _attend_ring(q, k, v, pos, ring, active):
     delta = pos[:, :, None] - cpos[:, None, :]
     visible = (cpos[:, None, :] >= 0) & (delta >= 0) & (delta < CONTEXT)
     logits = jnp.einsum("btnh,bnsh->bnts", q, ck) / math.sqrt(H)
-    logits = jnp.where(visible[:, None], logits.astype(jnp.float32), -jnp.inf)
+    # A finite floor, not -inf: an inactive row of an empty ring (a free slot) sees no cell, and its output,
+    # unused, stays finite instead of NaN; a row that sees a cell gets exactly the weights -inf gives (exp -> 0).
+    logits = jnp.where(visible[:, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     w = jax.nn.softmax(logits, axis=-1).astype(cv.dtype)
     return jnp.einsum("bnts,bnsh->btnh", w, cv).reshape(B, T, N * H), (ck, cv, cpos)
 
