@@ -61,12 +61,12 @@ class Args:
     port: int = 8000
     slots: Union[int, Literal["auto"]] = 4
     """Utterances generated at once on the device; conversations each hold one of them. auto: the most the
-    device's memory holds (each slot's cache of 2048 positions and Mimi state, beside the parameters; 10% of
-    it, at least 8 GiB, kept for the programs' temporaries), said in the log; devices that report no memory
-    (CPUs) need a number."""
+    device's memory holds (each slot's cache of the model's context, 2,048 positions for csm-1b, and its Mimi
+    state, beside the parameters; 10% of the memory, at least 8 GiB, kept for the programs' temporaries), said
+    in the log; devices that report no memory (CPUs) need a number."""
     prefill_rows: int = 8192
-    """Prompt rows prefilled per engine step at most (fewer when a stream's audio is close to its playback);
-    many requests arriving together are prefilled in few steps."""
+    """Prompt rows prefilled per engine step at most (fewer when a stream's audio is close to its playback; a
+    longer prompt goes in across steps); many requests arriving together are prefilled in few steps."""
     devices: int = 1
     """Local devices to serve on (the first N of jax.local_devices(); 0: all): the slots are split evenly over
     them (data parallel, csm_jax.sharding), so --slots must be a multiple of N. 1: the default device alone."""
@@ -130,6 +130,9 @@ def main(args: Args) -> None:
     from csm_jax.server.logs import configure_logging
 
     configure_logging(args.log_format)  # also warm-up progress
+    if args.prefill_rows < 1:
+        raise ValueError(f"--prefill-rows {args.prefill_rows}: give at least 1 (prompt rows prefilled per step; "
+                         "8192 by default)")
     keys = collect_keys(args.api_key, args.api_key_file, os.environ)
     mesh = _mesh(args.devices, None if args.slots == "auto" else args.slots)
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
