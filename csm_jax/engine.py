@@ -88,19 +88,26 @@ class Engine:
 
     def __init__(self, model: ModelBundle, slots: int = 4, frames_per_call: int = FRAMES_PER_CALL,
                  max_prefill: int | None = None, prefill_rows: int = 8192, schedule: Scheduler | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, programs: Programs | None = None):
         """`model`: the loaded model (csm_jax.bundle).
         `max_prefill`: requests prefilled at one step at most (None: as many as the rows allow);
         `prefill_rows`: padded prompt rows prefilled per step at most (a longer prompt goes in across steps), so
         admitting long prompts never stalls the generating slots.
         `schedule`: decides which waiting requests each step prefills (default: csm_jax.schedule.Scheduler
-        with these two limits); `clock`: its time source, seconds."""
+        with these two limits); `clock`: its time source, seconds.
+        `programs`: the device programs (default: csm_jax.programs.Programs of `model`); a stand-in with their
+        methods, made for the same slots and frames per call, runs the engine without a device
+        (csm_jax.testing.stub_device)."""
         if slots < 1 or frames_per_call < 1:
             raise ValueError("an engine needs at least one slot and one frame per call")
         model.check_slots(slots)
         self.model, self.cfg = model, model.cfg
         self.slots, self.frames_per_call = slots, frames_per_call
-        self.programs = Programs(model, slots, frames_per_call)
+        self.programs = programs if programs is not None else Programs(model, slots, frames_per_call)
+        if (self.programs.slots, self.programs.frames_per_call) != (slots, frames_per_call):
+            raise ValueError(f"the programs were made for {self.programs.slots} slots and "
+                             f"{self.programs.frames_per_call} frames per call, the engine has {slots} and "
+                             f"{frames_per_call}: make them with the engine's")
         self.max_prefill, self.prefill_rows = max_prefill, prefill_rows
         self.schedule = schedule if schedule is not None else Scheduler(
             max_prefill, prefill_rows, row_step=PREFILL_STEP, step_audio_s=frames_per_call * FRAME_MS / 1000)

@@ -83,6 +83,17 @@ def _generate_audio(params, mimi, state: csm.GenState, mimi_state, *, cfg: csm.C
     return state, mimi_state, (jnp.moveaxis(pcm, 0, 1).reshape(pcm.shape[1], -1), codes, valid, done)
 
 
+def bucket_rows(active: int, slots: int) -> int:
+    """Rows one generation program computes for `active` generating slots of `slots` on one device: the next of
+    ROW_BUCKETS below every slot, else every slot."""
+    return next((r for r in ROW_BUCKETS if r >= active and r < slots), slots)
+
+
+def group_counts(slots: int) -> tuple[int, ...]:
+    """The GROUP_COUNTS an engine of `slots` slots prefills in (none larger than its slots)."""
+    return tuple(c for c in GROUP_COUNTS if c <= slots)
+
+
 def split_counts(n: int, counts: tuple[int, ...]) -> list[int]:
     """`n` requests as groups of `counts` (largest first, the last 1): as many of the largest as fit, then of
     the next, ... (64 + 64 + 8 + 1 for 137). No group is padded."""
@@ -106,7 +117,7 @@ class Programs:
 
     def __init__(self, model: ModelBundle, slots: int, frames_per_call: int):
         self.model, self.slots, self.frames_per_call = model, slots, frames_per_call
-        self.counts = tuple(c for c in GROUP_COUNTS if c <= slots)
+        self.counts = group_counts(slots)
         self.mimi_fresh = model.replicate(init_decoder_state(model.mimi, 1))  # what a reset Mimi row becomes
 
     # ------------------------------------------------------------------------------------------- shapes
@@ -118,7 +129,7 @@ class Programs:
         "Mesh")."""
         if self.model.mesh is not None:
             return self.slots
-        return next((r for r in ROW_BUCKETS if r >= active and r < self.slots), self.slots)
+        return bucket_rows(active, self.slots)
 
     def generate_rows(self) -> list[int]:
         return sorted({self.rows(n) for n in (*ROW_BUCKETS, self.slots) if n <= self.slots})

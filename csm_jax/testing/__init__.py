@@ -3,6 +3,7 @@
   inputs.py       speech-like test audio, a random prompt of CSM rows, the Llama-3 tokenizer file the tests use
   tiny_csm.py     a tiny random CSM in transformers' and Sesame's file layouts (built with transformers)
   random_mimi.py  a random Mimi in Kyutai's and transformers' file layouts (built with moshi)
+  stub_device.py  the engine's device programs on the host, costing seconds of a fake clock (no accelerator)
 
 The checkpoint builders run the PyTorch references (torch, transformers, moshi), which only the test extra
 installs: they import them when called and say what to install when one is missing.
