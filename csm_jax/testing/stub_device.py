@@ -1,5 +1,6 @@
 """A device stand-in: the engine's programs run on the host and cost seconds of a clock, so the real engine,
-driver, schedule and server run without an accelerator (benchmarks/simulate_serving.py drives them so).
+driver, schedule and server run without an accelerator (benchmarks/simulate_serving.py drives them so, and
+benchmarks/bench_host.py measures the host's own work per step so).
 
     clock = FakeClock()                                      # or WallClock(): programs that take real seconds
     device = StubDevice(slots, frames_per_call, clock, generate_s=lambda rows: 0.1, prefill_s=lambda rows: 0.0)
@@ -15,9 +16,9 @@ What the programs do, as far as the engine's results depend on it: generation ma
 slot until its frame cap, as csm.run_frames does (a slot is done in the results of the frame that reaches its
 cap; codes 1, never an end of speech) and costs `generate_s(rows)`, with the rows the real programs compute
 (csm_jax.programs.bucket_rows). Each slot's PCM is its own row of `pcm` at every step (default: uniform in
-[-1.2, 1.2], partly out of range, as a decoder's output can be). Prefill splits the requests into the real groups (`split_counts`) and pieces
-(csm.prefill_pieces), each call costing `prefill_s(requests x piece rows)`. Slot updates (reset, start, stop,
-rewind) cost nothing.
+[-1.2, 1.2], partly out of range, as a decoder's output can be). Prefill splits the requests into the real
+groups (`split_counts`) and pieces (csm.prefill_pieces), each call costing `prefill_s(requests x piece rows)`.
+Slot updates (reset, start, stop, rewind) cost nothing.
 """
 
 from __future__ import annotations
