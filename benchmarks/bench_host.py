@@ -17,10 +17,10 @@ real shapes, are ready then. The real engine, driver and server run on them; N r
   send    what writing a chunk to a socket adds: uvicorn with the server's own protocol
           (csm_jax.server.protocol) streaming chunks of one step's size to --readers clients in another
           process; this process's CPU seconds per chunk. One chunk per slot and step.
-Each part is measured over --windows windows of --steps steps once every request has its first audio; the
-least disturbed window counts (the machine may be shared). Printed per N: microseconds per slot and step of each
-part, the host's milliseconds per step in all (engine + server fan-out + N sends), the device step and the
-host's share of it. The last line is JSON.
+The engine and server parts are measured over --windows windows of --steps steps once every request has its
+first audio, the send part --windows times; the least disturbed window counts (the machine may be shared).
+Printed per N: microseconds per slot and step of each part, the host's milliseconds per step in all (engine +
+server fan-out + N sends), the device step and the host's share of it. The last line is JSON.
 
 With --check (and --quick) every byte the server sends is checked: the WAV header, then one chunk per step,
 each the 16-bit PCM of its slot's stub PCM by the formula the server has always used, written out here apart
@@ -272,16 +272,17 @@ def send_part(args: Args) -> float:
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    c0 = time.process_time()
-    out = subprocess.run([sys.executable, "-c", READER, f"http://127.0.0.1:{port}/", str(args.readers)],
-                         capture_output=True, text=True, timeout=600)
-    cpu = time.process_time() - c0
+    best, want = float("inf"), args.readers * args.chunks * len(chunk)
+    for _ in range(args.windows):
+        c0 = time.process_time()
+        out = subprocess.run([sys.executable, "-c", READER, f"http://127.0.0.1:{port}/", str(args.readers)],
+                             capture_output=True, text=True, timeout=600)
+        best = min(best, time.process_time() - c0)
+        if out.returncode != 0 or out.stdout.split()[-1:] != [str(want)]:
+            raise RuntimeError(f"the readers did not get all {want} bytes: {out.stdout[-300:]} {out.stderr[-1500:]}")
     server.should_exit = True
     thread.join(10)
-    want = args.readers * args.chunks * len(chunk)
-    if out.returncode != 0 or out.stdout.split()[-1:] != [str(want)]:
-        raise RuntimeError(f"the readers did not get all {want} bytes: {out.stdout[-300:]} {out.stderr[-1500:]}")
-    return cpu / (args.readers * args.chunks)
+    return best / (args.readers * args.chunks)
 
 
 def main(args: Args) -> None:

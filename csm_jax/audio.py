@@ -50,6 +50,13 @@ def whole_frames(audio: np.ndarray, frame: int = FRAME_SAMPLES) -> np.ndarray:
     return audio if pad == 0 else np.concatenate([audio, np.zeros(pad, audio.dtype)])
 
 
+def pcm16(audio):
+    """Float samples as 16-bit PCM (int16): clipped to [-1, 1], times 32767, truncated toward zero; NaN gives 0.
+    One formula for NumPy and JAX arrays alike: the generation program converts its PCM on the device with it
+    (the server's wav and pcm bytes), the conversation WebSocket on the host."""
+    return (audio.clip(-1, 1) * 32767).astype(np.int16)
+
+
 def resample(audio: np.ndarray, sample_rate: int, target_sr: int) -> np.ndarray:
     """Mono audio at `sample_rate` -> float32 at `target_sr` (soxr "HQ"); as it is when the rates agree."""
     audio = np.asarray(audio, np.float32)

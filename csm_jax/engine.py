@@ -21,7 +21,8 @@ Seams, as JetStream's prefill / insert / generate:
                     playback), so a long prompt is prefilled across steps, each keeping its offset. A slot
                     starts generating when its last rows are in.
   generate          one device program runs F = frames_per_call frames for the generating slots and decodes them
-                    with the streaming Mimi decoder: one host copy of PCM, codes and flags per step.
+                    with the streaming Mimi decoder (its PCM also as 16-bit PCM, converted on the device): one
+                    host copy of PCM, codes and flags per step; each slot's event gets views of it, no copy.
   pipelining        `step` dispatches the next program before it copies the previous one's results to the host,
                     so the host never waits on the step it just dispatched. A finished slot is seen one step
                     late: that costs one masked step for it, never a code.
@@ -80,7 +81,7 @@ class _Owner:
 class _InFlight:
     order: list[int]  # the slots of the program's rows, in order (generating ones and padding)
     owners: dict  # slot -> (the _Owner it had when the step was dispatched, its run then)
-    out: tuple  # device arrays: pcm (R, F * 1920), codes (R, F, C), valid (R, F), done (R,)
+    out: tuple  # device arrays: pcm (R, F * 1920), pcm16 (R, F * 1920), codes (R, F, C), valid (R, F), done (R,)
 
 
 class Engine:
@@ -345,7 +346,10 @@ class Engine:
         return _InFlight(order, {s: (self.owners[s], self.owners[s].run) for s in active}, out)
 
     def _collect(self, flight: _InFlight) -> dict[int, Event]:
-        pcm, codes, valid, done = (np.asarray(a) for a in flight.out)
+        pcm, pcm16, codes, valid, done = (np.asarray(a) for a in flight.out)
+        # A slot's valid frames are its first ones (a slot once done stays done), so its audio is the start of
+        # its row: each event gets views of the step's PCM, which no slot copies (its codes, small, are copied).
+        frames, done = valid.sum(1).tolist(), done.tolist()
         now = self.clock()
         events = {}
         for r, slot in enumerate(flight.order):
@@ -354,10 +358,10 @@ class Engine:
             # step (this step computed it masked).
             if o is None or self.owners.get(slot) is not o or o.run != run or slot not in self.generating:
                 continue
-            v = valid[r]
-            audio = pcm[r].reshape(-1, FRAME_SAMPLES)[v].reshape(-1)
-            ev = Event(o.owner, audio, codes[r][v], bool(done[r]))
-            self.schedule.delivered(slot, now, audio.size / SAMPLE_RATE)
+            f = frames[r]
+            n = f * FRAME_SAMPLES
+            ev = Event(o.owner, pcm[r, :n], pcm16[r, :n], codes[r, :f].copy(), done[r])
+            self.schedule.delivered(slot, now, n / SAMPLE_RATE)
             if ev.finished:
                 self.schedule.finished(slot)
                 self.generating.discard(slot)

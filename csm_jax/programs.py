@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from csm_jax import csm, sharding
+from csm_jax.audio import pcm16
 from csm_jax.bundle import ModelBundle
 from csm_jax.mimi import decode_step, init_decoder_state
 
@@ -53,8 +54,10 @@ GROUP_COUNTS = (64, 8, 1)  # requests one prefill program takes, largest first
 def generate_audio(params, cfg: csm.CsmConfig, mimi, state: csm.GenState, mimi_state, slot_ids, num_frames: int,
                    mesh: Mesh | None = None):
     """`num_frames` frames for the slots `slot_ids` (R,) int (None: all) and their streaming Mimi decode, in one
-    program. -> (state, mimi_state, (pcm (R, F * 1920) float32, codes (R, F, C) int32, valid (R, F), done (R,))).
-    Invalid frames (a finished slot) leave the Mimi state as it was; their PCM is meaningless.
+    program. -> (state, mimi_state, (pcm (R, F * 1920) float32, pcm16 (R, F * 1920) int16, codes (R, F, C) int32,
+    valid (R, F), done (R,))); pcm16 is pcm as 16-bit PCM (audio.pcm16), converted here so that the host only
+    copies the bytes a server sends. Invalid frames (a finished slot) leave the Mimi state as it was; their PCM is
+    meaningless.
     With a `mesh` (slot_ids None; states split along "data"), each device runs its own slots: the program is
     mapped over "data" (jax.shard_map), so no slot's data moves between devices; "model" stays automatic."""
     if mesh is not None:
@@ -80,7 +83,8 @@ def _generate_audio(params, mimi, state: csm.GenState, mimi_state, *, cfg: csm.C
                             (jnp.moveaxis(codes, 1, 0), valid.T))  # pcm (F, R, 1920)
     mimi_state = sub if slot_ids is None else jax.tree.map(lambda a, b: a.at[slot_ids].set(b), mimi_state, sub)
     done = state.done if slot_ids is None else state.done[slot_ids]
-    return state, mimi_state, (jnp.moveaxis(pcm, 0, 1).reshape(pcm.shape[1], -1), codes, valid, done)
+    pcm = jnp.moveaxis(pcm, 0, 1).reshape(pcm.shape[1], -1)
+    return state, mimi_state, (pcm, pcm16(pcm), codes, valid, done)
 
 
 def bucket_rows(active: int, slots: int) -> int:
@@ -185,7 +189,7 @@ class Programs:
 
     def generate(self, state, mimi_state, active: list[int]):
         """F frames for the generating slots `active` -> (state, mimi_state, the program's slot order, its
-        outputs (pcm, codes, valid, done), rows in that order, on the device)."""
+        outputs (pcm, pcm16, codes, valid, done), rows in that order, on the device)."""
         R = self.rows(len(active))
         if R >= self.slots:
             order, slot_ids = list(range(self.slots)), None

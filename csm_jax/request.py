@@ -2,7 +2,7 @@
 (what one step made for one slot), and the checks every entry point shares (seeds, audio caps).
 
     Request("Hello there.", speaker=1, seed=3, max_audio_ms=2000)
-    Event(owner, audio, codes, finished)          # audio: new 24 kHz samples; codes: (frames, 32)
+    Event(owner, audio, pcm16, codes, finished)   # audio: new 24 kHz samples (and as int16); codes: (frames, 32)
 """
 
 from __future__ import annotations
@@ -47,10 +47,14 @@ class Request:
 
 @dataclass
 class Event:
-    """What one step made for one slot, or how its work ended without finishing."""
+    """What one step made for one slot, or how its work ended without finishing. The engine's `audio` and
+    `pcm16` are views of the step's PCM for every slot (one host buffer each): whoever keeps them while the
+    engine goes on serving other slots copies them, else they keep the whole step's buffer alive (the server
+    takes copies of the pcm16 bytes)."""
 
     owner: object  # whoever the engine was given the work by (csm_jax.driver: a Ticket)
-    audio: np.ndarray  # new 24 kHz samples (possibly empty)
+    audio: np.ndarray  # new 24 kHz samples (possibly empty), float32
+    pcm16: np.ndarray  # the same samples as 16-bit PCM (audio.pcm16), int16
     codes: np.ndarray  # the new frames' codes (frames, 32)
     finished: bool
     error: str | None = None  # the work ended without finishing, and why (then finished is True)
@@ -59,4 +63,5 @@ class Event:
     @staticmethod
     def ended(owner, error: str, shutdown: bool = False) -> "Event":
         """The last event of work that could not finish: no audio, finished, with the reason."""
-        return Event(owner, np.zeros(0, np.float32), np.zeros((0, 32), np.int32), True, error, shutdown)
+        return Event(owner, np.zeros(0, np.float32), np.zeros(0, np.int16), np.zeros((0, 32), np.int32), True,
+                     error, shutdown)

@@ -1,6 +1,8 @@
 """benchmarks/bench_host.py: its quick mode runs the real engine, driver and server on a stubbed device and
 reports every part, with every byte the server sent checked; its check catches wrong bytes; its device cost
-model gives the hand-computed step times. Speed figures are not checked: speed is the benchmark's business."""
+model gives the hand-computed step times. And the 16-bit PCM conversion the server's bytes come from
+(audio.pcm16, on the host and compiled as the generation program runs it) is the server's formula exactly.
+Speed figures are not checked: speed is the benchmark's business."""
 
 import json
 import math
@@ -8,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+
+from csm_jax.audio import pcm16
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -66,3 +71,20 @@ def test_device_step_model_by_hand():
     assert math.isclose(bench_host.device_step_s(256, 4), 4 * (18.40 + 8.4) / 1e3)
     assert math.isclose(bench_host.device_step_s(640, 4), 4 * (25.795 + 16.8) / 1e3)
     assert math.isclose(bench_host.device_step_s(1, 8), 8 * (10.47 + 1.87) / 1e3)
+
+
+def test_pcm16_is_the_servers_formula_exactly():
+    """audio.pcm16, in NumPy and compiled with JAX, against the formula the server has always used, written out
+    here: random samples mostly out of [-1, 1], each side of every 1/32767 step where truncation flips, exactly
+    +-1, -0.0, tiny values, +-inf and NaN (0, as NumPy casts it on this machine and XLA defines it)."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(-32767, 32768, dtype=np.float64) / 32767
+    x = np.concatenate([rng.uniform(-3, 3, 200_000), steps, np.nextafter(steps, 2), np.nextafter(steps, -2),
+                        [1.0, -1.0, -0.0, 0.0, 1e-30, -1e-30, np.inf, -np.inf, np.nan, np.nan]]).astype(np.float32)
+    x = x[rng.permutation(len(x))]  # NaN and the edges at every alignment of the vector loops
+    with np.errstate(invalid="ignore"):  # NumPy warns when it casts NaN
+        want = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+        assert pcm16(x).tobytes() == want
+    got = np.asarray(jax.jit(pcm16)(x))
+    assert got.dtype == np.int16 and got.tobytes() == want
+    assert got[np.isnan(x)].tolist() == [0, 0] and got[x == np.inf].tolist() == [32767]

@@ -76,6 +76,32 @@ def test_insert_into_busy_batch_and_equal_alone(gen):
         assert np.abs(audio - audio_alone).max() <= 1e-5 * np.abs(audio_alone).max()
 
 
+def test_each_event_has_its_frames_pcm_and_its_16_bit_pcm(gen):
+    """Each event's audio is its new frames' PCM (1,920 samples a frame; a step cut short at a frame cap gives
+    fewer), the same as alone, and its pcm16 is those samples by the server's 16-bit formula written out here
+    (clipped to [-1, 1], times 32767, truncated), converted by the generation program: with every slot in the
+    program and with one row gathered once the other request has finished."""
+    engine = Engine(gen.model, slots=2, frames_per_call=4)
+    reqs = [Request("Five frames at most.", seed=1, max_audio_ms=400),
+            Request("Eleven frames at most, here.", speaker=1, seed=2, max_audio_ms=880)]
+    assert [engine.submit(r) for r in reqs] == [0, 1]
+    events = []
+    while engine.busy():
+        events += engine.step().values()
+    for r in reqs:
+        mine = [ev for ev in events if ev.owner is r]
+        for ev in mine:
+            assert ev.audio.dtype == np.float32 and ev.pcm16.dtype == np.int16
+            assert len(ev.audio) == len(ev.pcm16) == 1920 * len(ev.codes)
+            assert ev.pcm16.tobytes() == (np.clip(ev.audio, -1, 1) * 32767).astype("<i2").tobytes()
+        audio_alone, codes_alone = _alone(gen, r)
+        np.testing.assert_array_equal(np.concatenate([ev.codes for ev in mine]).T, codes_alone)
+        audio = np.concatenate([ev.audio for ev in mine])
+        assert audio.shape == audio_alone.shape and audio.size > 0
+        assert np.abs(audio - audio_alone).max() <= 1e-5 * np.abs(audio_alone).max()
+    assert sum(len(ev.codes) for ev in events if ev.owner is reqs[0]) <= 5
+
+
 def test_full_slots_reuse_and_cancel(gen):
     engine = Engine(gen.model, slots=1, frames_per_call=4)
     first = Request("Short.", seed=3, max_audio_ms=160)  # two frames

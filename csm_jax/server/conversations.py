@@ -24,8 +24,8 @@ from typing import Callable
 import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
+from csm_jax.audio import pcm16
 from csm_jax.server.keys import SUBPROTOCOL
-from csm_jax.server.speech import pcm16
 
 
 class Conversations:
@@ -96,7 +96,7 @@ def add_conversation_routes(app: FastAPI, conversations: Conversations, start_ti
             while True:
                 kind, value = await out.get()
                 if kind == "audio":
-                    await ws.send_bytes(pcm16(value))
+                    await ws.send_bytes(pcm16(value).tobytes())
                 elif kind == "turn":
                     await ws.send_json({"type": "turn", "log": json.loads(TurnLog.to_json(value))})
                 elif kind == "close":

@@ -114,10 +114,6 @@ def wav_header(n_bytes: int = 0xFFFFFFFF - 36) -> bytes:
             struct.pack("<I", n_bytes))
 
 
-def pcm16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
-
-
 async def read_body(http: HTTPRequest, limit: int) -> bytes:
     """The body, refused (BodyTooLarge) as soon as it is known to be over `limit` bytes: from Content-Length
     before anything is read, or while a chunked body arrives."""
@@ -134,18 +130,19 @@ async def read_body(http: HTTPRequest, limit: int) -> bytes:
 
 @dataclass(eq=False)
 class Job:
-    """One request's audio on its way from the driver's thread to its handler: chunks on `out`, then None
-    (done) or an exception (EngineFailed, ShuttingDown)."""
+    """One request's audio on its way from the driver's thread to its handler: chunks on `out` (16-bit PCM
+    bytes, or float32 samples with `floats`), then None (done) or an exception (EngineFailed, ShuttingDown)."""
 
     loop: asyncio.AbstractEventLoop
     record: Record  # the request's access-log record: what the handler takes goes in it
+    floats: bool = False  # float32 samples (for FLAC) rather than the bytes sent as they are
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     ticket: Ticket | None = None
     submitted: float = field(default_factory=time.monotonic)
 
     def sink(self, ev: Event) -> None:  # from the driver's thread
-        if ev.audio.size:
-            self._put(ev.audio)
+        if ev.audio.size:  # copies: the event's arrays are views of the whole step's results
+            self._put(ev.audio.copy() if self.floats else ev.pcm16.tobytes())
         if ev.error is not None:
             self._put((ShuttingDown if ev.shutdown else EngineFailed)(ev.error))
         elif ev.finished:
@@ -159,7 +156,7 @@ class Job:
             self.record.error = "shutting_down" if isinstance(item, ShuttingDown) else "engine_failed"
             raise item
         if item is not None:
-            self.record.audio(item.size)
+            self.record.audio(item.size if self.floats else len(item) // 2)
         return item
 
     def _put(self, item) -> None:
@@ -220,7 +217,7 @@ def add_speech_routes(app: FastAPI, driver: Driver, voices: dict[str, list[Segme
             request, fmt, stream = parse_speech(body, voices, max_frames)
         except BadRequest as e:
             return error(400, str(e), e.param, "invalid_value")
-        job = Job(asyncio.get_running_loop(), record)
+        job = Job(asyncio.get_running_loop(), record, floats=fmt == "flac")
         try:
             job.ticket = driver.submit(request, job.sink)
             record.admitted = True
@@ -241,14 +238,14 @@ def add_speech_routes(app: FastAPI, driver: Driver, voices: dict[str, list[Segme
                 return failed(e)
             finally:
                 driver.cancel(job.ticket)  # no-op unless the handler itself was cancelled
-            audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
             if fmt == "flac":
                 import soundfile as sf
 
+                audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
                 buf = io.BytesIO()
                 sf.write(buf, np.clip(audio, -1, 1), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
                 return Response(buf.getvalue(), media_type=FORMATS[fmt])
-            data = pcm16(audio)
+            data = b"".join(parts)
             return Response((wav_header(len(data)) if fmt == "wav" else b"") + data, media_type=FORMATS[fmt])
 
         # Streaming: wait for the first chunk so a bad request (or a queued one the server cannot start) still
@@ -269,7 +266,7 @@ def add_speech_routes(app: FastAPI, driver: Driver, voices: dict[str, list[Segme
                     yield wav_header()
                 if first is None:
                     return
-                yield pcm16(first)
+                yield first
                 while True:
                     try:
                         item = job.took(await job.out.get())
@@ -278,7 +275,7 @@ def add_speech_routes(app: FastAPI, driver: Driver, voices: dict[str, list[Segme
                     # (another error propagates: the stream is cut short, no final chunk; the client sees it)
                     if item is None:
                         return
-                    yield pcm16(item)
+                    yield item
             finally:
                 driver.cancel(job.ticket)  # a client gone mid-stream frees its slot at the driver's next turn
 

@@ -16,9 +16,10 @@ What the programs do, as far as the engine's results depend on it: generation ma
 slot until its frame cap, as csm.run_frames does (a slot is done in the results of the frame that reaches its
 cap; codes 1, never an end of speech) and costs `generate_s(rows)`, with the rows the real programs compute
 (csm_jax.programs.bucket_rows). Each slot's PCM is its own row of `pcm` at every step (default: uniform in
-[-1.2, 1.2], partly out of range, as a decoder's output can be). Prefill splits the requests into the real
-groups (`split_counts`) and pieces (csm.prefill_pieces), each call costing `prefill_s(requests x piece rows)`.
-Slot updates (reset, start, stop, rewind) cost nothing.
+[-1.2, 1.2], partly out of range, as a decoder's output can be), with its 16-bit PCM as the real program makes
+it (audio.pcm16). Prefill splits the requests into the real groups (`split_counts`) and pieces
+(csm.prefill_pieces), each call costing `prefill_s(requests x piece rows)`. Slot updates (reset, start, stop,
+rewind) cost nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from csm_jax import csm
-from csm_jax.audio import FRAME_SAMPLES
+from csm_jax.audio import FRAME_SAMPLES, pcm16
 from csm_jax.programs import bucket_rows, group_counts, split_counts
 
 
@@ -123,6 +124,7 @@ class StubDevice:
         if self.pcm.shape != shape or self.pcm.dtype != np.float32:
             raise ValueError(f"pcm must be float32 {shape} (slots, frames_per_call * {FRAME_SAMPLES}), got "
                              f"{self.pcm.dtype} {self.pcm.shape}")
+        self.pcm16 = pcm16(self.pcm)
         self.codes = np.ones((slots, frames_per_call, 32), np.int32)
 
     def _run(self, kind: str, seconds: float) -> float:
@@ -147,8 +149,8 @@ class StubDevice:
         # The padding rows a real program computes are never read: they are not returned. Every slot at once
         # (a full engine, in order) takes the PCM as it is, as a device's results come, without a copy.
         whole = len(active) == self.slots
-        pcm = self.pcm if whole else self.pcm[rows]
-        out = (pcm, self.codes[:len(active)], np.arange(F)[None, :] < made[:, None], state.done[rows])
+        pcm, ints = (self.pcm, self.pcm16) if whole else (self.pcm[rows], self.pcm16[rows])
+        out = (pcm, ints, self.codes[:len(active)], np.arange(F)[None, :] < made[:, None], state.done[rows])
         return state, mimi_state, list(active), tuple(Result(a, ready, self.clock) for a in out)
 
     def prefill(self, state: StubState, slot_ids: list[int], tokens: np.ndarray, mask: np.ndarray,
