@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from csm_jax.driver import Driver
-from csm_jax.request import Event, check_seed, frames_for
+from csm_jax.request import Event, check_sampling, check_seed, frames_for
 from csm_jax.text import Segment, audio_rows, segment_rows, text_rows
 
 
@@ -179,6 +179,7 @@ class Dialogue:
         end-of-audio row."""
         max_frames = frames_for(max_audio_ms)
         check_seed(seed)
+        check_sampling(temperature, topk)  # before the text's rows go in: a refused reply leaves no trace
         tokens, mask = text_rows(self.model.tokenizer.segment_ids(speaker, text))
         self._make_room(len(tokens) + max_frames + 1)
         self._prefill(tokens, mask)

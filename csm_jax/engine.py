@@ -56,7 +56,7 @@ from csm_jax.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_jax.bundle import ModelBundle
 from csm_jax.csm import PREFILL_STEP
 from csm_jax.programs import Programs
-from csm_jax.request import Event, Request, check_seed, frames_for
+from csm_jax.request import Event, Request, check_sampling, check_seed, frames_for
 from csm_jax.schedule import PrefillQueue, Scheduler
 
 FRAMES_PER_CALL = 4  # frames per step wherever none is given: 320 ms of audio, a stream's first audio after one step
@@ -149,10 +149,11 @@ class Engine:
     # ------------------------------------------------------------------------------------ plain requests
 
     def prepare(self, req: Request) -> Prompt:
-        """The request's prompt rows and sampling; ValueError for a bad request (empty text, bad speaker or
-        seed, prompt over budget). Touches no slot."""
+        """The request's prompt rows and sampling; ValueError for a bad request (empty text, bad speaker, seed
+        or sampling, prompt over budget). Touches no slot."""
         max_frames = frames_for(req.max_audio_ms)
         check_seed(req.seed)
+        check_sampling(req.temperature, req.topk)
         tokens, mask = self.model.prompt(req.context, req.speaker, req.text, max_frames, req.drop_oldest)
         return Prompt(tokens, mask, (req.temperature, req.topk, req.seed, max_frames))
 
@@ -230,6 +231,7 @@ class Engine:
         with self.lock:
             self._held(slot)
             check_seed(seed)
+            check_sampling(temperature, topk)
             self._busy_held(slot, "starting")
             sampling = (temperature, topk, seed, max_frames)
             waiting = self.queue.of(slot)

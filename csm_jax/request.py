@@ -1,5 +1,5 @@
 """What goes into the engine and what comes out: a Request (one utterance to speak in a fresh slot), an Event
-(what one step made for one slot), and the checks every entry point shares (seeds, audio caps).
+(what one step made for one slot), and the checks every entry point shares (seeds, sampling, audio caps).
 
     Request("Hello there.", speaker=1, seed=3, max_audio_ms=2000)
     Event(owner, audio, pcm16, codes, finished)   # audio: new 24 kHz samples (and as int16); codes: (frames, 32)
@@ -15,12 +15,32 @@ from csm_jax.audio import FRAME_MS
 from csm_jax.text import Segment
 
 MAX_SEED = 2**32 - 1  # seeds key a uint32 PRNG stream
+MAX_TOPK = 2048  # Mimi's codebook size: CSM's codes 2048-2050 are never sampled, so a larger k changes nothing
 
 
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     return int(seed)
+
+
+def check_temperature(temperature) -> float:
+    """A finite number, 0 (greedy) or more: the sampler itself would read a negative one as greedy."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a number, 0 (greedy) or more, got {temperature!r}")
+    return float(temperature)
+
+
+def check_topk(topk) -> int:
+    """An integer from 1 to MAX_TOPK: the sampler itself would clip it."""
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be an integer from 1 to {MAX_TOPK}, got {topk!r}")
+    return int(topk)
+
+
+def check_sampling(temperature, topk) -> tuple[float, int]:
+    return check_temperature(temperature), check_topk(topk)
 
 
 def frames_for(max_audio_ms) -> int:

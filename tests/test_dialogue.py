@@ -136,6 +136,10 @@ def test_bad_inputs(gen, driver):
         list(d.speak("Hi.", max_audio_ms=10))
     with pytest.raises(ValueError, match="text is empty"):
         list(d.speak("   "))
+    with pytest.raises(ValueError, match="temperature must be"):
+        list(d.speak("Hi.", temperature=-1))
+    with pytest.raises(ValueError, match="topk must be"):
+        list(d.speak("Hi.", topk=4096))
     assert d.rows == 0 and d.segments == []  # nothing half-appended
 
 

@@ -94,6 +94,13 @@ def test_bad_arguments(gen):
         gen.generate(["a", "b"], seeds=[1])
     with pytest.raises(ValueError, match="max_audio_ms"):
         gen.generate("hi", max_audio_ms=10)
+    # The sampler would read these as greedy or clip them: refused instead.
+    with pytest.raises(ValueError, match="temperature must be a number, 0 .greedy. or more, got -0.5"):
+        gen.generate("hi", temperature=-0.5)
+    with pytest.raises(ValueError, match="temperature must be"):
+        gen.generate("hi", temperature=float("nan"))
+    with pytest.raises(ValueError, match="topk must be an integer from 1 to 2048, got 0"):
+        gen.generate("hi", topk=0)
     with pytest.raises(ValueError, match="NaN"):
         gen.generate("hi", contexts=[Segment(0, "x", audio=np.full(100, np.nan, np.float32))])
 

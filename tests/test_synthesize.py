@@ -84,6 +84,36 @@ def test_bad_inputs_fail_clearly_without_partial_files(tmp_path, csm_dir):
     assert list(out.iterdir()) == []
 
 
+def test_mistakes_are_refused_before_the_model_loads_and_create_nothing(tmp_path):
+    # The checkpoint does not exist: each mistake must be found before loading it is tried.
+    gone = tmp_path / "no-checkpoint"
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait.\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    (tmp_path / "two.txt").write_text("First.\nSecond line. Third sentence.\n")
+    new = tmp_path / "new"
+    cases = [
+        (["--text", "hi", "--out-dir", tmp_path / "a-file"], "--out-dir", "is a file, not a folder"),
+        (["--text", "hi", "--out-dir", tmp_path / "a-file" / "sub"], "--out-dir", "cannot be created"),
+        (["--text-file", tmp_path / "latin1.txt", "--out-dir", new], "--text-file", "is not UTF-8 text (byte 0xe9"),
+        (["--text-file", tmp_path / "blank.txt", "--out-dir", new], "--text-file", "only blank lines"),
+        (["--text-file", tmp_path, "--out-dir", new], "--text-file", "is not a file"),
+        (["--text", "hi", "--out-dir", new, "--frames-per-call", 0], "--frames-per-call 0", "at least 1"),
+        (["--text", "hi", "--out-dir", new, "--temperature", -0.5], "--temperature -0.5", "0 (greedy) or more"),
+        (["--text", "hi", "--out-dir", new, "--topk", 0], "--topk 0", "from 1 to 2048"),
+        (["--text", "hi", "--out-dir", new, "--seed", -1], "--seed -1", "give 0 to 4294967295"),
+        # Utterance 1's second sentence would use seed + 1001, past 2**32 - 1.
+        (["--text-file", tmp_path / "two.txt", "--out-dir", new, "--seed", 2**32 - 1001], "--seed 4294966295",
+         "give 0 to 4294966294"),
+    ]
+    for args, flag, msg in cases:
+        r = run("--checkpoint", gone, *args)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode == 2 and last.startswith(f"error: {flag}") and msg in last, (args, r.stderr)
+    assert not new.exists()  # a refused job creates no folder
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
 LINES = ["Good morning.", "The sky is clear today.", "Bring a coat anyway.", "We leave at nine.",
          "The train is on time.", "Tea or coffee?", "It was a long week.", "See you soon."]
 

@@ -69,7 +69,7 @@ class Args:
     temperature: float = 0.9
     """Sampling temperature; 0 = greedy."""
     topk: int = 50
-    """Top-k sampling."""
+    """Top-k sampling: 1 to 2048 (all of the codebook)."""
     max_audio_ms: int = 10_000
     """Longest audio per sentence, in milliseconds (80 ms per frame)."""
     checkpoint: str = "sesame/csm-1b"
@@ -94,18 +94,16 @@ class Args:
 def _plan(args: Args) -> tuple[list[str], list[Path]]:
     """Validates everything that can be checked before loading the model; returns texts and output paths."""
     from csm_jax.audio import check_output_folder
+    from csm_jax.request import MAX_SEED, check_temperature, check_topk
     from csm_jax.text import check_speaker, check_text, split_sentences
 
     texts = list(args.text)
     if args.text_file is not None:
-        if not args.text_file.is_file():
-            raise FileNotFoundError(f"--text-file not found: {args.text_file}")
-        texts += [line.strip() for line in args.text_file.read_text().splitlines() if line.strip()]
+        texts += _read_lines(args.text_file)
     if not texts:
         raise ValueError("nothing to say: give --text or --text-file")
     texts = [check_text(t) for t in texts]
-    for t in texts:
-        split_sentences(t)  # a text with no words fails here, before the model loads
+    sentences = [len(split_sentences(t)) for t in texts]  # a text with no words fails here, before the model loads
     check_speaker(args.speaker)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
@@ -113,26 +111,59 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
         raise ValueError("--devices must be 0 (all local devices) or a count of them")
     if args.max_audio_ms < 80:
         raise ValueError("--max-audio-ms must be at least 80 (one frame)")
+    if args.frames_per_call < 1:
+        raise ValueError(f"--frames-per-call {args.frames_per_call}: give at least 1")
+    for flag, check, value in (("--temperature", check_temperature, args.temperature),
+                               ("--topk", check_topk, args.topk)):
+        try:
+            check(value)
+        except ValueError as e:
+            raise ValueError(f"{flag} {value}: {e}") from None
+    last = max(1000 * i + n - 1 for i, n in enumerate(sentences))  # sentence r of utterance i: seed + 1000 i + r
+    if not 0 <= args.seed <= MAX_SEED - last:
+        raise ValueError(f"--seed {args.seed}: give 0 to {MAX_SEED - last} (seeds are 0 .. {MAX_SEED}, and "
+                         f"sentence r of utterance i uses seed + 1000 i + r, up to seed + {last} here)")
     if args.out is not None and args.out_dir is not None:
         raise ValueError("give --out or --out-dir, not both")
+    for audio, transcript, spk in args.context:
+        if not audio.is_file():
+            raise FileNotFoundError(f"--context audio not found: {audio}")
+        check_text(transcript)
+        check_speaker(spk)
     if args.out is not None:
         if len(texts) != 1:
             raise ValueError(f"--out names one file but there are {len(texts)} utterances: use --out-dir")
         outs = [args.out]
     else:
         folder = args.out_dir or Path("out")
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--out-dir {folder} is a file, not a folder: give a folder (it is created if missing)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # the last check: a refused job creates no folder
+        except OSError as e:
+            raise ValueError(f"--out-dir {folder} cannot be created ({e.strerror}): give a folder you can write "
+                             "in") from None
         outs = [folder / f"{i:03d}.wav" for i in range(len(texts))]
     for o in outs:
         if o.suffix.lower() != ".wav":
             raise ValueError(f"output must be a .wav file, got {o}")
         check_output_folder(o)
-    for audio, transcript, spk in args.context:
-        if not audio.is_file():
-            raise FileNotFoundError(f"--context audio not found: {audio}")
-        check_text(transcript)
-        check_speaker(spk)
     return texts, outs
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The utterances of a --text-file: its lines that are not blank, stripped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--text-file not found: {path}" if not path.exists() else
+                                f"--text-file {path} is not a file: give a text file, one utterance a line")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text-file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}): save it as UTF-8, one utterance a line") from None
+    if not lines:
+        raise ValueError(f"--text-file {path} has no text (only blank lines): one utterance a line")
+    return lines
 
 
 def main(args: Args) -> None:
