@@ -39,6 +39,16 @@ SLOT_HEADROOM = 0.1
 MIN_HEADROOM = 8 * 2**30
 
 
+def memory_limits(device, stats: dict | None = None) -> tuple[int, int]:
+    """(bytes JAX may use, bytes in use) of `device`, from its memory_stats() (or `stats`); ValueError when it
+    reports none (CPUs don't)."""
+    stats = device.memory_stats() if stats is None else stats
+    if not stats or "bytes_limit" not in stats:
+        raise ValueError(f"the device ({device.platform}) reports no memory figures (memory_stats), so the "
+                         "slots that fit cannot be computed: give a number of slots")
+    return stats["bytes_limit"], stats.get("bytes_in_use", 0)
+
+
 class ModelBundle:
     """A loaded CSM + Mimi + tokenizer: parameters, config, and the audio and prompt helpers every part uses."""
 
@@ -126,11 +136,8 @@ class ModelBundle:
         one), which give "bytes_limit" and "bytes_in_use". A multiple of 8 per device, times the mesh's "data"
         size. ValueError when the device reports no memory (CPUs don't) or holds fewer than 8 slots."""
         device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
-        stats = device.memory_stats() if stats is None else stats
-        if not stats or "bytes_limit" not in stats:
-            raise ValueError(f"the device ({device.platform}) reports no memory figures (memory_stats), so the "
-                             "slots that fit cannot be computed: give a number of slots")
-        limit, used, per = stats["bytes_limit"], stats.get("bytes_in_use", 0), self.slot_bytes()
+        limit, used = memory_limits(device, stats)
+        per = self.slot_bytes()
         kept = max(limit * SLOT_HEADROOM, MIN_HEADROOM)
         n = int((limit - kept - used) // per) // 8 * 8
         GiB = 2**30

@@ -189,6 +189,55 @@ def test_key_sources_and_their_errors(tmp_path):
     assert r.returncode == 2 and "holds no key" in r.stderr, r.stderr[-2000:]
 
 
+def test_flags_no_server_could_run_with_are_refused_before_the_model_loads(tmp_path):
+    """Each mistake is one line naming the flag, status 2, before loading is tried: the checkpoint does not exist
+    (with csm-1b, loading takes minutes; a port in use was only found by uvicorn after that)."""
+    import soundfile as sf
+
+    def voices(name, files):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f, text in files.items():
+            (folder / f).write_text(text)
+        if "a.txt" in files:
+            sf.write(folder / "a.wav", np.zeros(2400, np.float32), 24000)
+        return folder
+
+    (tmp_path / "a-file").write_text("x")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases = [
+        (["--slots", "0"], "--slots 0: give 1 or more"),
+        (["--frames-per-call", "0"], "--frames-per-call 0: give 1 or more"),
+        (["--max-queue", "-1"], "--max-queue -1: give 0 or more"),
+        (["--max-body-kb", "0"], "--max-body-kb 0: give 1 or more"),
+        (["--prefill-rows", "0"], "--prefill-rows 0: give 1 or more"),
+        (["--shutdown-grace", "-1"], "--shutdown-grace -1.0: give 0 or more"),
+        (["--request-timeout", "0"], "--request-timeout 0.0: give a number of seconds above 0"),
+        (["--keep-alive-timeout", "-2"], "--keep-alive-timeout -2.0: give a number of seconds above 0"),
+        (["--port", "99999"], "--port 99999: give a port from 1 to 65535"),
+        (["--port", str(taken.getsockname()[1])],
+         f"cannot listen on 127.0.0.1:{taken.getsockname()[1]} (another process listens there)"),
+        (["--slots", "auto"], "--slots auto: the device (cpu) reports no memory figures"),
+        (["--voices-dir", tmp_path / "none"], "voices folder not found"),
+        (["--voices-dir", tmp_path / "a-file"], "is a file: give a folder of NAME.wav + NAME.txt pairs"),
+        (["--voices-dir", voices("v1", {"a.txt": "Hi.", "a.json": "{speaker: 1}"})],
+         "voice 'a': " + str(tmp_path / "v1" / "a.json") + ' must be like {"speaker": 1}'),
+        (["--voices-dir", voices("v2", {"a.txt": "Hi.", "a.json": '{"speaker": "one"}'})], "speaker must be"),
+        (["--voices-dir", voices("v3", {"a.txt": "  \n"})], "is empty: write the words spoken in a.wav"),
+        (["--voices-dir", voices("v4", {"b.txt": "Hi."})], "has no audio file beside it (b.wav)"),
+        (["converse", "--max-conversations", "0"], "--max-conversations 0: give 1 or more"),
+    ]
+    with taken:
+        for args, message in cases:
+            r = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--checkpoint",
+                                str(tmp_path / "no-checkpoint"), *map(str, args)], capture_output=True, text=True,
+                               timeout=300)
+            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+            assert r.returncode == 2 and last.startswith("error: ") and message in last, (args, r.stderr[-2000:])
+
+
 def _access_lines(server: Server, ids, seconds=20) -> dict:
     """{request id: its access-log line} for `ids`, once all have been written (each exactly once); every line
     of the log is one JSON object."""

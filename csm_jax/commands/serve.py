@@ -33,6 +33,7 @@ it; `serve.py converse --help` lists them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -124,17 +125,26 @@ def main(args: Args) -> None:
     import logging
     import os
 
+    import jax
+
+    from csm_jax.bundle import memory_limits
     from csm_jax.generate import Generator
     from csm_jax.server import create_app, load_voices, serve
     from csm_jax.server.keys import KEYS_ENV, collect_keys
     from csm_jax.server.logs import configure_logging
+    from csm_jax.server.voices import read_voices
 
     configure_logging(args.log_format)  # also warm-up progress
-    if args.prefill_rows < 1:
-        raise ValueError(f"--prefill-rows {args.prefill_rows}: give at least 1 (prompt rows prefilled per step; "
-                         "8192 by default)")
+    _check(args)
     keys = collect_keys(args.api_key, args.api_key_file, os.environ)
+    voices = read_voices(args.voices_dir)
     mesh = _mesh(args.devices, None if args.slots == "auto" else args.slots)
+    if args.slots == "auto":
+        try:
+            memory_limits(mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+        except ValueError as e:
+            raise ValueError(f"--slots auto: {e}") from None
+    _check_port(args.host, args.port)  # after the checks above, before the model loads: minutes on a GPU
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=args.dtype, frames_per_call=args.frames_per_call,
                     quantize=args.quantize, mesh=mesh)
@@ -145,7 +155,7 @@ def main(args: Args) -> None:
         except ValueError as e:
             raise ValueError(f"--slots auto: {e}") from None
         logging.getLogger("serve").info("--slots auto: %d slots (%s)", slots, why)
-    voices = load_voices(args.voices_dir, gen.model)
+    voices = load_voices(voices, gen.model)
     conv = args.converse
     driver = gen.driver(slots, max_queue=args.max_queue, prefill_rows=args.prefill_rows)
     # Conversations hold slots of the same engine; with --warmup the Mimi encoder is compiled for every turn length.
@@ -165,6 +175,46 @@ def main(args: Args) -> None:
             KEYS_ENV, args.host, args.port)
     serve(app, args.host, args.port, header_timeout=args.request_timeout, keep_alive=args.keep_alive_timeout,
           shutdown_grace=args.shutdown_grace)
+
+
+def _check(args: Args) -> None:
+    """The flags' values that no server could run with, refused before anything loads."""
+    at_least = [("--prefill-rows", args.prefill_rows, 1), ("--frames-per-call", args.frames_per_call, 1),
+                ("--max-queue", args.max_queue, 0), ("--max-body-kb", args.max_body_kb, 1),
+                ("--shutdown-grace", args.shutdown_grace, 0)]
+    if args.slots != "auto":
+        at_least.append(("--slots", args.slots, 1))
+    if args.converse is not None:
+        at_least.append(("--max-conversations", args.converse.max_conversations, 1))
+    for flag, value, least in at_least:
+        if value < least:
+            raise ValueError(f"{flag} {value}: give {least} or more")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--keep-alive-timeout", args.keep_alive_timeout),
+                        ("--ws-start-timeout", args.ws_start_timeout), ("--ws-idle-timeout", args.ws_idle_timeout)):
+        if not value > 0:
+            raise ValueError(f"{flag} {value}: give a number of seconds above 0")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: give a port from 1 to 65535")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuses a --host and --port the server could not listen on (taken by another process, an address not
+    of this machine), as uvicorn would only after the model has loaded."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed port's TIME_WAIT is no conflict
+        try:
+            sock.bind(address)
+        except OSError as e:
+            why = "another process listens there" if e.errno == errno.EADDRINUSE else e.strerror
+            raise ValueError(f"cannot listen on {host}:{port} ({why}): stop it or give another --port"
+                             + ("" if e.errno == errno.EADDRINUSE else " or --host")) from None
 
 
 def _mesh(devices: int, slots: int | None):
