@@ -107,6 +107,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
 def check_output_folder(path: str | os.PathLike) -> Path:
     """The folder `path` will be written in; raises if it is missing or not writable."""
     parent = Path(path).parent if str(Path(path).parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"output folder {parent} is a file: give a path in a folder")
     if not parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {parent} (create it first)")
     if not os.access(parent, os.W_OK):

@@ -68,6 +68,10 @@ def read_config(files: Iterable[Path]) -> dict | None:
     return None
 
 
+INCOMPLETE = ("the file is damaged or incomplete (an interrupted download or copy?): download or copy it again "
+              "(a hub checkpoint: delete it from the Hugging Face cache, ~/.cache/huggingface/hub, first)")
+
+
 def _check_safetensors_header(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -75,10 +79,12 @@ def _check_safetensors_header(path: Path) -> None:
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
+        first = fh.read(1)
+        if first == b"{" and size - 8 < n <= 100 * 2**20:
+            raise CheckpointError(f"{path}: incomplete ({size} bytes end inside its {n}-byte header): {INCOMPLETE}")
         if n <= 1 or n > min(size - 8, 100 * 2**20):
             raise CheckpointError(f"{path}: not a safetensors file (bad header length). If it is a PyTorch "
                                   "pickle (.pt/.bin), convert it first with scripts/convert_ckpt.py")
-        first = fh.read(1)
         if first != b"{":
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)")
 
@@ -100,7 +106,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from e
+        raise CheckpointError(f"{path}: cannot read as safetensors ({e}): {INCOMPLETE}") from e
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -317,7 +323,8 @@ def load_csm(id_or_path: str | os.PathLike = "sesame/csm-1b", dtype=None) -> Csm
     weights = [f for f in files if f.name not in ("config.json", "tokenizer.json")]
     if not weights:
         hint = " (found ckpt.pt: convert it with scripts/convert_ckpt.py)" if Path(str(id_or_path), "ckpt.pt").exists() else ""
-        raise FileNotFoundError(f"no .safetensors weights found in {id_or_path}{hint}")
+        raise FileNotFoundError(f"no .safetensors weights found in {id_or_path}{hint}; a CSM checkpoint folder "
+                                "holds model.safetensors (or its shards), config.json and tokenizer.json")
     config = read_config(files)
     try:
         cfg = CsmConfig.from_hf_config(config) if config else CsmConfig.csm_1b()

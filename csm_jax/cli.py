@@ -19,7 +19,7 @@ from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, ImportError)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ImportError)
 
 # name -> what it does, one line each for `csm-jax --help`; the command is csm_jax/commands/NAME.py.
 COMMANDS = {

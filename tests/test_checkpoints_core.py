@@ -16,6 +16,19 @@ def test_non_safetensors_file_says_so(tmp_path):
         read_safetensors(short)
 
 
+def test_a_cut_short_file_says_to_fetch_it_again(tmp_path):
+    whole = tmp_path / "whole.safetensors"
+    save_file({"a": np.arange(4096, dtype=np.float32), "b": np.ones(64, np.float32)}, whole)
+    data = whole.read_bytes()
+    for cut in (len(data) - 100, 40):  # an interrupted download: in the tensors, then in the header
+        part = tmp_path / f"cut{cut}.safetensors"
+        part.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="damaged or incomplete .an interrupted download or copy.*"
+                                                  "download or copy it again"):
+            read_safetensors(part)
+    assert set(read_safetensors(whole)) == {"a", "b"}
+
+
 def test_duplicate_key_across_shards(tmp_path):
     save_file({"a": np.zeros(2, np.float32)}, tmp_path / "model-1.safetensors")
     save_file({"a": np.ones(2, np.float32)}, tmp_path / "model-2.safetensors")

@@ -55,4 +55,19 @@ def test_cli_errors_are_clear(tmp_path, mimi_files):
     assert r.returncode == 2 and "[0, 2048)" in r.stderr
     r = run("encode", tmp_path / "missing.wav", tmp_path / "c.npy")
     assert r.returncode == 2 and "not found" in r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav", "oob.npy"]  # nothing half-written
+    # Found before the checkpoint (which does not exist) is read.
+    gone = tmp_path / "no-checkpoint"
+    sf.write(tmp_path / "ok.wav", speech_like(4800, seed=3), 24000)
+    np.save(tmp_path / "ok.npy", np.zeros((32, 3), np.int32))
+    (tmp_path / "text.npy").write_text("0 1 2\n")
+    for args, message in [(["decode", tmp_path / "text.npy", tmp_path / "o.wav"], "text.npy is not a .npy file: "
+                            "give codes that `codec encode` (or numpy.save) wrote"),
+                          (["encode", tmp_path / "ok.wav", tmp_path / "bad.wav" / "c.npy"],
+                           "output folder " + str(tmp_path / "bad.wav") + " is a file"),
+                          (["decode", tmp_path / "ok.npy", tmp_path / "o.mp3"], "a .wav, .flac or .ogg file"),
+                          (["decode", tmp_path / "ok.npy", tmp_path / "none" / "o.wav"],
+                           "output folder does not exist")]:
+        r = run(*args, "--checkpoint", gone)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode == 2 and last.startswith("error: ") and message in last, (args, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav", "ok.npy", "ok.wav", "oob.npy", "text.npy"]

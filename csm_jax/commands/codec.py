@@ -57,10 +57,14 @@ Args = Union[Annotated[Encode, tyro.conf.subcommand("encode")], Annotated[Decode
 def _load_codes(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"codes file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{path} is not a .npy file: give codes that `codec encode` (or numpy.save) wrote")
     try:
         codes = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{path} is not a .npy array file ({e})") from e
+    except ValueError as e:  # an object array (pickled), or a damaged file
+        raise ValueError(f"{path} holds no plain integer array (numpy: {e}): give codes that `codec encode` "
+                         "wrote") from e
     if codes.ndim != 2 or not 1 <= codes.shape[0] <= 32 or codes.shape[1] == 0:
         raise ValueError(f"{path}: expected codes shaped (num_codebooks <= 32, frames >= 1), got {codes.shape}")
     if not np.issubdtype(codes.dtype, np.integer):
@@ -82,12 +86,16 @@ def main(cmd: Args) -> None:
         x = audio_io.load_audio(cmd.audio)
         if cmd.codes.suffix != ".npy":
             raise ValueError(f"output must be a .npy file, got {cmd.codes}")
+        audio_io.check_output_folder(cmd.codes)  # before the model loads and encodes
         _, params = load_mimi(cmd.checkpoint, cmd.dtype)
         codes = np.asarray(encode(params, jnp.asarray(x[None]), num_codebooks=cmd.num_codebooks))[0]
         audio_io.save_npy(cmd.codes, codes)
         print(f"{cmd.audio}: {len(x) / 24000:.2f} s -> {cmd.codes}: codes {codes.shape} int32")
     else:
         codes = _load_codes(cmd.codes)
+        if cmd.audio.suffix.lower() not in (".wav", ".flac", ".ogg"):
+            raise ValueError(f"output must be a .wav, .flac or .ogg file, got {cmd.audio}")
+        audio_io.check_output_folder(cmd.audio)
         _, params = load_mimi(cmd.checkpoint, cmd.dtype)
         y = np.asarray(decode(params, jnp.asarray(codes[None])))[0]
         audio_io.write_audio(cmd.audio, y)
