@@ -238,6 +238,28 @@ def test_flags_no_server_could_run_with_are_refused_before_the_model_loads(tmp_p
             assert r.returncode == 2 and last.startswith("error: ") and message in last, (args, r.stderr[-2000:])
 
 
+def test_the_log_holds_no_jax_info_lines(capfd):
+    """JAX logs "Unable to initialize backend 'tpu'" at INFO at every start on a machine without a TPU."""
+    import logging
+
+    from csm_jax.server.logs import configure_logging
+
+    root, jax_log = logging.getLogger(), logging.getLogger("jax")
+    saved = (list(root.handlers), root.level, jax_log.level)
+    try:
+        configure_logging("json")
+        logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")
+        logging.getLogger("jax._src.xla_bridge").warning("a warning")
+        logging.getLogger("csm_jax.server").info("draining")
+        lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        jax_log.setLevel(saved[2])
+    assert [(x["logger"], x["message"]) for x in lines] == [("jax._src.xla_bridge", "a warning"),
+                                                            ("csm_jax.server", "draining")]
+
+
 def _access_lines(server: Server, ids, seconds=20) -> dict:
     """{request id: its access-log line} for `ids`, once all have been written (each exactly once); every line
     of the log is one JSON object."""

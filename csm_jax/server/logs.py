@@ -48,4 +48,7 @@ def configure_logging(fmt: str = "plain", level: int = logging.INFO) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
+    # JAX's own INFO lines are for its developers: e.g. "Unable to initialize backend 'tpu'" at every start on a
+    # machine without one, which reads like a failure. Its warnings and errors still come through.
+    logging.getLogger("jax").setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)
