@@ -217,6 +217,28 @@ def test_script_bad_arguments(csm_dir, turns, extra, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
 
+def test_a_part_that_is_missing_fails_the_start_before_the_warm_up_and_leaves_no_folder(csm_dir, tmp_path):
+    from csm_jax.testing.inputs import speech_like
+
+    wav = tmp_path / "turn.wav"
+    sf.write(wav, speech_like(24000, seed=5), 24000)
+    missing = str(tmp_path / "no-asr-model")
+    out = tmp_path / "replies"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "converse.py"), "--checkpoint", str(csm_dir),
+                        "--input", str(wav), "--out-dir", str(out), "--asr-model", missing],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and f"ASR model folder not found: {missing}" in r.stderr, r.stderr[-2000:]
+    assert not out.exists()
+    # The server's conversations: found before the Mimi encoder's warm-up (minutes for csm-1b), not after it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--checkpoint", str(csm_dir), "--port",
+                        str(port), "converse", "--asr-model", missing], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "ASR model folder not found" in r.stderr, r.stderr[-2000:]
+    assert "Mimi encoder" not in r.stderr, r.stderr[-2000:]
+
+
 ASOUNDRC = """
 pcm.!default {{ type asym playback.pcm "speaker" capture.pcm "microphone" }}
 pcm.microphone {{ type file slave.pcm "silent" file "/dev/null" infile "{mic}" format "raw" }}

@@ -88,9 +88,9 @@ def headless(args: Args, gen) -> None:
 
     files = input_files(args.input)
     check_output_folder(args.out_dir)  # its parent must exist; the folder itself is made
-    args.out_dir.mkdir(exist_ok=True)
     driver = gen.driver(1).start_thread()  # one conversation: one engine slot, stepped by the driver's thread
     make = args.factory(driver)
+    args.out_dir.mkdir(exist_ok=True)  # once the parts have loaded: a start that fails leaves no folder
     conv, detector = None, None
     transcript = args.out_dir / "transcript.jsonl"
     n_replies = 0

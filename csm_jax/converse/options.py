@@ -94,11 +94,12 @@ class ConverseOptions:
         `warmup`: also compile the Mimi encoder for every turn length (buckets up to MAX_TURN_S), so a user's
         turn never waits for a compilation."""
         model = driver.engine.model
+        # The parts that can be missing (faster-whisper, the VAD model) first: the warm-up below takes minutes.
+        asr = Serialized(Transcriber(self.asr_model, self.asr_device, self.asr_compute_type))
+        self.detector(VAD_RATE)  # a missing VAD model fails at start-up, not at the first connection
         voice = model.context_codes(self.voice_segments())
         if warmup:
             model.warm_encoder(MAX_TURN_S, progress)
-        asr = Serialized(Transcriber(self.asr_model, self.asr_device, self.asr_compute_type))
-        self.detector(VAD_RATE)  # a missing VAD model fails at start-up, not at the first connection
 
         def make(sample_rate: int):
             llm = ChatClient(self.llm_url, self.llm_model, self.llm_api_key_env, self.system_prompt,
