@@ -10,6 +10,10 @@ weights' values; the other stages make their own random weights, and run without
   generate_b1    batch-1 frames/s beside the bandwidth bound measured in the same run (bench_generate.py)
   server         one server started once (scripts/serve.py at --slots), loaded with 256, then 1,000 (capped at
                  its slots), then 64 and 1 concurrent streams of 4 s each (bench_server.py)
+  cost_model     the serving simulation's cost table measured on this device at the server's slots, in its dtype
+                 (OUT/cost_table.json: generation step by rows, Mimi's step by rows, read bandwidth, prefill
+                 TFLOP/s), then simulate_serving.py on it for the server's levels, predicted beside measured
+                 (cost_table.py)
   profile_b1     where a batch-1 frame's device time goes, kernel by kernel (profile_frame.py, trace in OUT/profile)
   int8           batch 1 with int8 weights and their greedy agreement with the unquantized ones (bench_generate.py)
   mimi           Mimi one-shot, streaming, and a 10-minute file's peak memory (bench_mimi.py)
@@ -18,10 +22,11 @@ weights' values; the other stages make their own random weights, and run without
 
 Every figure goes into OUT/figures.jsonl the moment it is measured, one JSON object a line: {"stage", "event",
 "time", ...} with event "start" (expected_s, limit_s), "figure" (the stage's figures; the server writes its own,
-one when it is ready and one per level as it ends), "end" (status: ok, failed (exit N) or killed at its limit;
-seconds) or "skipped" (reason). A run cut short keeps every line written so far. Each stage's output is in
-OUT/STAGE.log, the started server's own in OUT/serve.log (serve_conversations.log); OUT/summary.txt and the
-last lines printed sum up.
+one when it is ready and one per level as it ends; so does the cost model: its table, then one per level with
+the simulation's first audio p50/p95 and real-time streams beside the server's), "end" (status: ok, failed
+(exit N) or killed at its limit; seconds) or "skipped" (reason). A run cut short keeps every line written so
+far. Each stage's output is in OUT/STAGE.log, the started server's own in OUT/serve.log
+(serve_conversations.log); OUT/summary.txt and the last lines printed sum up.
 
 Each stage declares its expected seconds (estimated from the H100 figures in benchmarks/README.md) and a time
 limit. `--budget` is the seconds this command may take: a stage whose expected time exceeds what is left is
@@ -47,7 +52,7 @@ from typing import Callable, Optional
 import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("generate_b1", "server", "profile_b1", "int8", "mimi", "conversations", "train")
+STAGES = ("generate_b1", "server", "cost_model", "profile_b1", "int8", "mimi", "conversations", "train")
 
 
 @dataclasses.dataclass
@@ -107,19 +112,26 @@ def stages(args: Args, slots: str) -> list[Stage]:
     size = ["--size", "tiny"] if q else []
     frames = ["--frames", "8", "--frames-per-call", "4"] if q else ["--frames", "64", "--frames-per-call", "8"]
     gen = [py, bench("bench_generate.py"), *size, "--batches", "1", *frames]
-    server = lambda log, levels, extra: lambda limit: [  # noqa: E731
+    audio_ms, levels = (str(args.max_audio_ms), args.levels) if not q else ("320", (2, 4, 1))
+    server = lambda log, load, extra: lambda limit: [  # noqa: E731
         py, bench("bench_server.py"), "--checkpoint", str(args.checkpoint), "--slots", slots,
-        "--frames-per-call", "4", "--requests", "1", "--max-audio-ms", str(args.max_audio_ms if not q else 320),
+        "--frames-per-call", "4", "--requests", "1", "--max-audio-ms", audio_ms,
         "--at-most-slots", "--figures", str(out / "figures.jsonl"), "--server-log", str(out / log),
         # it reports a server not ready in time itself, a minute before it would be killed
-        "--startup-timeout", str(max(limit - 60, limit / 2)), *(["--no-warmup"] if q else []), *extra, *levels]
+        "--startup-timeout", str(max(limit - 60, limit / 2)), *(["--no-warmup"] if q else []), *extra, *load]
     no_ckpt = "" if args.checkpoint.is_dir() else f"checkpoint folder not found: {args.checkpoint}"
     conv = no_ckpt or ("" if args.turn_audio and args.asr_model else "needs --turn-audio and --asr-model")
     # (name, expected s, limit s) on an H100 at full size; --quick: on a 2-core CPU at tiny sizes.
     return [
         Stage("generate_b1", *((60, 300) if q else (90, 130)), lambda _: gen, generate_figure),
         Stage("server", *((120, 400) if q else (240, 300)),
-              server("serve.log", ["--clients", *map(str, (2, 4, 1) if q else args.levels)], []), skip=no_ckpt),
+              server("serve.log", ["--clients", *map(str, levels)], []), skip=no_ckpt),
+        # After the server, which compiled the same programs into JAX's on-disk cache (when it is set).
+        Stage("cost_model", *((60, 300) if q else (100, 200)), lambda _: [
+            py, bench("cost_table.py"), str(args.checkpoint), str(out / "cost_table.json"), "--slots", slots,
+            "--frames-per-call", "4", "--max-audio-ms", audio_ms, "--figures", str(out / "figures.jsonl"),
+            "--levels", *map(str, levels),
+            *(["--repeats", "2", "--bandwidth-mb", "64"] if q else [])], skip=no_ckpt),
         Stage("profile_b1", *((90, 300) if q else (75, 150)), lambda _: [
             py, bench("profile_frame.py"), *size, "--batch", "1", "--frames-per-call", "8",
             "--out", str(out / "profile")], lambda r: r),
@@ -299,6 +311,18 @@ def summary(out: Path) -> str:
                          f"{r['real_time_streams']} real-time, sent over {r.get('start_spread_s', 0):.2f} s")
         elif e == "figure" and r.get("figure") == "error":
             lines.append(f"  server: {r['error'].splitlines()[0]}")
+        elif e == "figure" and r.get("figure") == "table":
+            lines.append(f"  cost table {r['table']}: {r['frames_per_call']}-frame step " + ", ".join(
+                f"{R} rows {ms:.1f} ms" for R, ms in r["step_ms"]) + "; Mimi step " + ", ".join(
+                f"{R} rows {ms:.1f} ms" for R, ms in r["mimi_ms"]) + f"; read {r['read_gbs']:.0f} GB/s; prefill "
+                f"{r['prefill_tflops']:.1f} TFLOP/s")
+        elif e == "figure" and r.get("figure") == "scenario" and "predicted" in r:
+            p, m = r["predicted"], r["measured"] or {}
+            fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+            lines.append(f"  {r['scenario']}, predicted / measured: first audio p50 {fmt(p['first_audio_p50_s'])} / "
+                         f"{fmt(m.get('first_audio_p50_s'))} s, p95 {fmt(p['first_audio_p95_s'])} / "
+                         f"{fmt(m.get('first_audio_p95_s'))} s, real-time {p['real_time_streams']} / "
+                         f"{m.get('real_time_streams', '-')}")
         elif e == "figure" and s == "profile_b1":
             lines.append(f"  batch-1 frame: {r['total_us_per_frame']:.0f} us of ops, "
                          f"{r['wall_us_per_frame']:.0f} us wall")

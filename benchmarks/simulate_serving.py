@@ -15,11 +15,11 @@ time (the engine's and the server's work per step) is not simulated, only the de
 
 Printed per scenario: first audio (arrival to its first audio event; p50 and p95 by numpy's linear
 interpolation, and the max); real-time streams: those whose audio never ran out once playing (a client plays
-from its first audio, without a buffer: it stalls when a chunk comes after the audio it had was played) and the
-stall seconds of all streams together; requests that got less audio than they asked for (0 unless something
-is broken); the most slots one generation step ran; steps, prefill calls and simulated seconds (and in the
-JSON the device's busy share and the schedule's deferrals). The last line printed is one JSON object with
-every figure.
+from its first audio, or `--start-buffer-ms` after it: it stalls when a chunk comes after the audio it had was
+played) and the stall seconds of all streams together; requests that got less audio than they asked for (0
+unless something is broken); the most slots one generation step ran; steps, prefill calls and simulated seconds
+(and in the JSON the device's busy share and the schedule's deferrals). The last line printed is one JSON
+object with every figure.
 
 The cost model: a generation step of R rows (the rows the real programs compute: 1, 8, 64, 256 or every slot)
 and F frames costs F x (frame(R) + mimi(R)); frame and mimi are linear between the table's points and beyond
@@ -32,8 +32,10 @@ bench_generate.py --frames-per-call 8 (1 row 10.47 ms, 16: 10.70, 64: 11.97, 256
 streaming decode step from bench_mimi.py (1 stream 1.87 ms, 64: 4.2, 256: 8.4), the roofline probe's 2,108
 GB/s; prefill was not measured there: its 400 TFLOP/s (about 40% of the H100's dense bf16 peak) is an
 assumption. `--device h200` is open until that device is measured: pass its figures with `--table FILE`
-(JSON with TABLES["h100"]'s keys). `--step-s S`: every generation step S seconds and every prefill call free
-(or `--prefill-row-s` a padded row): the cases that can be worked out by hand (tests/test_simulate_serving.py).
+(JSON with TABLES["h100"]'s keys), e.g. the table benchmarks/cost_table.py measures on a device (accelerator.py's
+cost_model stage writes it to OUT/cost_table.json and runs this simulation on it beside the server's figures).
+`--step-s S`: every generation step S seconds and every prefill call free (or `--prefill-row-s` a padded row):
+the cases that can be worked out by hand (tests/test_simulate_serving.py).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ TABLES: dict[str, dict | None] = {
              "frame_ms": [[1, 10.47], [16, 10.70], [64, 11.97], [256, 18.40], [512, 23.33]],
              "mimi_ms": [[1, 1.87], [64, 4.2], [256, 8.4]],
              "read_gbs": 2108.0, "prefill_tflops": 400.0},
-    "h200": None,  # not measured yet: bench_generate.py, bench_mimi.py and a prefill sweep on it fill this in
+    "h200": None,  # not measured yet: benchmarks/cost_table.py on it fills this in
 }
 
 
@@ -92,6 +94,9 @@ class Args:
     """With --step-s: every padded prefill row costs this many seconds (0: prefill is free)."""
     seed: int = 0
     """Seed of the Poisson arrivals."""
+    start_buffer_ms: int = 0
+    """A client starts playing this long after its first audio (0: at once; bench_server.py's real-time count
+    uses 300)."""
 
 
 # ----------------------------------------------------------------------------------------------- cost model
@@ -131,8 +136,8 @@ def load_table(args: Args) -> dict:
                              "(frame_ms and mimi_ms as [[rows, ms], ...], read_gbs, prefill_tflops)")
         return {"device": str(args.table), **table}
     if TABLES[args.device] is None:
-        raise SystemExit(f"no cost figures for --device {args.device} yet (not measured): measure bench_generate.py "
-                         "and bench_mimi.py on it and pass them with --table FILE")
+        raise SystemExit(f"no cost figures for --device {args.device} yet (not measured): measure a table on it with "
+                         "benchmarks/cost_table.py and pass it with --table FILE")
     return TABLES[args.device]
 
 
@@ -197,21 +202,24 @@ def simulate(args: Args, arrivals: list[float]) -> dict:
             submit_due()
     if errors:  # never from the stand-in device: the simulation itself is broken
         raise RuntimeError(f"{len(errors)} requests failed in the simulation, e.g. {errors[0]}")
-    return figures(arrivals, chunks, frames_for(args.max_audio_ms) * FRAME_MS / 1000) | {
+    return figures(arrivals, chunks, frames_for(args.max_audio_ms) * FRAME_MS / 1000,
+                   args.start_buffer_ms / 1000) | {
         "max_generating": most, "steps": steps, "prefill_calls": device.calls["prefill"],
         "simulated_s": clock(), "device_busy": sum(device.busy_s.values()) / clock() if clock() else 0.0,
         "deferrals": engine.schedule.deferrals}
 
 
-def figures(arrivals: list[float], chunks: list[list[tuple[float, float]]], asked_s: float) -> dict:
-    """First audio, stalls and completeness of each request's chunks (when, audio seconds)."""
+def figures(arrivals: list[float], chunks: list[list[tuple[float, float]]], asked_s: float,
+            buffer_s: float = 0.0) -> dict:
+    """First audio, stalls and completeness of each request's chunks (when, audio seconds); playback starts
+    `buffer_s` after the first audio."""
     first, stalls, short = [], [], 0
     for t0, got in zip(arrivals, chunks):
         if not got:
             short += 1
             continue
         first.append(got[0][0] - t0)
-        played_to, stalled = got[0][0], 0.0  # when the audio received so far runs out
+        played_to, stalled = got[0][0] + buffer_s, 0.0  # when the audio received so far runs out
         for t, seconds in got:
             stalled += max(0.0, t - played_to)
             played_to = max(played_to, t) + seconds
@@ -237,10 +245,10 @@ def main(args: Args) -> None:
     if args.slots < 1 or args.frames_per_call < 1 or args.prompt_rows < 1 or args.prefill_rows < 1 \
             or args.max_audio_ms < FRAME_MS or args.seconds <= 0 or any(n < 1 for n in args.at_once) \
             or any(r <= 0 for r in args.poisson) or (args.step_s is not None and args.step_s <= 0) \
-            or args.prefill_row_s < 0:
+            or args.prefill_row_s < 0 or args.start_buffer_ms < 0:
         raise SystemExit(f"give --slots, --frames-per-call, --prompt-rows, --prefill-rows and --at-once counts >= 1, "
                          f"--max-audio-ms >= {FRAME_MS} (one frame), --seconds and --poisson rates > 0, --step-s > 0 "
-                         "and --prefill-row-s >= 0")
+                         "and --prefill-row-s and --start-buffer-ms >= 0")
     step_s, prefill_s, model = cost_model(args)
     rng = np.random.default_rng(args.seed)
     scenarios = [(f"{n} at once", [0.0] * n) for n in args.at_once]
@@ -248,7 +256,8 @@ def main(args: Args) -> None:
     buckets = sorted({bucket_rows(n, args.slots) for n in (*ROW_BUCKETS, args.slots) if n <= args.slots})
     print(f"{args.slots} slots, {args.frames_per_call} frames a step ({args.frames_per_call * FRAME_MS} ms of audio), "
           f"{args.prefill_rows} prompt rows a step at most; requests of {args.max_audio_ms} ms after "
-          f"{args.prompt_rows} prompt rows. Cost model: {model}")
+          f"{args.prompt_rows} prompt rows, played from {args.start_buffer_ms} ms after their first audio. "
+          f"Cost model: {model}")
     print("  generation step: " + ", ".join(f"{r} rows {1e3 * step_s(r):.1f} ms" for r in buckets)
           + f"; prefill call: 64 x 32 rows {1e3 * prefill_s(2048):.2f} ms, 1 x 32 rows {1e3 * prefill_s(32):.2f} ms")
     print(f"{'scenario':16s} {'requests':>8s} {'first audio p50 / p95 / max s':>30s} {'real-time':>10s} "
@@ -264,7 +273,7 @@ def main(args: Args) -> None:
     print(json.dumps({"bench": "simulate_serving", "cost_model": model, "slots": args.slots,
                       "frames_per_call": args.frames_per_call, "prefill_rows": args.prefill_rows,
                       "max_prefill": args.max_prefill, "max_audio_ms": args.max_audio_ms,
-                      "prompt_rows": args.prompt_rows, "seed": args.seed,
+                      "prompt_rows": args.prompt_rows, "seed": args.seed, "start_buffer_ms": args.start_buffer_ms,
                       "step_ms": {str(r): 1e3 * step_s(r) for r in buckets}, "scenarios": results}))
 
 

@@ -60,10 +60,16 @@ def test_accelerator_quick_writes_each_figure_when_measured(csm_dir, tmp_path):
     """accelerator.py --quick (tiny sizes, CPU) runs the headline stages in order and writes each figure into
     figures.jsonl when it is measured: batch 1 beside its bandwidth bound, then one server (its own log in the
     output folder) at 2, 4 and 1 streams, each level's line written when that level ended (before the next one
-    began). Every request delivered exactly its 320 ms (4 frames of 1,920 samples, 16-bit)."""
+    began). Every request delivered exactly its 320 ms (4 frames of 1,920 samples, 16-bit).
+
+    Then the cost model: a table in simulate_serving.py's --table format measured at the server's 4 slots (the
+    generation program runs at 1 row and at every slot: ROW_BUCKETS' only count below 4 is 1; prefill in groups of
+    1 request, timed at the shortest and longest piece, 32 and 128 rows), F x (frame + Mimi) being the measured
+    step at each; then the simulation on that table for the server's three levels, the same figures as
+    simulate_serving.py --table gives for them, beside the figures the server measured."""
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "benchmarks/accelerator.py", str(csm_dir), str(out), "--quick",
-                          "--only", "generate_b1", "server", "--budget", "900"],
+                          "--only", "generate_b1", "server", "cost_model", "--budget", "900"],
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "figures.jsonl").read_text().splitlines()]
@@ -71,13 +77,14 @@ def test_accelerator_quick_writes_each_figure_when_measured(csm_dir, tmp_path):
         ("device", "figure", None), ("server", "figure", "slots"),
         ("generate_b1", "start", None), ("generate_b1", "figure", None), ("generate_b1", "end", None),
         ("server", "start", None), ("server", "figure", "ready"), *[("server", "figure", "level")] * 3,
-        ("server", "end", None), *[(s, "skipped", None) for s in ("profile_b1", "int8", "mimi", "conversations",
-                                                                   "train")]]
+        ("server", "end", None), ("cost_model", "start", None), ("cost_model", "figure", "table"),
+        *[("cost_model", "figure", "scenario")] * 3, ("cost_model", "end", None),
+        *[(s, "skipped", None) for s in ("profile_b1", "int8", "mimi", "conversations", "train")]]
     b1 = lines[3]
     assert b1["size"] == "tiny" and b1["frames_per_s_stream"] > 0 and b1["bandwidth_bound_fps"] > 0
     assert math.isclose(b1["pct_of_bandwidth_bound"], 100 * b1["frames_per_s_stream"] / b1["bandwidth_bound_fps"])
     assert math.isclose(b1["bandwidth_bound_fps"] * b1["frame_bound_ms"], 1000, rel_tol=1e-9)
-    assert lines[4]["status"] == "ok" and lines[10]["status"] == "ok"
+    assert lines[4]["status"] == "ok" and lines[10]["status"] == "ok" and lines[16]["status"] == "ok"
     levels = lines[7:10]
     assert [r["clients"] for r in levels] == [2, 4, 1]
     for r in levels:
@@ -87,10 +94,40 @@ def test_accelerator_quick_writes_each_figure_when_measured(csm_dir, tmp_path):
     # Written as each level ended: a level's line is at least that level's duration after the previous line.
     for before, r in zip(lines[6:9], levels):
         assert r["time"] - before["time"] >= r["wall_s"] - 0.01, (before, r)
-    assert lines[-1]["reason"] == "not among --only generate_b1 server"
+
+    table = json.loads((out / "cost_table.json").read_text())
+    assert list(table) == ["device", "frame_ms", "mimi_ms", "read_gbs", "prefill_tflops"]
+    assert [R for R, _ in table["frame_ms"]] == [R for R, _ in table["mimi_ms"]] == [1, 4]
+    assert all(ms > 0 for _, ms in table["mimi_ms"]) and table["read_gbs"] > 0 and table["prefill_tflops"] > 0
+    costs = lines[12]
+    assert {k: costs[k] for k in table} == table and costs["table"] == str(out / "cost_table.json")
+    assert [R for R, _ in costs["step_ms"]] == [1, 4] and costs["frames_per_call"] == 4
+    for (_, step), (_, frame), (_, mimi) in zip(costs["step_ms"], table["frame_ms"], table["mimi_ms"]):
+        assert step > 0 and math.isclose(4 * (frame + mimi), step, rel_tol=1e-9)
+    assert [(c["requests"], c["rows_each"], c["rows"]) for c in costs["prefill_calls"]] == [(1, 32, 32), (1, 128, 128)]
+    assert costs["prompt_rows"] == 17  # bench_server.py's text (simulate_serving's default says so too)
+    sim = subprocess.run([sys.executable, "benchmarks/simulate_serving.py", "--table", str(out / "cost_table.json"),
+                          "--slots", "4", "--at-once", "2", "4", "1", "--poisson", "--max-audio-ms", "320",
+                          "--prompt-rows", "17", "--start-buffer-ms", "300"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    alone = json.loads(sim.stdout.strip().splitlines()[-1])["scenarios"]
+    for r, s, level in zip(lines[13:16], alone, levels):
+        p, m = r["predicted"], r["measured"]
+        assert r["scenario"] == s["scenario"] and r["requests"] == s["requests"] == level["clients"]
+        assert (p["first_audio_p50_s"], p["first_audio_p95_s"], p["real_time_streams"], p["steps"]) == \
+            (s["first_audio_p50_s"], s["first_audio_p95_s"], s["realtime_streams"], s["steps"])
+        assert math.isclose(p["audio_s_per_wall_s"], 0.32 * s["requests"] / s["simulated_s"], rel_tol=1e-9)
+        assert (m["first_audio_p50_s"], m["first_audio_p95_s"], m["real_time_streams"], m["failed"]) == \
+            (level["ttfb_p50_s"], level["ttfb_p95_s"], level["real_time_streams"], 0)
+        assert math.isclose(r["measured_over_predicted"]["first_audio_p95_s"],
+                            m["first_audio_p95_s"] / p["first_audio_p95_s"], rel_tol=1e-9)
+    assert lines[-1]["reason"] == "not among --only generate_b1 server cost_model"
     assert lines[-2]["reason"] == "needs --turn-audio and --asr-model"
     assert "Uvicorn running" in (out / "serve.log").read_text()
-    assert (out / "generate_b1.log").stat().st_size > 0 and "4 streams: 0 failed" in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert (out / "generate_b1.log").stat().st_size > 0 and "4 streams: 0 failed" in summary
+    assert "4 at once, predicted / measured: first audio p50" in summary
 
 
 def test_accelerator_budget_skips_stops_and_goes_on(tmp_path):

@@ -55,6 +55,17 @@ def test_one_request_stalls_when_a_step_takes_longer_than_its_audio():
     assert r["simulated_s"] == pytest.approx(1.6)
 
 
+def test_a_playback_buffer_absorbs_the_stalls_it_covers():
+    """The same request played from a buffer after its first audio (bench_server.py's real-time count): with
+    100 ms, playback runs 0.5 .. 0.82; the second chunk comes at 0.8, in time; the audio then lasts until 1.14,
+    the third comes at 1.2: 0.06 s of stall, not real time. With 200 ms, 0.6 .. 0.92, then until 1.24, after the
+    third chunk came at 1.2: no stall, real time. First audio stays 0.4 s either way."""
+    for buffer_ms, stall, realtime in ((100, 0.06, 0), (200, 0.0, 1)):
+        r = run([0.0], slots=4, max_audio_ms=960, step_s=0.4, start_buffer_ms=buffer_ms)
+        assert (r["first_audio_p50_s"], r["stall_s"]) == pytest.approx((0.4, stall), abs=1e-9), buffer_ms
+        assert r["realtime_streams"] == realtime, buffer_ms
+
+
 def test_requests_far_apart_are_each_served_as_alone():
     """Requests at 0 and 5 s, c = 0.2 s, 960 ms each: each is served alone (first audio c = 0.2 s after its
     arrival, its steps over 0.8 s after it, 5 steps each); the device idles in between: the run ends at 5.8 s,
