@@ -106,6 +106,10 @@ def test_mistakes_are_refused_before_the_model_loads_and_create_nothing(tmp_path
         (["--text-file", tmp_path / "two.txt", "--out-dir", new, "--seed", 2**32 - 1001], "--seed 4294966295",
          "give 0 to 4294966294"),
     ]
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "manifest.jsonl").write_text("")
+    cases.append((["--text", "hi", "--out-dir", job], "--out-dir", "holds a --text-file job (manifest*.jsonl)"))
     for args, flag, msg in cases:
         r = run("--checkpoint", gone, *args)
         last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""

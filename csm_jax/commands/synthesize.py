@@ -138,6 +138,9 @@ def _plan(args: Args) -> tuple[list[str], list[Path]]:
         folder = args.out_dir or Path("out")
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"--out-dir {folder} is a file, not a folder: give a folder (it is created if missing)")
+        if args.text_file is None and any(folder.glob("manifest*.jsonl")):  # --text alone keeps no manifest
+            raise ValueError(f"--out-dir {folder} holds a --text-file job (manifest*.jsonl) whose files these "
+                             "utterances would overwrite, so that job could no longer resume: give another --out-dir")
         try:
             folder.mkdir(parents=True, exist_ok=True)  # the last check: a refused job creates no folder
         except OSError as e:
