@@ -101,3 +101,17 @@ def test_a_second_writer_and_a_foreign_file_are_refused(tmp_path):
     (tmp_path / "manifest.process3.jsonl").write_text('{"files": 3}\n')
     with pytest.raises(ValueError, match="is not a manifest of csm-jax's synthesize"):
         Manifest(tmp_path, JOB, TEXTS)
+
+
+def test_a_local_checkpoint_is_the_same_job_however_it_is_spelled(tmp_path, monkeypatch):
+    """synthesize's job settings: a rerun that spells the same folder another way ("ckpt/", "./ckpt") continues
+    the job; another folder, or a hub id, is another job."""
+    from csm_jax.commands.synthesize import Args, _job
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "other").mkdir()
+    jobs = [_job(Args(text=["hi"], checkpoint=c)) for c in ("ckpt", "ckpt/", "./ckpt", "ckpt//")]
+    assert all(j == jobs[0] for j in jobs) and jobs[0]["checkpoint"] == "ckpt"
+    assert _job(Args(text=["hi"], checkpoint="other"))["checkpoint"] == "other"
+    assert _job(Args(text=["hi"], checkpoint="sesame/csm-1b"))["checkpoint"] == "sesame/csm-1b"

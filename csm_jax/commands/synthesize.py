@@ -225,23 +225,31 @@ def _of_this_process() -> str:
 
 def _manifest(args: Args, texts: list[str], folder: Path):
     """The manifest of this process in `folder`, checked against the settings that decide the audio."""
-    import hashlib
-
     import jax
 
-    from csm_jax.checkpoints import compute_dtype
     from csm_jax.manifest import Manifest
 
-    # Not --batch-size, --devices or --frames-per-call: an utterance's codes do not depend on them.
-    job = {"checkpoint": args.checkpoint, "mimi": args.mimi,
-           "tokenizer": str(args.tokenizer) if args.tokenizer else None,
-           "dtype": compute_dtype(args.dtype).name, "quantize": args.quantize, "speaker": args.speaker,
-           "context": [{"audio_sha256": hashlib.sha256(a.read_bytes()).hexdigest(), "transcript": tr, "speaker": spk}
-                       for a, tr, spk in args.context],
-           "seed": args.seed, "temperature": args.temperature, "topk": args.topk, "max_audio_ms": args.max_audio_ms,
-           "save_codes": args.save_codes}
-    return Manifest(folder, job, texts, jax.process_index(), jax.process_count(),
+    return Manifest(folder, _job(args), texts, jax.process_index(), jax.process_count(),
                     also=(".npy",) if args.save_codes else ())
+
+
+def _job(args: Args) -> dict:
+    """The settings that decide the audio, as a manifest records them. Not --batch-size, --devices or
+    --frames-per-call: an utterance's codes do not depend on them."""
+    import hashlib
+    import os
+
+    from csm_jax.checkpoints import compute_dtype
+
+    def where(path):  # a local path as the same command spells it again: "ckpt/" and "./ckpt" are "ckpt"
+        return None if path is None else os.path.normpath(path) if os.path.exists(path) else str(path)
+
+    return {"checkpoint": where(args.checkpoint), "mimi": where(args.mimi), "tokenizer": where(args.tokenizer),
+            "dtype": compute_dtype(args.dtype).name, "quantize": args.quantize, "speaker": args.speaker,
+            "context": [{"audio_sha256": hashlib.sha256(a.read_bytes()).hexdigest(), "transcript": tr,
+                         "speaker": spk} for a, tr, spk in args.context],
+            "seed": args.seed, "temperature": args.temperature, "topk": args.topk,
+            "max_audio_ms": args.max_audio_ms, "save_codes": args.save_codes}
 
 
 def _speak(args: Args, texts: list[str], outs: list[Path], mine: list[int], record) -> list[tuple[int, float]]:
