@@ -112,6 +112,14 @@ def test_bad_settings_are_named_by_the_library_and_by_their_flags(tmp_path):
     r = run_finetune("--data", tmp_path, "--out", tmp_path / "run", "--steps", 0)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "error: --steps, --batch-size and --accumulate must be at least 1" in r.stderr, r.stderr[-2000:]
+    for flag, value, message in [("--learning-rate", -1e-4, "must be above 0"), ("--clip-norm", 0, "must be above 0"),
+                                 ("--min-lr-ratio", 2, "must lie in [0, 1]"), ("--warmup-steps", -1, "0 or more"),
+                                 ("--weight-decay", -0.1, "0 or more")]:
+        r = run_finetune("--data", tmp_path, "--out", tmp_path / "run", flag, value)
+        assert r.returncode == 2 and f"error: {flag} must" in r.stderr and message in r.stderr, r.stderr[-2000:]
+    (tmp_path / "a-file").write_text("x")
+    r = run_finetune("--data", tmp_path, "--out", tmp_path / "a-file")
+    assert r.returncode == 2 and "--out " + str(tmp_path / "a-file") + " is a file" in r.stderr, r.stderr[-2000:]
     r = run_finetune("--data", tmp_path, "--out", tmp_path / "run", "--mesh-model", 3)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "error: --mesh-data x --mesh-model (all x 3): model=3 must be a positive divisor of the 1 devices" \

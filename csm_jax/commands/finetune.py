@@ -156,6 +156,8 @@ def _finetune(args: Args) -> None:
                      compute_dtype=args.compute_dtype, remat=args.remat, seed=args.seed).check()
     if not 0 <= args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a folder for the run (it is created if missing)")
     check_batch(tc, training_mesh(args.mesh_data, args.mesh_model))  # before anything is loaded
     ckpt = load_csm(args.checkpoint, jnp.float32)
     if ckpt.codec_tensors is not None and args.mimi is None:

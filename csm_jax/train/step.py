@@ -59,6 +59,16 @@ class TrainConfig:
     def check(self) -> "TrainConfig":
         if self.steps < 1 or self.batch_size < 1 or self.accumulate < 1:
             raise SettingError("`steps`, `batch_size` and `accumulate` must be at least 1")
+        if not 0 < self.learning_rate < float("inf"):  # a negative one would climb the loss
+            raise SettingError(f"`learning_rate` must be above 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise SettingError(f"`warmup_steps` must be 0 or more, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise SettingError(f"`min_lr_ratio` must lie in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise SettingError(f"`weight_decay` must be 0 or more, got {self.weight_decay}")
+        if not 0 < self.clip_norm < float("inf"):  # 0 would scale every update to nothing
+            raise SettingError(f"`clip_norm` must be above 0, got {self.clip_norm}")
         if not 0 < self.depth_ratio <= 1:
             raise SettingError(f"`depth_ratio` must lie in (0, 1], got {self.depth_ratio}")
         if self.lora_rank < 0:
