@@ -228,6 +228,7 @@ def test_flags_no_server_could_run_with_are_refused_before_the_model_loads(tmp_p
         (["--voices-dir", voices("v3", {"a.txt": "  \n"})], "is empty: write the words spoken in a.wav"),
         (["--voices-dir", voices("v4", {"b.txt": "Hi."})], "has no audio file beside it (b.wav)"),
         (["converse", "--max-conversations", "0"], "--max-conversations 0: give 1 or more"),
+        (["converse", "--temperature", "-1"], "--temperature -1.0: temperature must be"),
     ]
     with taken:
         for args, message in cases:

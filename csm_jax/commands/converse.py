@@ -217,7 +217,8 @@ def microphone(args: Args, gen) -> None:
 def main(args: Args) -> None:
     from csm_jax.generate import Generator
 
-    if args.input:  # cheap checks first, before loading models
+    args.check()  # cheap checks first, before loading models
+    if args.input:
         input_files(args.input)
         check_output_folder(args.out_dir)
     args.voice_segments()

@@ -185,6 +185,7 @@ def _check(args: Args) -> None:
     if args.slots != "auto":
         at_least.append(("--slots", args.slots, 1))
     if args.converse is not None:
+        args.converse.check()
         at_least.append(("--max-conversations", args.converse.max_conversations, 1))
     for flag, value, least in at_least:
         if value < least:

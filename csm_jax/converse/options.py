@@ -70,6 +70,26 @@ class ConverseOptions:
     max_sentence_ms: int = 10_000
     """Cap on the audio of one reply sentence."""
 
+    def check(self) -> None:
+        """Refuses, naming the flag, settings no conversation could run with (before anything loads)."""
+        from csm_jax.request import check_seed, check_temperature, check_topk, frames_for
+        from csm_jax.text import check_speaker
+
+        checks = [("--seed", check_seed, self.seed), ("--temperature", check_temperature, self.temperature),
+                  ("--topk", check_topk, self.topk), ("--max-sentence-ms", frames_for, self.max_sentence_ms),
+                  ("--voice-speaker", check_speaker, self.voice_speaker)]
+        for flag, check, value in checks:
+            try:
+                check(value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {e}") from None
+        for flag, value in (("--llm-timeout", self.llm_timeout), ("--llm-max-tokens", self.llm_max_tokens),
+                            ("--end-of-turn-ms", self.end_of_turn_ms)):
+            if not value > 0:
+                raise ValueError(f"{flag} {value}: give a number above 0")
+        if not 0 < self.vad_threshold < 1:
+            raise ValueError(f"--vad-threshold {self.vad_threshold}: give a speech probability between 0 and 1")
+
     def voice_segments(self) -> list[Segment]:
         if self.voice is None:
             if self.voice_text:
