@@ -209,6 +209,7 @@ def test_barge_in_stops_the_reply_and_takes_the_new_turn(gen, one_slot, llm_serv
     (["--input", "missing.wav"], "input not found: missing.wav"),
     (["--input", "{wav}", "--voice", "{wav}"], "--voice needs --voice-text"),
     (["--input", "{wav}", "--out-dir", "/nonexistent/dir/out"], "output folder does not exist"),
+    (["--input", "{wav}", "--out-dir", "{wav}"], "is a file: give a folder"),
     (["--input", "{wav}", "--temperature", "-1"], "error: --temperature -1.0: temperature must be"),
     (["--input", "{wav}", "--topk", "0"], "error: --topk 0: topk must be"),
     (["--input", "{wav}", "--vad-threshold", "1.5"], "error: --vad-threshold 1.5: give a speech probability"),

@@ -221,6 +221,8 @@ def main(args: Args) -> None:
     if args.input:
         input_files(args.input)
         check_output_folder(args.out_dir)
+        if args.out_dir.exists() and not args.out_dir.is_dir():
+            raise ValueError(f"--out-dir {args.out_dir} is a file: give a folder (it is created if missing)")
     args.voice_segments()
     gen = Generator(args.checkpoint, mimi=args.mimi, tokenizer=str(args.tokenizer) if args.tokenizer else None,
                     dtype=args.dtype, frames_per_call=args.frames_per_call,
