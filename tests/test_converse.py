@@ -234,6 +234,14 @@ def test_a_part_that_is_missing_fails_the_start_before_the_warm_up_and_leaves_no
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and f"ASR model folder not found: {missing}" in r.stderr, r.stderr[-2000:]
     assert not out.exists()
+    empty = tmp_path / "empty-asr"  # a folder without a model: one line, not CTranslate2's traceback
+    empty.mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "converse.py"), "--checkpoint", str(csm_dir),
+                        "--input", str(wav), "--out-dir", str(out), "--asr-model", str(empty)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot load the speech recognizer from {empty} (give a folder holding a CTranslate2"), r.stderr[-2000:]
+    assert not out.exists()
     # The server's conversations: found before the Mimi encoder's warm-up (minutes for csm-1b), not after it.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,7 +24,15 @@ class Transcriber:
             raise FileNotFoundError(f"ASR model folder not found: {model} (give a folder or a model name "
                                     "such as tiny.en)")
         model = str(Path(model).expanduser()) if model.startswith("~") else model
-        self.model = WhisperModel(model, device=device, compute_type=compute_type)
+        try:
+            self.model = WhisperModel(model, device=device, compute_type=compute_type)
+        except Exception as e:  # noqa: BLE001 - the hub, CTranslate2 and the files each raise their own
+            why = (str(e).strip().splitlines() or [""])[0]
+            where = (f"from {model} (give a folder holding a CTranslate2 Whisper model: model.bin, config.json, ...)"
+                     if Path(model).is_dir() else
+                     f"'{model}' from the Hugging Face hub (offline, it must be in the local cache; or give a local "
+                     "CTranslate2 model folder)")
+            raise ValueError(f"cannot load the speech recognizer {where}: {type(e).__name__}: {why}") from e
         self.language = language or ("en" if model.endswith(".en") else None)
         self.beam_size = beam_size
 
