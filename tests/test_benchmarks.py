@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_generate_runs_and_reports():
+    # The frames and frames per call of accelerator.py --quick's generate_b1 stage (two calls a row), so the test
+    # of that command below loads this run's batch-1 programs from the compilation cache instead of compiling them.
     out = subprocess.run([sys.executable, "benchmarks/bench_generate.py", "--size", "tiny", "--batches", "1", "2",
-                          "--frames", "4", "--frames-per-call", "2", "--reference", "--reference-frames", "3"],
+                          "--frames", "8", "--frames-per-call", "4", "--reference", "--reference-frames", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
