@@ -75,6 +75,7 @@ def wait_free(server, seconds=30):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_page_in_chromium_talks_and_shows_the_transcript(server, turn_wav):
     page = browse(server, turn_wav, "converse", keys=("wrong-key", KEY))
     assert page["errors"] == 0 and page["turns"] == 1, page
@@ -88,6 +89,7 @@ def test_page_in_chromium_talks_and_shows_the_transcript(server, turn_wav):
     wait_free(server)  # the closed page freed its conversation
 
 
+@pytest.mark.slow
 def test_browser_closed_mid_reply_frees_the_conversation(server, turn_wav):
     before = httpx.get(server + "/health").json()["conversations_closed_mid_reply"]
     page = browse(server, turn_wav, "vanish")
@@ -163,6 +165,7 @@ def test_bad_messages_get_clear_errors(server):
 
 
 def test_push_to_talk_end_turn(server, turn_wav):
+    wait_free(server)  # the one conversation the server takes: the test before closed its own a moment ago
     audio, sr = sf.read(str(turn_wav), dtype="float32")
     speech = audio[: int(np.flatnonzero(np.abs(audio) > 0.01)[-1]) + sr // 20]  # no trailing silence for VAD
 
