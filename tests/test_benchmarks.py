@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_generate_runs_and_reports():
     # The frames and frames per call of accelerator.py --quick's generate_b1 stage (two calls a row), so the test
     # of that command below loads this run's batch-1 programs from the compilation cache instead of compiling them.
@@ -40,6 +41,7 @@ def test_bench_generate_runs_and_reports():
     assert table[1].split()[0] == "1" and table[1].rstrip().endswith("x")
 
 
+@pytest.mark.slow
 def test_bench_server_conversations_runs_and_reports(csm_dir, asr_model, tmp_path):
     """bench_server.py starts the server itself (converse, stub LLM) and drives one conversation of one turn
     spoken by espeak-ng: the turn is answered with audio and every stage is reported."""
@@ -58,6 +60,7 @@ def test_bench_server_conversations_runs_and_reports(csm_dir, asr_model, tmp_pat
     assert row["end_to_audio_s_p50"] >= row["asr_s_p50"]
 
 
+@pytest.mark.slow
 def test_accelerator_quick_writes_each_figure_when_measured(csm_dir, tmp_path):
     """accelerator.py --quick (tiny sizes, CPU) runs the headline stages in order and writes each figure into
     figures.jsonl when it is measured: batch 1 beside its bandwidth bound, then one server (its own log in the
@@ -132,6 +135,7 @@ def test_accelerator_quick_writes_each_figure_when_measured(csm_dir, tmp_path):
     assert "4 at once, predicted / measured: first audio p50" in summary
 
 
+@pytest.mark.slow
 def test_accelerator_budget_skips_stops_and_goes_on(tmp_path):
     """run_stages on stand-in stages: a stage expected to overrun the budget left is skipped with the reason, one
     that overruns its limit is stopped there (with the process it started) and keeps the lines it wrote, a failing
@@ -258,6 +262,7 @@ def test_bench_server_counts_short_cut_and_wrong_audio_as_failures():
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_bench_server_counts_a_stream_cut_by_a_failed_step(csm_dir, tmp_path):
     """A real server whose engine step fails (injected) after the stream's first audio ends that stream without
     its last chunk: bench_server counts the request as failed, not as a short success."""
@@ -287,6 +292,7 @@ def test_bench_server_counts_a_stream_cut_by_a_failed_step(csm_dir, tmp_path):
     assert "injected step failure" in (tmp_path / "serve.log").read_text()
 
 
+@pytest.mark.slow
 def test_bench_server_stops_at_once_when_the_server_cannot_start(csm_dir, tmp_path):
     """A server that exits at start-up (no checkpoint there), and one whose warm-up fails (injected: its engine
     thread dies while /health would say "warming"), end bench_server with status 1 and the cause within seconds
@@ -322,6 +328,7 @@ def test_bench_server_stops_at_once_when_the_server_cannot_start(csm_dir, tmp_pa
         assert line["error"] in run.stderr.replace("error: ", "", 1)
 
 
+@pytest.mark.slow
 def test_profile_frame_splits_the_trace_into_classes(tmp_path):
     """profile_frame.py on the tiny model (CPU: XLA's ops are thunks on host threads): every class is in the
     table, the class totals add up to the total, and the total equals the frame program's op events read back

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -19,6 +20,7 @@ def run(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_encode_decode_roundtrip_matches_moshi(tmp_path, mimi_files):
     model = mimi_files["moshi_model"]
     stereo = np.stack([speech_like(44100 * 2, seed=1), speech_like(44100 * 2, seed=2)], 1)
@@ -45,6 +47,7 @@ def test_encode_decode_roundtrip_matches_moshi(tmp_path, mimi_files):
     assert np.abs(y - np.clip(ref_audio, -1, 1)).max() <= 0.5 / 32767 + 1e-4 * np.abs(ref_audio).max() + 1e-6
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear(tmp_path, mimi_files):
     bad_audio = tmp_path / "bad.wav"
     bad_audio.write_bytes(b"not audio")

@@ -67,6 +67,7 @@ def test_sentence_cutter():
     assert SentenceCutter().feed("Dr. Smith arrived. ") == ["Dr.", "Smith arrived."]  # no abbreviation magic
 
 
+@pytest.mark.slow
 def test_headless_script_end_to_end(csm_dir, llm_server, asr_model, turns, tmp_path):
     silent = tmp_path / "silence.wav"
     sf.write(str(silent), np.zeros(24000, np.float32), 24000)
@@ -114,6 +115,7 @@ def closed_port_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
+@pytest.mark.slow
 def test_llm_down_or_slow_then_retry(gen, one_slot, llm_server):
     d = Dialogue(one_slot())
     llm = ChatClient(closed_port_url(), llm_server.model, timeout_s=2)
@@ -137,6 +139,7 @@ def test_llm_down_or_slow_then_retry(gen, one_slot, llm_server):
     assert [s.text for s in d.segments] == ["Are you there?", "Hello?", "Now?", *SENTENCES]
 
 
+@pytest.mark.slow
 def test_asr_hears_nothing_is_no_turn(gen, one_slot, llm_server, asr_model):
     d = Dialogue(one_slot())
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model))
@@ -145,6 +148,7 @@ def test_asr_hears_nothing_is_no_turn(gen, one_slot, llm_server, asr_model):
     assert d.rows == 0 and conv.messages == [] and conv.turns == 0
 
 
+@pytest.mark.slow
 def test_user_audio_codes_in_context_and_long_turn(gen, one_slot, llm_server, asr_model, turns):
     rng = np.random.default_rng(0)
     voice = [Segment(1, "I am the assistant.", codes=rng.integers(0, 2048, (32, 60)).astype(np.int32))]
@@ -174,6 +178,7 @@ def test_user_audio_codes_in_context_and_long_turn(gen, one_slot, llm_server, as
     assert d.segments[-3].text == "A very long story." and d.segments[-3].codes.shape[1] == 875
 
 
+@pytest.mark.slow
 def test_barge_in_stops_the_reply_and_takes_the_new_turn(gen, one_slot, llm_server, asr_model, turns):
     d = Dialogue(one_slot())
     conv = Conversation(d, ChatClient(llm_server.url, llm_server.model), Transcriber(asr_model),
@@ -222,6 +227,7 @@ def test_script_bad_arguments(csm_dir, turns, extra, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_part_that_is_missing_fails_the_start_before_the_warm_up_and_leaves_no_folder(csm_dir, tmp_path):
     from csm_jax.testing.inputs import speech_like
 
@@ -260,6 +266,7 @@ pcm.silent {{ type null }}
 """
 
 
+@pytest.mark.slow
 def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp_path):
     """Microphone mode as a user runs it, with ALSA's file plugin as the sound card: the microphone reads a
     recording (float32, 16 kHz), the speaker writes into a pipe this test reads."""
@@ -328,6 +335,7 @@ def test_microphone_mode_through_alsa(csm_dir, llm_server, asr_model, turns, tmp
     assert heard["nonzero"] > 1920  # the reply reached the speaker
 
 
+@pytest.mark.slow
 def test_chat_history_is_bounded_and_speakers_differ(gen, one_slot, llm_server):
     conv = Conversation(Dialogue(one_slot()), ChatClient(llm_server.url, llm_server.model), max_sentence_ms=160,
                         max_messages=2)

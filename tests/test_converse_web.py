@@ -104,6 +104,7 @@ async def _ws(url):
     return await websockets.connect(url.replace("http", "ws") + "/v1/converse", max_size=None, additional_headers=AUTH)
 
 
+@pytest.mark.slow
 def test_disconnect_mid_reply_frees_the_conversation(server, turn_wav):
     audio, sr = sf.read(str(turn_wav), dtype="float32")
 

@@ -5,12 +5,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import jax
 
 from csm_jax.checkpoints import load_csm
 from csm_jax.testing.tiny_csm import build_hf_csm, hf_to_sesame_tensors, save_sesame_layout
+
+pytestmark = pytest.mark.slow  # every test here takes tens of seconds on 2 cores
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -41,6 +41,7 @@ def _batch(prompts):
     return jnp.asarray(tokens), jnp.asarray(mask), jnp.array([len(t) for t, _ in prompts])
 
 
+@pytest.mark.slow
 def test_cached_decode_equals_full_forward(params):
     tokens, mask = _text_prompt(30, 0)
     st = GenState.create(CFG, 1)
@@ -64,6 +65,7 @@ def _generate(params, prompts, seeds, n=12, temperature=0.9, topk=50, caps=None)
     return np.asarray(frames), np.asarray(valid), st
 
 
+@pytest.mark.slow
 def test_batch_rows_get_what_they_get_alone(params):
     prompts = [_text_prompt(n, s) for n, s in ((9, 1), (23, 2), (16, 3))]
     seeds = [11, 12, 13]
@@ -78,6 +80,7 @@ def test_batch_rows_get_what_they_get_alone(params):
     assert frames.max() < 2048
 
 
+@pytest.mark.slow
 def test_attention_window_changes_nothing(params, monkeypatch):
     """Reading the cache through the window chosen on the device from the positions gives the codes reading
     the whole cache gives, across window boundaries (prompts of 120 and 250 rows, 12 frames: positions pass
@@ -93,6 +96,7 @@ def test_attention_window_changes_nothing(params, monkeypatch):
     np.testing.assert_array_equal(windowed, whole)
 
 
+@pytest.mark.slow
 def test_frame_cap_and_frozen_rows(params):
     prompts = [_text_prompt(10, 4), _text_prompt(10, 5)]
     frames, valid, st = _generate(params, prompts, [1, 2], n=8, caps=[3, 8])
@@ -153,6 +157,7 @@ def test_kth_largest_equals_a_sort():
         assert np.array_equal(np.asarray(jax.jit(_kth_by_bisection)(jnp.asarray(x), jnp.asarray(small)))[:, 0], want)
 
 
+@pytest.mark.slow
 def test_strict_loading(tmp_path_factory):
     model = build_hf_csm(seed=1)
     d = save_hf_layout(model, tmp_path_factory.mktemp("c") / "hf", with_tokenizer=False)
@@ -204,6 +209,7 @@ def test_prefill_into_one_slot_touches_only_it(params):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_generating_some_slots_equals_the_whole_batch(params):
     """Stepping only some slots gives them the frames the whole-batch step gives them, and leaves the
     other slots exactly as they were."""

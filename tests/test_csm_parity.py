@@ -71,6 +71,7 @@ def test_backbone_logits_long_prompt(csm):
         assert _rel(ours[sl], ref[sl]) < RTOL, f"rows {sl}: {_rel(ours[sl], ref[sl]):.2e}"
 
 
+@pytest.mark.slow
 def test_depth_decoder_logits_teacher_forced(csm):
     model, ck, _ = csm
     g = np.random.default_rng(2)
@@ -92,6 +93,7 @@ def test_depth_decoder_logits_teacher_forced(csm):
         assert _rel(alone[0], ref[r]) < RTOL, (r, _rel(alone[0], ref[r]))
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches(csm):
     model, ck, _ = csm
     ids = np.random.default_rng(3).integers(0, 128000, 40)
@@ -114,6 +116,7 @@ def test_greedy_generation_matches(csm):
     np.testing.assert_array_equal(np.asarray(frames[0]), ref)
 
 
+@pytest.mark.slow
 def test_sesame_layout_loads_identically(csm):
     _, ck, ses_dir = csm
     ck2 = load_csm(ses_dir)

@@ -3,12 +3,15 @@ cache writes, mask from the position, RoPE from a table) equals the per-row-posi
 the whole sequence at once. `forward` itself is checked against transformers in test_csm_parity.py."""
 
 import numpy as np
+import pytest
 
 import jax
 import jax.numpy as jnp
 
 from csm_jax import llama
 from csm_jax.csm import CsmConfig, init_params
+
+pytestmark = pytest.mark.slow  # every test here takes tens of seconds on 2 cores
 
 
 def test_lockstep_decode_equals_full_forward():

@@ -40,6 +40,7 @@ def _hidden(d):
     return np.asarray(d.driver.engine.state.h[d.slot])
 
 
+@pytest.mark.slow
 def test_appended_turns_equal_full_prompt(gen, driver):
     voice = [Segment(1, "This is how I sound.", audio=speech_like(24000, 1))]
     user_audio = [speech_like(24000, 2), speech_like(12000, 3)]
@@ -76,6 +77,7 @@ def random_codes(rng, frames):
     return rng.integers(0, 2048, (32, frames)).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen, driver):
     rng = np.random.default_rng(1)
     voice = [Segment(1, "My voice.", codes=random_codes(rng, 100))]
@@ -98,6 +100,7 @@ def test_history_outgrowing_the_cache_drops_oldest_and_rebuilds(gen, driver):
     assert audio.size > 0 and d.rows <= d.capacity
 
 
+@pytest.mark.slow
 def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen, driver):
     rng = np.random.default_rng(2)
     d = Dialogue(driver, [Segment(1, "Voice.", codes=random_codes(rng, 50))])
@@ -112,6 +115,7 @@ def test_turn_longer_than_the_cache_keeps_its_latest_frames(gen, driver):
     assert d.segments[-1].text == "Okay." and d.rows <= d.capacity
 
 
+@pytest.mark.slow
 def test_cancel_keeps_what_was_spoken(gen, driver):
     d = Dialogue(driver)
     cancel = threading.Event()
@@ -143,6 +147,7 @@ def test_bad_inputs(gen, driver):
     assert d.rows == 0 and d.segments == []  # nothing half-appended
 
 
+@pytest.mark.slow
 def test_turn_audio_of_any_length_compiles_nothing_after_the_encoder_warm_up(gen):
     """A conversation's turns come in every length: padded to whole frames (audio.whole_frames), they run the
     encoder programs `warm_encoder` compiled, with the codes of the padded audio encoded directly."""
@@ -166,6 +171,7 @@ def test_turn_audio_of_any_length_compiles_nothing_after_the_encoder_warm_up(gen
         np.testing.assert_array_equal(c, np.asarray(encode(gen.model.mimi, jnp.asarray(a[None])))[0])
 
 
+@pytest.mark.slow
 def test_turns_prefilled_across_steps_beside_a_running_stream(gen):
     """On an engine that prefills 64 rows a step, a conversation's voice prompt and long user turn (several
     pieces each), queued while a plain request generates, go in over several steps: the request gets its four
@@ -210,6 +216,7 @@ def test_turns_prefilled_across_steps_beside_a_running_stream(gen):
         d.close()
 
 
+@pytest.mark.slow
 def test_driven_engine_prefills_the_queued_turns(gen):
     """With the driver's thread stepping the engine (as the server's), a dialogue's turn is queued by the
     caller and `add` returns once it is in; the reply starts when its rows are in: it equals Sesame's way (the

@@ -48,6 +48,7 @@ class Collect:
         return np.concatenate([ev.codes for ev in self.events]).T
 
 
+@pytest.mark.slow
 def test_run_in_the_callers_thread_equals_alone(gen, solo):
     """Three requests on three slots, stepped in the caller's thread until done; a fourth, submitted between
     two steps of `steps()`, waits in the queue for a free slot."""
@@ -67,6 +68,7 @@ def test_run_in_the_callers_thread_equals_alone(gen, solo):
     assert driver.admitted == 0 and not driver.engine.busy()
 
 
+@pytest.mark.slow
 def test_run_in_a_thread_equals_alone(gen, solo):
     """The same requests submitted one by one to a driver whose thread steps the engine."""
     sinks = [Collect() for _ in REQUESTS]
@@ -80,6 +82,7 @@ def test_run_in_a_thread_equals_alone(gen, solo):
     assert not driver.thread.is_alive()
 
 
+@pytest.mark.slow
 def test_capacity_cancel_and_bad_requests(gen):
     """slots + max_queue requests are admitted, one more is refused with Full; a cancelled waiting request
     frees its place at once and hears nothing; a bad request raises at submit and takes no place."""

@@ -97,6 +97,7 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["hf", "ses"])
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])
 def test_csm_loads_half_files_exactly(half, fp32_csm, layout, name):
@@ -194,6 +195,7 @@ def _run(script, *args, **kw):
                           text=True, timeout=900, **kw)
 
 
+@pytest.mark.slow
 def test_synthesize_process_on_bf16_checkpoint(half, refs, tmp_path):
     out = tmp_path / "hello.wav"
     r = _run("synthesize.py", "--checkpoint", half["hf_bfloat16"], "--text", TEXT, "--out", out, "--temperature", 0,
@@ -216,6 +218,7 @@ def test_offline_sesame_folder_needs_mimi(half, tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "a.wav").exists()
 
 
+@pytest.mark.slow
 def test_failure_after_generation_keeps_the_codes(half, refs, mimi_files, tmp_path, monkeypatch, capsys):
     """synthesize.py on fp16 Sesame-layout files; decoding fails after generation: the codes are saved, the error
     is one line naming them, and the command it suggests decodes them (codec.py as a process)."""
@@ -265,6 +268,7 @@ def test_codec_encode_process_on_bf16_codec_model(half, mimi_files, tmp_path):
 # ------------------------------------------------------------------------------------------------------ Mimi
 
 
+@pytest.mark.slow
 def test_mimi_from_bf16_files(half, mimi_files):
     """Mimi in fp32 from a bf16 file (Kyutai's layout and transformers' codec_model.*) is moshi on the rounded
     weights, and within bf16 rounding of the fp32 file; Mimi asked to compute in bf16 works one-shot and
@@ -316,6 +320,7 @@ def test_mimi_from_bf16_files(half, mimi_files):
 # ---------------------------------------------------------------------------------------------------- server
 
 
+@pytest.mark.slow
 def test_server_request_on_bf16_checkpoint(half, refs, tmp_path):
     import httpx
 

@@ -55,6 +55,7 @@ def _drain(engine, results):
             codes.append(ev.codes)
 
 
+@pytest.mark.slow
 def test_insert_into_busy_batch_and_equal_alone(gen):
     engine = Engine(gen.model, slots=2, frames_per_call=4)
     a = Request("The first request, already running.", speaker=0, seed=1, max_audio_ms=1280)
@@ -131,6 +132,7 @@ def test_full_slots_reuse_and_cancel(gen):
     assert engine.free_slots() == [0]
 
 
+@pytest.mark.slow
 def test_requests_admitted_together_equal_alone(gen):
     """Three requests submitted at once are prefilled in one batch (padded to four, the fourth slot busy
     generating) and each gets the codes it gets alone."""
@@ -152,6 +154,7 @@ def test_requests_admitted_together_equal_alone(gen):
         np.testing.assert_array_equal(np.concatenate(results[id(r)]).T, _alone(gen, r)[1])
 
 
+@pytest.mark.slow
 def test_many_requests_admitted_within_the_row_budget_equal_alone(gen):
     """64 requests submitted together on a 64-slot engine with a budget of 512 prompt rows a step: their prompts
     (different texts, every one within 32 rows: 64 x 32 = 2,048 padded rows) are all prefilled after
@@ -177,6 +180,7 @@ def test_many_requests_admitted_within_the_row_budget_equal_alone(gen):
         np.testing.assert_array_equal(np.concatenate(results[id(r)]).T, _alone(gen, r)[1])
 
 
+@pytest.mark.slow
 def test_conversation_slot_beside_requests_equals_the_whole_history(gen):
     """A dialogue holding a slot of a busy engine replies with the codes Sesame's way (the whole history as one
     prompt, alone) gives, and requests running beside it get their solo codes."""
@@ -200,6 +204,7 @@ def test_conversation_slot_beside_requests_equals_the_whole_history(gen):
         assert engine.free_slots() == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_nothing_compiles_after_warmup(gen):
     """Warm-up compiles every program; a mixed load afterwards (requests of different lengths admitted one
     and several at a time, a cancel, a conversation appending, speaking and being stopped) compiles none."""
@@ -300,6 +305,7 @@ def _codes_by_owner(engine, results):
         results.setdefault(id(ev.owner), []).append(ev.codes)
 
 
+@pytest.mark.slow
 def test_length_classes_prefilled_as_groups_and_codes_equal_alone(gen):
     """Prompts of different length classes submitted together are prefilled at one step, one group per class
     (a later short one with the earlier short one, the long one apart), start together, and every request
@@ -337,6 +343,7 @@ def test_length_classes_prefilled_as_groups_and_codes_equal_alone(gen):
                                                          seeds=r.seed, max_audio_ms=r.max_audio_ms)[0])
 
 
+@pytest.mark.slow
 def test_stream_near_its_playback_defers_admission_boundedly(gen):
     """On a fake clock where a step takes 0.3 s (its four frames are 0.32 s of audio) and a prefilled row was
     measured at 10 ms, the running stream's slack (0.04 s, growing 0.02 s a step) is below a step plus the new
@@ -371,6 +378,7 @@ def test_stream_near_its_playback_defers_admission_boundedly(gen):
         np.testing.assert_array_equal(np.concatenate(results[id(r)]).T, _alone(gen, r)[1])
 
 
+@pytest.mark.slow
 def test_long_prompt_prefilled_across_steps_beside_a_running_stream(gen):
     """With 64 prompt rows a step, a request whose prompt (a voice prompt) is several pieces long, submitted
     while another stream generates, is prefilled over several steps and starts only when its last rows are in;

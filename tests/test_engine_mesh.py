@@ -14,6 +14,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here takes tens of seconds on 2 cores
 
 TEXTS = ["Hello there.", "How are you today?", "A third one.", "Four.", "And the fifth text."]
 FRAMES_PER_CALL = 4

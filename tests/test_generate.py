@@ -37,6 +37,7 @@ def test_stream_concatenates_to_one_shot(gen):
     assert np.abs(got - one).max() <= 1e-5 * np.abs(one).max()
 
 
+@pytest.mark.slow
 def test_interleaved_streams_each_equal_their_solo_run(gen):
     """Two streams consumed in turns from one generator: a short prompt, and one whose context puts its
     positions past 256 (attention windows differ), each yield exactly what they yield alone."""
@@ -58,6 +59,7 @@ def test_interleaved_streams_each_equal_their_solo_run(gen):
     np.testing.assert_array_equal(solo[1], one)
 
 
+@pytest.mark.slow
 def test_paragraph_sentences_appended_equal_the_reprefilled_history(gen):
     """generate_paragraphs appends each sentence to its utterance's slot; the codes equal re-prefilling the
     growing history (voice prompt + earlier sentences as segments, Sesame's way) with the same seeds."""
@@ -105,6 +107,7 @@ def test_bad_arguments(gen):
         gen.generate("hi", contexts=[Segment(0, "x", audio=np.full(100, np.nan, np.float32))])
 
 
+@pytest.mark.slow
 def test_encode_audio_pads_to_few_shapes_without_changing_codes(gen):
     """encode_audio pads whole-frame audio to a bucketed length (few compilations): causal Mimi gives the same
     codes. A partial last frame is encoded as it is (Mimi pads it in its own way)."""

@@ -98,6 +98,7 @@ def _our_params_from_hf(model, cfg):
     return jax.tree.map(jnp.asarray, {"layers": layers, "norm": sd["norm.weight"]})
 
 
+@pytest.mark.slow
 def test_forward_in_chunks_matches_transformers_llama():
     """A 1700-position sequence fed through the cache in uneven chunks, as prefill + decode do, equals
     transformers' LlamaModel on the whole sequence (GQA 4:1, head dim 64, csm-1b's Llama-3 scaling)."""

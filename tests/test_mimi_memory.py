@@ -33,6 +33,7 @@ def temp_bytes(fn, *args):
     return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_one_shot_memory_grows_linearly(shapes):
     short, long = 30, 240  # seconds; 750 and 6,000 steps at 25 Hz, far past the 250-step window
     enc = [temp_bytes(mimi_model._encode, shapes, jax.ShapeDtypeStruct((1, s * 24000), jnp.float32), 32)

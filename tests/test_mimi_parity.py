@@ -89,6 +89,7 @@ def params_moshi(mimi_files):
     return load_mimi(mimi_files["moshi_path"])[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [LONG, ODD])
 def test_matches_moshi(mimi_files, params_moshi, length):
     model = mimi_files["moshi_model"]
@@ -109,6 +110,7 @@ def test_matches_moshi(mimi_files, params_moshi, length):
     assert err < 1e-4, f"decoded audio differs by {err:.2e} of the reference's peak"
 
 
+@pytest.mark.slow
 def test_fewer_codebooks_match_moshi(mimi_files, params_moshi):
     model = mimi_files["moshi_model"]
     x = speech_like(1920 * 20, seed=3)[None]
@@ -127,6 +129,7 @@ def test_fewer_codebooks_match_moshi(mimi_files, params_moshi):
     assert np.abs(audio - ref_audio).max() / np.abs(ref_audio).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_transformers_layout_matches_transformers(mimi_files, params_moshi):
     from transformers import MimiModel
 

@@ -56,6 +56,7 @@ def _run_streams(params, plan, steps, enc):
     return {k: np.stack(v, axis=-1 if enc else 0) for k, v in outs.items()}
 
 
+@pytest.mark.slow
 def test_streaming_encode_equals_one_shot(params):
     # Row 0: one long stream (past the 250-step window at 25 Hz). Row 1: a short stream, then a reset and
     # a second stream starting mid-batch while row 0 keeps going.
@@ -69,6 +70,7 @@ def test_streaming_encode_equals_one_shot(params):
         np.testing.assert_array_equal(got[key], want, err_msg=f"stream {key}")
 
 
+@pytest.mark.slow
 def test_streaming_decode_equals_one_shot(params):
     rng = np.random.default_rng(0)
     a = rng.integers(0, 2048, (32, 140)).astype(np.int32)

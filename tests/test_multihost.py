@@ -64,6 +64,7 @@ def test_plan_reads_the_environment():
             plan(e)
 
 
+@pytest.mark.slow
 def test_two_processes_write_each_line_once_as_one_process_would(tmp_path, csm_dir):
     text = tmp_path / "lines.txt"
     text.write_text("\n".join(LINES[:2] + [""] + LINES[2:]) + "\n")  # a blank line is skipped, not counted

@@ -129,6 +129,7 @@ def test_quantize_refuses_bad_requests():
         quantize_int8(jnp.zeros((2, 3, 4)))
 
 
+@pytest.mark.slow
 def test_synthesize_with_int8_weights(tmp_path, csm_dir):
     out = tmp_path / "q.wav"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "synthesize.py"), "--checkpoint", str(csm_dir),

@@ -159,6 +159,7 @@ def _error(status, content_type, data, want_status=400, message=None, param=None
     return err
 
 
+@pytest.mark.slow
 def test_shutdown_answers_503_and_ends_streams(csm_dir, tmp_path_factory):
     """SIGTERM drains: what is in flight gets --shutdown-grace (1 s, too short for these); then a waiting
     request and a non-streamed one in a slot get 503 and a stream ends cleanly (a complete chunked response);
@@ -213,6 +214,7 @@ def _wav(content):
     return np.frombuffer(content[44:], "<i2")
 
 
+@pytest.mark.slow
 def test_more_requests_than_slots_each_equal_alone(server):
     reqs = [dict(input=f"Request number {i}.", seed=i, max_audio_ms=640) for i in range(6)]
     results = [None] * 6
@@ -302,6 +304,7 @@ def _read_response(s, seconds=10):
     return int(lines[0].split()[1]), headers, body
 
 
+@pytest.mark.slow
 def test_capacity_is_slots_plus_queue_and_clients_that_leave_free_their_places(server):
     # A burst of 12 (4 slots + 8 queued) on the idle server: none is refused, streamed or not.
     results = [None] * 12
@@ -470,6 +473,7 @@ def test_slow_clients_are_timed_out(server):
     assert _health(server).json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_failed_engine_step_ends_every_request_and_the_engine_recovers(server, fault_file):
     ref = _speech(server, input="Before and after.", seed=3, max_audio_ms=480, stream=False)
     assert ref.status_code == 200
@@ -681,6 +685,7 @@ def test_fuzzed_bodies_and_headers_get_json_4xx_on_one_connection(server):
     assert _health(server).json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_warmup_compiles_before_serving_and_health_says_so(csm_dir, tmp_path_factory):
     """With the warm-up (the default), /health answers 503 "warming" until every program is compiled, then
     200 "ok"; a request sent while warming waits and is served."""
@@ -722,6 +727,7 @@ def test_warmup_compiles_before_serving_and_health_says_so(csm_dir, tmp_path_fac
         proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_warmup_failure_ends_the_server_with_its_cause(csm_dir, tmp_path_factory):
     """A warm-up that fails (injected at its last program) ends the process non-zero with the cause on stderr,
     nothing left waiting; until then /health answers 503 "warming" with the programs compiled of the total:

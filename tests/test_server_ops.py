@@ -189,6 +189,7 @@ def test_key_sources_and_their_errors(tmp_path):
     assert r.returncode == 2 and "holds no key" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_flags_no_server_could_run_with_are_refused_before_the_model_loads(tmp_path):
     """Each mistake is one line naming the flag, status 2, before loading is tried: the checkpoint does not exist
     (with csm-1b, loading takes minutes; a port in use was only found by uvicorn after that)."""
@@ -383,6 +384,7 @@ def _check_histogram(before, after, name, values):
             (name, le, moved, values)
 
 
+@pytest.mark.slow
 def test_metrics_move_by_the_right_amounts(keyed):
     no_key = httpx.get(keyed.url + "/metrics")  # --metrics-auth is the default: a key is needed
     _error(no_key.status_code, no_key.headers["content-type"], no_key.content, 401, "no API key")
@@ -487,6 +489,7 @@ def _stream(url, body, out: list, key=ENV_KEY):
         out.append(e)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_0(csm_dir, tmp_path_factory):
     """SIGTERM while two streams hold the slots and a request waits: new requests get 503 draining (with
     Retry-After), /health 503 "draining", a new conversation WebSocket 503; the streams finish in full (the
@@ -552,6 +555,7 @@ def test_sigterm_drains_then_exits_0(csm_dir, tmp_path_factory):
     assert "draining: new requests get 503" in log and "nothing left in flight" in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(csm_dir, tmp_path_factory):
     """SIGTERM starts the drain; a Ctrl-C then exits at once (status 130), a stream in flight cut."""
     server = _launch(csm_dir, tmp_path_factory.mktemp("twice"), "--shutdown-grace", "120")

@@ -13,6 +13,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here takes tens of seconds on 2 cores
 
 FRAMES = 6
 PROMPT_ROWS = (9, 17, 33, 40, 5, 24, 12, 30)  # one prompt length per slot: the slots stop at different rows

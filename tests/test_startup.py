@@ -47,6 +47,7 @@ def test_few_programs_at_full_size(model, csm_dir):
     assert Programs(big, 300, F).generate_rows() == [1, 8, 64, 256, 300]
 
 
+@pytest.mark.slow
 def test_no_program_copies_the_state(model):
     """Each serving program compiled at 16 and at 32 slots (the tiny model: a slot's cache is 4.2 MB, its Mimi
     decoder state 8.4 MB): the scratch (temp) grows by less than half of the 16 added slots' cache, where a

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from csm_jax.testing.inputs import speech_like
+
+pytestmark = pytest.mark.slow  # every test here takes tens of seconds on 2 cores
 
 ROOT = Path(__file__).resolve().parents[1]
 

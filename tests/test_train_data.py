@@ -25,6 +25,7 @@ def tone(path, seconds, freq, sr=16_000):
     sf.write(str(path), (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sr)
 
 
+@pytest.mark.slow
 def test_cache_from_manifest_encodes_once_and_reports_bad_examples(mimi_files, tok, tmp_path):
     from csm_jax.mimi import encode, load_mimi
 

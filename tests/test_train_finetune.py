@@ -67,6 +67,7 @@ def run_finetune(*args):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_finetune_overfits_exports_and_speaks(csm_dir, voice_data, tmp_path):
     base = micro_base(Path(csm_dir), tmp_path / "base")
     out = tmp_path / "run"
@@ -103,6 +104,7 @@ def test_finetune_overfits_exports_and_speaks(csm_dir, voice_data, tmp_path):
     assert codes[0, 0] == want[0, 0] and agree >= 0.3, (agree, codes[:, :n], want[:, :n])
 
 
+@pytest.mark.slow
 def test_bad_settings_are_named_by_the_library_and_by_their_flags(tmp_path):
     from csm_jax.train.step import SettingError, TrainConfig
 

@@ -105,6 +105,7 @@ def close(ours, ref, what, rtol=1e-4):
     assert err < rtol, f"{what}: relative error {err:.2e}"
 
 
+@pytest.mark.slow
 def test_loss_and_grads_match_transformers(models):
     model, cfg, params = models
     batch, hf_labels = make_batch()
@@ -134,6 +135,7 @@ class LoraLinear(torch.nn.Module):
         return self.base(x) + self.scale * torch.nn.functional.linear(torch.nn.functional.linear(x, self.a), self.b)
 
 
+@pytest.mark.slow
 def test_lora_loss_and_grads_match_torch(models):
     model, cfg, params = models
     lora = init_lora(cfg, jax.random.key(1), rank=4)

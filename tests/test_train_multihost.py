@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here takes tens of seconds on 2 cores
 
 HERE = Path(__file__).resolve().parent
 TOL = 1e-5

@@ -19,6 +19,8 @@ from csm_jax.train import data as D
 from csm_jax.train.step import SettingError, TrainConfig
 from csm_jax.train.trainer import RunOptions, fit
 
+pytestmark = pytest.mark.slow  # every test here takes tens of seconds on 2 cores
+
 MICRO = CsmConfig(backbone=LlamaConfig(2, 128, 4, 2, 32, 256),
                   decoder=LlamaConfig(2, 64, 2, 1, 32, 128, max_seq_len=32))
 

@@ -25,6 +25,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here takes tens of seconds on 2 cores
 
 TOL = 1e-5
 QUIET = dict(progress=False, eval_every=0, checkpoint_every=2, keep=2, fsdp=True)
