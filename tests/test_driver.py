@@ -2,7 +2,6 @@
 every request gets the codes it gets alone; capacity, cancel, shutdown, failure and warm-up as documented."""
 
 import ast
-import threading
 import time
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from csm_jax.dialogue import Dialogue
 from csm_jax.driver import EngineFailed, Full, ShuttingDown
 from csm_jax.generate import Generator
 from csm_jax.request import Request
+
+from event_sink import Collect
 
 REQUESTS = [Request("The first one, a little longer than the rest.", seed=1, max_audio_ms=800),
             Request("Second.", speaker=1, seed=2, max_audio_ms=480),
@@ -30,22 +31,6 @@ def solo(gen):
     """Each request's codes generated alone (a batch of one)."""
     return [gen.generate_codes([r.text], speakers=r.speaker, seeds=r.seed, temperature=r.temperature,
                                max_audio_ms=r.max_audio_ms)[0] for r in REQUESTS]
-
-
-class Collect:
-    """A sink: every event of one request; `finished` is set at its last."""
-
-    def __init__(self):
-        self.events, self.finished = [], threading.Event()
-
-    def __call__(self, ev):
-        self.events.append(ev)
-        if ev.finished:
-            self.finished.set()
-
-    def codes(self):
-        assert self.finished.wait(300), "no finished event"
-        return np.concatenate([ev.codes for ev in self.events]).T
 
 
 @pytest.mark.slow

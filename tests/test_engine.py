@@ -18,6 +18,8 @@ from csm_jax.request import Request
 from csm_jax.schedule import Scheduler
 from csm_jax.text import Segment
 
+from event_sink import Collect
+
 
 @pytest.fixture(scope="module")
 def gen(csm_dir):
@@ -28,22 +30,6 @@ def _alone(gen, r):
     audio, codes = gen.generate(r.text, speakers=r.speaker, seeds=r.seed, temperature=r.temperature, topk=r.topk,
                                 max_audio_ms=r.max_audio_ms, return_codes=True)
     return audio, codes
-
-
-class Collect:
-    """A sink: every event of one owner, and `finished` set at its last."""
-
-    def __init__(self):
-        self.events, self.finished = [], threading.Event()
-
-    def __call__(self, ev):
-        self.events.append(ev)
-        if ev.finished:
-            self.finished.set()
-
-    def codes(self):
-        assert self.finished.wait(300), "no finished event"
-        return np.concatenate([ev.codes for ev in self.events]).T
 
 
 def _drain(engine, results):
