@@ -50,7 +50,7 @@ import tyro
 
 from csm_jax.audio import FRAME_MS, FRAME_SAMPLES
 from csm_jax.engine import FRAMES_PER_CALL
-from simulate_serving import TABLES, interpolate  # the serving simulation's device cost model
+from simulate_serving import TABLES, table_costs  # the serving simulation's device cost model
 
 WAV_HEADER_BYTES = 44
 
@@ -77,8 +77,7 @@ class Args:
 
 def device_step_s(rows: int, frames_per_call: int) -> float:
     """The H100 cost model's generation step: F x (a frame of generation + a Mimi decode step) at `rows`."""
-    h100 = TABLES["h100"]
-    return frames_per_call * (interpolate(h100["frame_ms"], rows) + interpolate(h100["mimi_ms"], rows)) / 1e3
+    return table_costs(TABLES["h100"], frames_per_call)[0](rows)
 
 
 def reference_pcm16(x: np.ndarray) -> bytes:

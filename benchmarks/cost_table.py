@@ -60,9 +60,6 @@ from csm_jax.audio import FRAME_MS
 from csm_jax.engine import FRAMES_PER_CALL
 from csm_jax.request import frames_for
 
-TABLE_KEYS = ("device", "frame_ms", "mimi_ms", "read_gbs", "prefill_tflops")  # simulate_serving.TABLES' keys
-
-
 @dataclasses.dataclass
 class Args:
     checkpoint: tyro.conf.Positional[Path]
@@ -226,12 +223,6 @@ def server_figures(path: Optional[Path]) -> tuple[Optional[int], list[dict]]:
     return slots, levels
 
 
-def prefill_model_ms(table: dict, rows: int, weights: int) -> float:
-    """simulate_serving's prefill cost of a call of `rows` padded rows, ms: the longer of reading the
-    backbone's bf16 weights and its matmuls."""
-    return 1e3 * max(2 * weights / (table["read_gbs"] * 1e9), 2 * weights * rows / (table["prefill_tflops"] * 1e12))
-
-
 def compare(predicted: dict, level: Optional[dict], asked_s: float) -> dict:
     """One scenario's simulated figures beside the server's measured ones (None: nothing measured)."""
     p = {"first_audio_p50_s": predicted["first_audio_p50_s"], "first_audio_p95_s": predicted["first_audio_p95_s"],
@@ -297,9 +288,10 @@ def measure(args: Args, model, slots: int, prompt_rows: int, max_frames: int) ->
              "frame_ms": [[R, step_ms[R] / F - mimi_ms[R]] for R in rows],
              "mimi_ms": [[R, mimi_ms[R]] for R in rows], "read_gbs": read_gbs,
              "prefill_tflops": 2 * weights * biggest["rows"] / (biggest["ms"] / 1e3) / 1e12}
-    assert tuple(table) == TABLE_KEYS
+    assert tuple(table) == sim.TABLE_KEYS
+    prefill_s = sim.table_costs(table, F)[1]
     for call in prefill:
-        call["model_ms"] = prefill_model_ms(table, call["rows"], weights)
+        call["model_ms"] = prefill_s(call["rows"]) * 1e3
     costs = {"step_ms": [[R, step_ms[R]] for R in rows], "frames_per_call": F, "prefill_calls": prefill,
              "prompt_rows": prompt_rows, "programs": programs, "programs_compile_s": compile_s,
              "seconds": time.perf_counter() - t0}

@@ -57,6 +57,7 @@ from csm_jax.programs import ROW_BUCKETS, bucket_rows
 from csm_jax.request import Request, frames_for
 from csm_jax.testing.stub_device import FakeClock, StubDevice, StubModel
 
+TABLE_KEYS = ("device", "frame_ms", "mimi_ms", "read_gbs", "prefill_tflops")  # a cost table's keys
 TABLES: dict[str, dict | None] = {
     "h100": {"device": "H100 80GB HBM3, bf16, random csm-1b weights, 2026-11-25",
              "frame_ms": [[1, 10.47], [16, 10.70], [64, 11.97], [256, 18.40], [512, 23.33]],
@@ -130,7 +131,7 @@ def load_table(args: Args) -> dict:
             table = json.loads(args.table.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"--table {args.table}: cannot read it as JSON ({e})")
-        missing = {"frame_ms", "mimi_ms", "read_gbs", "prefill_tflops"} - set(table)
+        missing = set(TABLE_KEYS) - {"device"} - set(table)
         if missing:
             raise SystemExit(f"--table {args.table} lacks {sorted(missing)}: give the keys of TABLES['h100'] "
                              "(frame_ms and mimi_ms as [[rows, ms], ...], read_gbs, prefill_tflops)")
@@ -146,15 +147,22 @@ def cost_model(args: Args) -> tuple[Callable[[int], float], Callable[[int], floa
     if args.step_s is not None:
         return (lambda rows: args.step_s), (lambda rows: rows * args.prefill_row_s), \
             f"constant: {args.step_s:g} s a step, {args.prefill_row_s:g} s a prefill row"
-    table, F = load_table(args), args.frames_per_call
+    table = load_table(args)
+    return (*table_costs(table, args.frames_per_call), table["device"])
+
+
+def table_costs(table: dict, frames_per_call: int) -> tuple[Callable[[int], float], Callable[[int], float]]:
+    """A cost table's (generation step seconds by rows, prefill call seconds by padded rows): a step is F x
+    (frame + Mimi decode step) at its rows; a prefill call the longer of reading the backbone's bf16 weights
+    and its matmuls."""
     weights = backbone_weights()
     read_s = 2 * weights / (table["read_gbs"] * 1e9)  # bf16
     row_s = 2 * weights / (table["prefill_tflops"] * 1e12)
 
     def step_s(rows: int) -> float:
-        return F * (interpolate(table["frame_ms"], rows) + interpolate(table["mimi_ms"], rows)) / 1e3
+        return frames_per_call * (interpolate(table["frame_ms"], rows) + interpolate(table["mimi_ms"], rows)) / 1e3
 
-    return step_s, (lambda rows: max(read_s, rows * row_s)), table["device"]
+    return step_s, (lambda rows: max(read_s, rows * row_s))
 
 
 # ----------------------------------------------------------------------------------------------- simulation
