@@ -39,6 +39,11 @@ SLOT_HEADROOM = 0.1
 MIN_HEADROOM = 8 * 2**30
 
 
+def memory_device(mesh: Mesh | None):
+    """The device whose memory figures stand for every device of `mesh` (the default device without one)."""
+    return mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+
+
 def memory_limits(device, stats: dict | None = None) -> tuple[int, int]:
     """(bytes JAX may use, bytes in use) of `device`, from its memory_stats() (or `stats`); ValueError when it
     reports none (CPUs don't)."""
@@ -135,7 +140,7 @@ class ModelBundle:
         words). `stats`: the device's memory_stats() (default: the first device of the mesh, or the default
         one), which give "bytes_limit" and "bytes_in_use". A multiple of 8 per device, times the mesh's "data"
         size. ValueError when the device reports no memory (CPUs don't) or holds fewer than 8 slots."""
-        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        device = memory_device(self.mesh)
         limit, used = memory_limits(device, stats)
         per = self.slot_bytes()
         kept = max(limit * SLOT_HEADROOM, MIN_HEADROOM)

@@ -49,11 +49,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-import jax
 import numpy as np
 
 from csm_jax.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
-from csm_jax.bundle import ModelBundle
+from csm_jax.bundle import ModelBundle, memory_device
 from csm_jax.csm import PREFILL_STEP
 from csm_jax.programs import Programs
 from csm_jax.request import Event, Request, check_sampling, check_seed, frames_for
@@ -396,8 +395,7 @@ class Engine:
     def _check_scratch(self) -> None:
         if not self.compiled:
             return
-        device = self.model.mesh.devices.flat[0] if self.model.mesh is not None else jax.devices()[0]
-        stats = device.memory_stats()
+        stats = memory_device(self.model.mesh).memory_stats()
         if not stats or "bytes_limit" not in stats:
             return
         need, what = max((m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes, p.what)

@@ -125,9 +125,7 @@ def main(args: Args) -> None:
     import logging
     import os
 
-    import jax
-
-    from csm_jax.bundle import memory_limits
+    from csm_jax.bundle import memory_device, memory_limits
     from csm_jax.generate import Generator
     from csm_jax.server import create_app, load_voices, serve
     from csm_jax.server.keys import KEYS_ENV, collect_keys
@@ -141,7 +139,7 @@ def main(args: Args) -> None:
     mesh = _mesh(args.devices, None if args.slots == "auto" else args.slots)
     if args.slots == "auto":
         try:
-            memory_limits(mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+            memory_limits(memory_device(mesh))
         except ValueError as e:
             raise ValueError(f"--slots auto: {e}") from None
     _check_port(args.host, args.port)  # after the checks above, before the model loads: minutes on a GPU

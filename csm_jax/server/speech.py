@@ -150,7 +150,7 @@ class Job:
 
     def took(self, item):
         """`item`, taken off `out` by the handler, noted in the record; an error is raised (its code noted)."""
-        if self.ticket is not None and self.ticket.slotted is not None:
+        if self.record.slot_wait_s is None and self.ticket is not None and self.ticket.slotted is not None:
             self.record.slot_wait_s = self.ticket.slotted - self.submitted
         if isinstance(item, Exception):
             self.record.error = "shutting_down" if isinstance(item, ShuttingDown) else "engine_failed"
